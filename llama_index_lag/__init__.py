@@ -1,0 +1,52 @@
+"""llama-index-lag: LoRA-Augmented Generation (LAG) for LlamaIndex.
+
+Per token and per adapted layer, Arrow retrieval keeps the k adapters of a library whose top singular
+direction best aligns with the token, SpectR reranking picks the one whose input subspace holds most of the
+token, and only that adapter is applied.
+
+Public names are imported lazily so that ``import llama_index_lag`` (and the ``lag`` CLI) stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # adapter library
+    "AdapterLibrary": "llama_index_lag.library",
+    "BaseModelSpec": "llama_index_lag.library",
+    # routing engine
+    "LAGConfig": "llama_index_lag.config",
+    "attach_lag": "llama_index_lag.router",
+    "LAGRouter": "llama_index_lag.router",
+    "RoutingTrace": "llama_index_lag.trace",
+    # LlamaIndex integration
+    "LAGLLM": "llama_index_lag.llm",
+    "LAGPipelineConfig": "llama_index_lag.pipeline",
+    "build_query_engine": "llama_index_lag.pipeline",
+    # data, index, models
+    "read_documents": "llama_index_lag.data",
+    "read_questions": "llama_index_lag.data",
+    "build_index": "llama_index_lag.indexing",
+    "load_index": "llama_index_lag.indexing",
+    "prepare_default_model": "llama_index_lag.models",
+    "load_causal_lm": "llama_index_lag.models",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llama_index_lag' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,91 @@
+"""``lag compile`` and ``lag inspect``: build and look at adapter libraries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile PEFT LoRA adapter folders into a LAG adapter library",
+        description="Validate PEFT LoRA folders against a base model, align them spectrally and write a "
+        "packed, memory-mapped library. Re-running an interrupted compile resumes it.",
+    )
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA adapter folders")
+    p.add_argument("--kind", required=True, choices=["knowledge", "task"], help="library kind")
+    p.add_argument("--base", metavar="MODEL_DIR", default=None,
+                   help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, metavar="LIB_DIR", help="library folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--add", action="store_true", help="add the adapters to the existing library at --out")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept adapter_model.bin (pickle) files; only for adapters you trust")
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("inspect", help="show a library's adapters, modules, ranks, size and dtype")
+    p.add_argument("library", metavar="LIB_DIR")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("remove", help="remove adapters from a library (atomic rewrite)")
+    p.add_argument("library", metavar="LIB_DIR")
+    p.add_argument("names", nargs="+", metavar="ADAPTER")
+    p.set_defaults(func=_remove)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from ..library import AdapterLibrary
+
+    start = time.perf_counter()
+    if args.add:
+        lib = AdapterLibrary.load(args.out)
+        if lib.kind != args.kind:
+            print(f"lag compile: --kind {args.kind} but {args.out} is a {lib.kind} library", file=sys.stderr)
+            return 2
+        lib.add(args.adapters, allow_pickle=args.allow_pickle)
+    else:
+        from ..models import resolve_model_dir
+
+        lib = AdapterLibrary.compile(args.adapters, kind=args.kind, base_model=resolve_model_dir(args.base),
+                                     out=args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    seconds = time.perf_counter() - start
+    print(f"{lib.path}: {len(lib)} {lib.kind} adapters, {len(lib.modules)} modules, r_max {lib.r_max}, "
+          f"{lib.manifest['dtype']} ({len(args.adapters) / max(seconds, 1e-9):.1f} adapters/s)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ..library import AdapterLibrary
+
+    info = AdapterLibrary.load(args.library).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"library   {info['path']}")
+    print(f"kind      {info['kind']}")
+    print(f"adapters  {info['adapters']}  (ranks {info['ranks']['min']}..{info['ranks']['max']}, "
+          f"r_max {info['ranks']['r_max']})")
+    print(f"dtype     {info['dtype']}")
+    print(f"size      {info['size_bytes'] / 2**20:.1f} MiB")
+    base = info["base_model"]
+    print(f"base      {base.get('architecture')} hidden {base.get('hidden_size')} "
+          f"layers {base.get('num_hidden_layers')}")
+    print(f"modules   {info['modules']}")
+    for pattern, count in info["module_patterns"].items():
+        print(f"  {count:4d} x {pattern}")
+    names = info["names"]
+    shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+    print(f"names     {shown}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from ..library import AdapterLibrary
+
+    lib = AdapterLibrary.load(args.library).remove(args.names)
+    print(f"{lib.path}: {len(lib)} adapters left")
+    return 0

@@ -1,0 +1,98 @@
+"""``LAGConfig``: how attached adapter libraries are routed."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .routing.dispatch import STRATEGIES
+
+Mode = Literal["none", "arrow", "spectr", "lag", "fixed"]
+MODES: tuple[str, ...] = ("none", "arrow", "spectr", "lag", "fixed")
+GRANULARITIES = ("token", "sequence")
+SEQUENCE_SCORES = ("mass", "vote")
+
+
+@dataclass(frozen=True)
+class LAGConfig:
+    """Routing settings. Immutable; derive variants with :meth:`replace`.
+
+    mode:
+        ``none``   adapters off (logits bit-identical to the bare model).
+        ``arrow``  Arrow: per token per module the adapter whose prototype best aligns with the token
+                   (``arrow_top_k > 1``: PEFT's soft variant, softmax(score / temperature) over the kept ones).
+        ``spectr`` SpectR: argmax over all N of ||A*_i x|| (``spectr_top_k > 1``: uniform merge of the top-k).
+        ``lag``    Arrow keeps the top-``k`` (clamped to N), SpectR picks one of them: the paper's method.
+        ``fixed``  only the adapters named in ``fixed`` (Oracle / PRAG); other libraries off.
+    fixed:
+        ``{library_kind: [adapter, ...]}`` or ``{kind: {adapter: weight}}``: those libraries apply exactly
+        these adapters (summed) whatever the mode; e.g. ``mode="lag", fixed={"knowledge": ["doc-7"]}`` is
+        PRAG+LAG (the document's knowledge adapter + LAG over task adapters).
+    libraries:
+        kinds to route (``None``: every attached library).
+    granularity:
+        ``token`` (the paper): a choice per token per module. ``sequence``: scores are aggregated over each
+        prompt (``sequence_score``: ``mass`` = sum of per-token SpectR scores normalised over the
+        candidates, ``vote`` = count of per-token winners) and the winner is applied to all its tokens,
+        including generated ones.
+    dispatch:
+        kernel strategy for the candidate products (``auto`` picks by a cost model).
+    """
+
+    mode: Mode = "lag"
+    k: int = 20
+    arrow_top_k: int = 1
+    temperature: float = 1.0
+    spectr_top_k: int = 1
+    fixed: Mapping[str, Sequence[str] | Mapping[str, float]] | None = None
+    libraries: tuple[str, ...] | None = None
+    granularity: Literal["token", "sequence"] = "token"
+    sequence_score: Literal["mass", "vote"] = "mass"
+    dispatch: str = "auto"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; expected one of {MODES}", field="mode")
+        for name in ("k", "arrow_top_k", "spectr_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}", field="temperature")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {GRANULARITIES}", field="granularity")
+        if self.sequence_score not in SEQUENCE_SCORES:
+            raise ConfigError(f"sequence_score must be one of {SEQUENCE_SCORES}", field="sequence_score")
+        if self.dispatch not in STRATEGIES:
+            raise ConfigError(f"dispatch must be one of {STRATEGIES}", field="dispatch")
+        if self.mode == "fixed" and not self.fixed:
+            raise ConfigError("mode 'fixed' needs fixed={library_kind: [adapter names]}", field="fixed")
+        if self.fixed is not None:
+            object.__setattr__(self, "fixed", _normalise_fixed(self.fixed))
+        if self.libraries is not None:
+            object.__setattr__(self, "libraries", tuple(self.libraries))
+
+    def replace(self, **changes: Any) -> LAGConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["fixed"] = {k: dict(v) for k, v in self.fixed.items()} if self.fixed else None
+        return out
+
+
+def _normalise_fixed(fixed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for kind, names in fixed.items():
+        if isinstance(names, str):
+            names = [names]
+        weights = dict(names) if isinstance(names, Mapping) else {n: 1.0 for n in names}
+        if not weights:
+            raise ConfigError(f"fixed[{kind!r}] names no adapter", field="fixed")
+        out[str(kind)] = {str(n): float(w) for n, w in weights.items()}
+    return out

@@ -1,0 +1,94 @@
+"""Streaming writer for the packed safetensors file of a library.
+
+The header (names, dtypes, shapes, offsets) is known before any adapter is aligned, so the file is laid out
+once and rows are written in place through a memory map: bounded memory for any library size, and a build
+interrupted mid-way can resume by re-opening the same file (see ``store.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def tensor_names(module: str) -> tuple[str, str, str]:
+    """Keys of a module's packed tensors: A* [N, r, n], B* [N, m, r], prototypes [N, n]."""
+    return f"{module}.A", f"{module}.B", f"{module}.proto"
+
+
+class PackedWriter:
+    """Lay out ``{module}.A/.B/.proto`` tensors in one safetensors file and fill rows in place."""
+
+    def __init__(
+        self,
+        path: Path,
+        shapes: dict[str, tuple[int, int]],  # module -> (out_features m, in_features n)
+        n_adapters: int,
+        r_max: int,
+        dtype: torch.dtype,
+        *,
+        create: bool = True,
+    ) -> None:
+        self.path, self.dtype = Path(path), dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        header: dict[str, dict] = {}
+        self._slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        offset = 0
+        for module, (m, n) in shapes.items():
+            for key, shape in zip(tensor_names(module), ((n_adapters, r_max, n), (n_adapters, m, r_max),
+                                                         (n_adapters, n))):
+                nbytes = int(np.prod(shape)) * itemsize
+                header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
+                               "data_offsets": [offset, offset + nbytes]}
+                self._slots[key] = (offset, nbytes, shape)
+                offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self.nbytes = self._data_start + offset
+        if create:
+            with open(self.path, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                f.truncate(self.nbytes)  # sparse zeros: padded ranks / absent modules stay 0
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self._data_start,
+                             shape=(max(offset, 1),))
+
+    def view(self, key: str) -> torch.Tensor:
+        start, nbytes, shape = self._slots[key]
+        return torch.from_numpy(self._mm[start:start + nbytes]).view(self.dtype).view(shape)
+
+    def write_rows(self, module: str, rows: torch.Tensor, a_star: torch.Tensor, b_star: torch.Tensor,
+                   proto: torch.Tensor) -> None:
+        """Write adapter rows ``rows`` [K] of one module: A* [K, r, n], B* [K, m, r], proto [K, n].
+
+        Ranks beyond the given r are written as zeros (they may hold an older, larger rank on resume).
+        """
+        ka, kb, kp = tensor_names(module)
+        r = a_star.shape[1]
+        a_view, b_view = self.view(ka), self.view(kb)
+        a_view[rows, :r] = a_star.to(self.dtype)
+        a_view[rows, r:] = 0
+        b_view[rows, :, :r] = b_star.to(self.dtype)
+        b_view[rows, :, r:] = 0
+        self.view(kp)[rows] = proto.to(self.dtype)
+
+    def flush(self) -> None:
+        self._mm.flush()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.flush()
+        del self._mm

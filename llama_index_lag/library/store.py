@@ -1,0 +1,535 @@
+"""The compiled adapter library: a folder with ``manifest.json`` + one packed, memory-mapped safetensors file.
+
+Layout of ``LIB_DIR``::
+
+    manifest.json           format version, kind, dtype, r_max, base-model fingerprint, modules, adapters
+    adapters.safetensors    per adapted module: {module}.A [N, r_max, n], {module}.B [N, m, r_max],
+                            {module}.proto [N, n]   (zero-padded ranks; absent modules all-zero)
+
+Every write goes to a hidden ``.<name>.partial`` sibling and replaces the library with one rename, so an
+interrupted or failed compile / add / remove leaves the previous library intact; re-running the same compile
+resumes from the last finished chunk of adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .._fs import atomic_write_json, replace_dir, sha256_file
+from ..errors import (
+    AdapterError,
+    ConfigError,
+    IncompatibleAdapterError,
+    LAGError,
+    LibraryError,
+    LibraryFormatError,
+)
+from .align import spectral_align
+from .base import BaseModelSpec
+from .packed import PackedWriter, tensor_names
+from .peft_io import AdapterHeader, load_weights, read_header
+
+FORMAT = "llama-index-lag/adapter-library"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "adapters.safetensors"
+KINDS = ("task", "knowledge")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Kind = Literal["task", "knowledge"]
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become file names and document ids: refuse path-like or unsafe names."""
+    from ..data import validate_id
+
+    try:
+        return validate_id(name)
+    except ValueError as exc:
+        raise AdapterError(f"invalid adapter name: {exc}", adapter=name, field="name") from None
+
+
+@dataclass(frozen=True)
+class ModuleTensors:
+    """Packed, aligned tensors of one adapted module (memory-mapped views)."""
+
+    A: torch.Tensor  # [N, r_max, n]  A*_i = V_i^T (orthonormal rows; zero rows beyond rank)
+    B: torch.Tensor  # [N, m, r_max]  B*_i = U_i S_i
+    proto: torch.Tensor  # [N, n]     Arrow prototypes A*_i[0]
+
+
+@dataclass
+class _Row:
+    """One adapter of a library being written: its manifest entry and where its tensors come from."""
+
+    entry: dict[str, Any]
+    header: AdapterHeader | None = None  # new adapter, aligned from its PEFT folder
+    old_index: int | None = None  # existing adapter, copied from the current library
+
+
+class AdapterLibrary:
+    """A compiled library of spectrally aligned LoRA adapters of one kind (task or knowledge).
+
+    Create with :meth:`compile`, open with :meth:`load`; update with :meth:`add` / :meth:`remove`.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self._handle: Any = None
+        self._tensors: dict[str, ModuleTensors] = {}
+        self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
+
+    # ---- basic properties -----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [entry["name"] for entry in self.manifest["adapters"]]
+
+    @property
+    def kind(self) -> Kind:
+        return self.manifest["kind"]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.manifest["modules"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def r_max(self) -> int:
+        return int(self.manifest["r_max"])
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["base_model"]["fingerprint"]
+
+    @property
+    def adapters(self) -> list[dict[str, Any]]:
+        """Manifest entries: name, doc_id, source, sha256, rank, lora_alpha, use_rslora, modules."""
+        return self.manifest["adapters"]
+
+    def __len__(self) -> int:
+        return len(self.manifest["adapters"])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __repr__(self) -> str:
+        return (f"AdapterLibrary(kind={self.kind!r}, adapters={len(self)}, modules={len(self.modules)}, "
+                f"r_max={self.r_max}, dtype={self.manifest['dtype']}, path={str(self.path)!r})")
+
+    def index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise LibraryError(f"no adapter named {name!r} in this {self.kind} library", adapter=name,
+                               path=self.path) from None
+
+    def doc_ids(self) -> dict[str, str]:
+        """Document id -> adapter name (knowledge libraries built from documents)."""
+        return {entry.get("doc_id") or entry["name"]: entry["name"] for entry in self.adapters}
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        info = self.manifest["modules"][module]
+        return int(info["out_features"]), int(info["in_features"])
+
+    def present(self, module: str) -> torch.Tensor | None:
+        """[N] bool: which adapters adapt ``module``; None when every adapter adapts every module."""
+        if all(e.get("modules") is None for e in self.adapters):
+            return None
+        return torch.tensor([e.get("modules") is None or module in e["modules"] for e in self.adapters])
+
+    # ---- tensors --------------------------------------------------------------------------------
+    def tensors(self, module: str) -> ModuleTensors:
+        """Memory-mapped A*, B*, prototypes of one module (no copy; the OS pages them in on use)."""
+        if module not in self._tensors:
+            if module not in self.manifest["modules"]:
+                raise LibraryError("module not in this library", module=module, path=self.path)
+            handle = self._open()
+            ka, kb, kp = tensor_names(module)
+            self._tensors[module] = ModuleTensors(handle.get_tensor(ka), handle.get_tensor(kb),
+                                                  handle.get_tensor(kp))
+        return self._tensors[module]
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            file = self.path / TENSORS
+            try:
+                self._handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise LibraryFormatError(f"cannot open packed tensors: {exc}", path=file) from None
+        return self._handle
+
+    def _check_tensor_file(self) -> None:
+        """Shapes in the safetensors header must match the manifest (detects stale / truncated files)."""
+        handle = self._open()
+        keys = set(handle.keys())
+        n, r = len(self), self.r_max
+        for module in self.modules:
+            m, n_in = self.module_shape(module)
+            for key, shape in zip(tensor_names(module), ((n, r, n_in), (n, m, r), (n, n_in))):
+                if key not in keys:
+                    raise LibraryFormatError("packed tensor missing (stale or corrupt library)", module=module,
+                                             field=key, path=self.path / TENSORS)
+                got = tuple(handle.get_slice(key).get_shape())
+                if got != shape:
+                    raise LibraryFormatError(
+                        f"packed tensor has shape {list(got)}, manifest says {list(shape)} (stale library)",
+                        module=module, field=key, path=self.path / TENSORS,
+                    )
+
+    # ---- load -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> AdapterLibrary:
+        """Open a compiled library; tensors are memory-mapped, only the manifest is read."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not path.is_dir():
+            raise LibraryFormatError("library folder does not exist", path=path)
+        if not manifest_path.is_file():
+            raise LibraryFormatError(f"not an adapter library ({MANIFEST} is missing)", path=path)
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LibraryFormatError(f"{MANIFEST} is not valid JSON: {exc}", path=manifest_path) from None
+        _check_manifest(manifest, manifest_path)
+        lib = cls(path, manifest)
+        lib._check_tensor_file()
+        return lib
+
+    # ---- compile / add / remove -----------------------------------------------------------------
+    @classmethod
+    def compile(
+        cls,
+        adapter_dirs: Sequence[str | Path],
+        *,
+        kind: Kind,
+        base_model: Any,
+        out: str | Path,
+        dtype: str | torch.dtype = "float32",
+        names: Sequence[str] | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+        chunk_size: int = 64,
+    ) -> AdapterLibrary:
+        """Validate PEFT LoRA folders against ``base_model`` (a model, config or model folder), align them
+        and write a library to ``out`` (atomically; an interrupted compile resumes when re-run)."""
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
+        torch_dtype = parse_dtype(dtype)
+        spec = BaseModelSpec.resolve(base_model)
+        rows = _new_rows(adapter_dirs, names, spec, allow_pickle, taken=set())
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "dtype": dtype_name(torch_dtype),
+            "base_model": {"fingerprint": spec.fingerprint(),
+                           "linear_modules": {k: list(v) for k, v in spec.linear.items()}},
+        }
+        return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size)
+
+    def add(
+        self,
+        adapter_dirs: Sequence[str | Path],
+        *,
+        names: Sequence[str] | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+        chunk_size: int = 64,
+    ) -> AdapterLibrary:
+        """Add adapters (aligning only the new ones) and rewrite the library atomically. Returns self."""
+        spec = self._spec()
+        rows = [_Row(dict(e), old_index=i) for i, e in enumerate(self.adapters)]
+        rows += _new_rows(adapter_dirs, names, spec, allow_pickle, taken=set(self.names))
+        base = {k: v for k, v in self.manifest.items() if k not in ("adapters", "modules", "r_max")}
+        new = _write(self.path, base, rows, old=self, progress=progress, chunk_size=chunk_size)
+        self._reset(new.manifest)
+        return self
+
+    def remove(self, names: Iterable[str]) -> AdapterLibrary:
+        """Remove adapters by name and rewrite the library atomically. Returns self."""
+        drop = list(dict.fromkeys(names))
+        missing = [n for n in drop if n not in self._index]
+        if missing:
+            raise LibraryError(f"cannot remove unknown adapters: {missing}", adapter=missing[0], path=self.path)
+        rows = [_Row(dict(e), old_index=i) for i, e in enumerate(self.adapters) if e["name"] not in drop]
+        if not rows:
+            raise LibraryError("removing these adapters would leave the library empty", path=self.path)
+        base = {k: v for k, v in self.manifest.items() if k not in ("adapters", "modules", "r_max")}
+        new = _write(self.path, base, rows, old=self, progress=False, chunk_size=4096)
+        self._reset(new.manifest)
+        return self
+
+    def _reset(self, manifest: dict[str, Any]) -> None:
+        self.close()
+        self.manifest = manifest
+        self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
+
+    def close(self) -> None:
+        """Drop memory maps (tensors already handed out stay valid)."""
+        self._handle = None
+        self._tensors = {}
+
+    def _spec(self) -> BaseModelSpec:
+        base = self.manifest["base_model"]
+        fp = base["fingerprint"]
+        linear = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in base["linear_modules"].items()}
+        sizes = {k: v for k, v in fp.items() if k not in ("architecture", "model_type", "linear_modules",
+                                                          "linear_digest")}
+        return BaseModelSpec(fp["architecture"], fp["model_type"], sizes, linear)
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Summary for ``lag inspect``: adapters, ranks, modules, dtype, size on disk."""
+        ranks = [int(e["rank"]) for e in self.adapters]
+        size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "adapters": len(self),
+            "names": self.names,
+            "ranks": {"min": min(ranks), "max": max(ranks), "r_max": self.r_max},
+            "modules": len(self.modules),
+            "module_patterns": module_patterns(self.modules),
+            "dtype": self.manifest["dtype"],
+            "size_bytes": size,
+            "base_model": self.fingerprint,
+        }
+
+
+def module_patterns(modules: Iterable[str]) -> dict[str, int]:
+    """Group module names by replacing layer numbers with '*': {'model.layers.*.mlp.gate_proj': 30}."""
+    import re
+
+    counts: dict[str, int] = {}
+    for module in modules:
+        key = re.sub(r"\.\d+\.", ".*.", module)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def _check_manifest(manifest: Any, path: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LibraryFormatError(f"not a {FORMAT} manifest", path=path, field="format")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LibraryFormatError(
+            f"unsupported format_version {version!r} (this llama-index-lag reads {FORMAT_VERSION}); "
+            "recompile the library", path=path, field="format_version",
+        )
+    for key in ("kind", "dtype", "r_max", "base_model", "modules", "adapters"):
+        if key not in manifest:
+            raise LibraryFormatError("manifest field missing", path=path, field=key)
+    if manifest["kind"] not in KINDS:
+        raise LibraryFormatError(f"unknown kind {manifest['kind']!r}", path=path, field="kind")
+    if manifest["dtype"] not in DTYPES:
+        raise LibraryFormatError(f"unknown dtype {manifest['dtype']!r}", path=path, field="dtype")
+    if not manifest["adapters"]:
+        raise LibraryFormatError("the library holds no adapters", path=path, field="adapters")
+
+
+def _new_rows(
+    adapter_dirs: Sequence[str | Path],
+    names: Sequence[str] | None,
+    spec: BaseModelSpec,
+    allow_pickle: bool,
+    taken: set[str],
+) -> list[_Row]:
+    """Read and validate new adapters (config + shapes only): fail before anything is written."""
+    dirs = [Path(d) for d in adapter_dirs]
+    if not dirs:
+        raise LibraryError("no adapters given: a library needs at least one adapter")
+    if names is not None and len(names) != len(dirs):
+        raise ConfigError(f"{len(names)} names for {len(dirs)} adapter folders", field="names")
+    rows = []
+    for i, path in enumerate(dirs):
+        name = check_adapter_name(names[i] if names is not None else path.name)
+        if name in taken:
+            raise AdapterError("duplicate adapter name", adapter=name, field="name", path=path)
+        taken.add(name)
+        header = read_header(path, name, allow_pickle=allow_pickle)
+        spec.check_adapter(header)
+        meta = _builder_metadata(path)
+        cfg = header.config
+        entry = {
+            "name": name,
+            "doc_id": meta.get("doc_id", name),
+            "source": str(path.resolve()),
+            "sha256": sha256_file(header.weights_file),
+            "rank": header.rank,
+            "lora_alpha": cfg.get("lora_alpha"),
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "target_modules": cfg.get("target_modules"),
+            "modules": sorted(header.modules),
+            "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+        }
+        rows.append(_Row(entry, header=header))
+    return rows
+
+
+def _builder_metadata(path: Path) -> dict[str, Any]:
+    """Optional ``lag_adapter.json`` written by the adapter builder (doc id, training recipe)."""
+    meta = path / "lag_adapter.json"
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _layout(rows: list[_Row], spec_linear: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Library modules in base-model order with their shapes."""
+    used = set()
+    for row in rows:
+        used.update(row.entry["modules"] or [])
+    order = [m for m in spec_linear if m in used]
+    return {m: {"out_features": int(spec_linear[m][0]), "in_features": int(spec_linear[m][1])} for m in order}
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    lock_path = out.parent / f".{out.name}.lock"
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LibraryError("another process is writing this library", path=out) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLibrary | None, progress: bool,
+           chunk_size: int) -> AdapterLibrary:
+    """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename."""
+    old_modules = set(old.modules) if old is not None else set()
+    # Adapters kept from the old library: entries may need an explicit module list if modules were added.
+    for row in rows:
+        if row.old_index is not None and row.entry.get("modules") is None:
+            row.entry["modules"] = sorted(old_modules)
+    modules = _layout(rows, base["base_model"]["linear_modules"])
+    for row in rows:
+        if row.entry["modules"] is not None and set(row.entry["modules"]) == set(modules):
+            row.entry["modules"] = None  # adapts every module of the library
+    r_max = max(int(row.entry["rank"]) for row in rows)
+    manifest = {**base, "created_by": f"llama-index-lag {__version__}", "r_max": r_max, "modules": modules,
+                "adapters": [row.entry for row in rows]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None},
+                      sort_keys=True, default=str)
+    digest = hashlib.sha256(plan.encode()).hexdigest()
+    partial = out.parent / f".{out.name}.partial"
+    with _lock(out):
+        done = _resume_point(partial, digest)
+        if done == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0})
+        shapes = {m: (v["out_features"], v["in_features"]) for m, v in modules.items()}
+        writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, DTYPES[manifest["dtype"]],
+                              create=done == 0)
+        bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
+                   disable=not progress)
+        try:
+            for start in range(done, len(rows), chunk_size):
+                chunk = rows[start:start + chunk_size]
+                _fill_chunk(writer, start, chunk, modules, old)
+                writer.flush()
+                atomic_write_json(partial / "progress.json", {"plan": digest, "done": start + len(chunk)})
+                bar.update(len(chunk))
+        except LAGError:
+            # A bad adapter will fail again: drop the partial build. Anything else (Ctrl-C, disk full)
+            # keeps it so that re-running the same command resumes.
+            writer.close()
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+        writer.close()
+        atomic_write_json(partial / MANIFEST, manifest)
+        (partial / "progress.json").unlink()
+        if old is not None:
+            old.close()
+        replace_dir(partial, out)
+    return AdapterLibrary.load(out)
+
+
+def _resume_point(partial: Path, digest: str) -> int:
+    try:
+        progress = json.loads((partial / "progress.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    if progress.get("plan") != digest or not (partial / TENSORS).is_file():
+        return 0
+    return int(progress.get("done", 0))
+
+
+def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
+                old: AdapterLibrary | None) -> None:
+    """Align new adapters (batched per module) and copy kept ones, for rows ``start:start+len(chunk)``."""
+    new = [(start + i, row, load_weights(row.header)) for i, row in enumerate(chunk) if row.header is not None]
+    kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
+    for module in modules:
+        with_module = [(idx, w[module]) for idx, _, w in new if module in w]
+        if with_module:
+            ranks = torch.tensor([w.rank for _, w in with_module])
+            r = int(ranks.max())
+            A = torch.zeros(len(with_module), r, with_module[0][1].A.shape[1])
+            B = torch.zeros(len(with_module), with_module[0][1].B.shape[0], r)
+            for j, (_, w) in enumerate(with_module):
+                A[j, : w.rank] = w.A
+                B[j, :, : w.rank] = w.B
+            scaling = torch.tensor([w.scaling for _, w in with_module])
+            a_star, b_star, _ = spectral_align(A, B, scaling, ranks)
+            rows = torch.tensor([idx for idx, _ in with_module])
+            writer.write_rows(module, rows, a_star, b_star, a_star[:, 0])
+        if kept and old is not None and module in old.manifest["modules"]:
+            src = old.tensors(module)
+            rows = torch.tensor([idx for idx, _ in kept])
+            old_idx = torch.tensor([o for _, o in kept])
+            writer.write_rows(module, rows, src.A[old_idx], src.B[old_idx], src.proto[old_idx])
+    for idx, row, _ in new:
+        if row.header is not None:
+            _check_finite_rows(writer, idx, modules, row)
+
+
+def _check_finite_rows(writer: PackedWriter, idx: int, modules: dict[str, Any], row: _Row) -> None:
+    """After the cast to the library dtype, weights must still be finite (float16 can overflow)."""
+    for module in modules:
+        ka, kb, _ = tensor_names(module)
+        if not torch.isfinite(writer.view(kb)[idx]).all():
+            raise IncompatibleAdapterError(
+                f"aligned B* overflows {writer.dtype} (singular values too large); compile with dtype float32",
+                adapter=row.entry["name"], module=module, field="dtype",
+            )

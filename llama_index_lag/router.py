@@ -1,0 +1,373 @@
+"""Model surgery: wrap the Linear modules that attached libraries adapt, route on every forward.
+
+``attach_lag(model, libraries, LAGConfig(...))`` replaces each adapted module by a :class:`LAGLinear`
+holding a reference to the original (no weight copy); ``router.detach()`` puts the originals back.
+
+Per-request settings travel in a ``ContextVar`` (``router.using(...)``, ``router.trace()``), so one model
+shared by threads or asyncio tasks routes each request as it would alone. ``router.set(...)`` changes the
+defaults for requests that do not override them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LAGConfig
+from .errors import ConfigError, IncompatibleLibraryError, LibraryError
+from .library.base import BaseModelSpec, fingerprint_diff, linear_shape
+from .library.store import AdapterLibrary
+from .routing.engine import PoolTensors, apply_fixed, route_tokens, sequence_scores
+from .trace import RoutingTrace
+
+_ids = itertools.count()
+
+
+@dataclass
+class RequestState:
+    """Settings and recorders of one request (one thread / task)."""
+
+    config: LAGConfig
+    trace: RoutingTrace | None = None
+    timings: list[float] | None = None  # routing seconds accumulated, when measured
+    fixed_idx: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _ForwardState:
+    """Per generated sequence: attention mask of the current forward and sequence-level choices."""
+
+    mask: torch.Tensor | None = None  # [B, S_total] 1 for real tokens
+    winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
+
+
+class Pool:
+    """All attached libraries of one kind, routed as one set of adapters."""
+
+    def __init__(self, kind: str, libraries: list[AdapterLibrary]) -> None:
+        self.kind = kind
+        self.libraries = libraries
+        self.names = [name for lib in libraries for name in lib.names]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        if len(self.index) != len(self.names):
+            dup = next(n for n in self.names if self.names.count(n) > 1)
+            raise IncompatibleLibraryError(f"adapter name {dup!r} appears in two {kind} libraries",
+                                           adapter=dup, path=libraries[0].path)
+        self.modules = list(dict.fromkeys(m for lib in libraries for m in lib.modules))
+
+    def tensors(self, module: str) -> PoolTensors:
+        """A*/B* stay memory-mapped (one library); prototypes are copied into RAM."""
+        parts = []
+        for lib in self.libraries:
+            if module in lib.modules:
+                t = lib.tensors(module)
+                present = lib.present(module)
+                parts.append((t.proto, t.A, t.B, torch.ones(len(lib), dtype=torch.bool) if present is None
+                              else present))
+            else:  # a library of this kind that does not adapt the module: zero rows, never valid
+                m, n = next(l.module_shape(module) for l in self.libraries if module in l.modules)
+                N, r = len(lib), lib.r_max
+                parts.append((torch.zeros(N, n), torch.zeros(N, r, n), torch.zeros(N, m, r),
+                              torch.zeros(N, dtype=torch.bool)))
+        if len(parts) == 1:
+            proto, A, B, valid = parts[0]
+            proto = proto.clone()
+        else:
+            r = max(p[1].shape[1] for p in parts)
+            dtype = parts[0][1].dtype
+            proto = torch.cat([p[0].to(dtype) for p in parts])
+            A = torch.cat([nn.functional.pad(p[1].to(dtype), (0, 0, 0, r - p[1].shape[1])) for p in parts])
+            B = torch.cat([nn.functional.pad(p[2].to(dtype), (0, r - p[2].shape[2])) for p in parts])
+            valid = torch.cat([p[3] for p in parts])
+        return PoolTensors(proto, A, B, None if bool(valid.all()) else valid)
+
+
+class LAGLinear(nn.Module):
+    """A Linear-like module plus the routed adapters of every attached library that adapts it."""
+
+    def __init__(self, base_layer: nn.Module, name: str, router: LAGRouter,
+                 pools: dict[str, PoolTensors]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = name
+        self.pools = pools
+        object.__setattr__(self, "_router", router)  # not a submodule
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{kind}: {t.n_adapters} adapters" for kind, t in self.pools.items())
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        router: LAGRouter = self._router
+        state = router.state()
+        cfg = state.config
+        if cfg.mode == "none":
+            return out
+        start = time.perf_counter() if state.timings is not None else 0.0
+        delta = None
+        for kind, tensors in self.pools.items():
+            d = router._route(self.module_name, kind, tensors, x, state)
+            if d is not None:
+                delta = d if delta is None else delta + d
+        if delta is not None:
+            out = out + delta.view(*out.shape[:-1], -1).to(out.dtype)
+        if state.timings is not None:
+            state.timings[0] += time.perf_counter() - start
+        return out
+
+
+class LAGRouter:
+    """Handle returned by :func:`attach_lag`: switch modes, trace, detach."""
+
+    def __init__(self, model: nn.Module, libraries: list[AdapterLibrary], config: LAGConfig) -> None:
+        self.model = model
+        self._config = config
+        self._state: contextvars.ContextVar[RequestState] = contextvars.ContextVar(f"lag_state_{next(_ids)}")
+        self._forward: contextvars.ContextVar[_ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
+        self._default = RequestState(config)
+        kinds = sorted({lib.kind for lib in libraries})
+        self.pools = {kind: Pool(kind, [lib for lib in libraries if lib.kind == kind]) for kind in kinds}
+        self._originals: dict[str, nn.Module] = {}
+        self._hooks: list[Any] = []
+        self._attached = False
+        self._default.fixed_idx = self._resolve_fixed(config)
+
+    # ---- attach / detach ------------------------------------------------------------------------
+    def _attach(self) -> None:
+        modules = list(dict.fromkeys(m for pool in self.pools.values() for m in pool.modules))
+        wrapped: dict[str, LAGLinear] = {}
+        for name in modules:
+            original = self.model.get_submodule(name)
+            if isinstance(original, LAGLinear):
+                raise IncompatibleLibraryError("module is already routed by another LAG router; detach it first",
+                                               module=name)
+            shape = linear_shape(original)
+            pools = {kind: pool.tensors(name) for kind, pool in self.pools.items() if name in pool.modules}
+            for kind, t in pools.items():
+                if shape is None or (t.B.shape[1], t.A.shape[2]) != shape[:2]:
+                    raise IncompatibleLibraryError(
+                        f"library expects a Linear of shape {(t.B.shape[1], t.A.shape[2])}, model has "
+                        f"{type(original).__name__} {shape}", module=name, path=self.pools[kind].libraries[0].path,
+                    )
+            wrapped[name] = LAGLinear(original, name, self, pools)
+        for name, module in wrapped.items():  # swap only after every check passed
+            self._originals[name] = module.base_layer
+            _set_submodule(self.model, name, module)
+        self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._attached = True
+
+    def detach(self) -> nn.Module:
+        """Put the original modules back; the model is exactly as before :func:`attach_lag`."""
+        for name, original in self._originals.items():
+            _set_submodule(self.model, name, original)
+        for hook in self._hooks:
+            hook.remove()
+        self._originals.clear()
+        self._hooks.clear()
+        self._attached = False
+        return self.model
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self._originals)
+
+    def names(self, kind: str) -> list[str]:
+        return self.pools[kind].names
+
+    @property
+    def libraries(self) -> dict[str, list[AdapterLibrary]]:
+        return {kind: pool.libraries for kind, pool in self.pools.items()}
+
+    # ---- settings -------------------------------------------------------------------------------
+    @property
+    def config(self) -> LAGConfig:
+        return self._default.config
+
+    def set(self, config: LAGConfig | None = None, **changes: Any) -> LAGConfig:
+        """Change the default routing (for requests without their own ``using``); no reload."""
+        new = (config or self._default.config).replace(**changes) if changes else (config or self._default.config)
+        fixed = self._resolve_fixed(new)
+        self._default = RequestState(new, self._default.trace, self._default.timings, fixed)
+        return new
+
+    @contextlib.contextmanager
+    def using(self, config: LAGConfig | None = None, **changes: Any) -> Iterator[LAGConfig]:
+        """Route the requests of this thread / asyncio task with other settings, for the block only."""
+        current = self.state()
+        new = (config or current.config).replace(**changes) if changes else (config or current.config)
+        token = self._state.set(RequestState(new, current.trace, current.timings, self._resolve_fixed(new)))
+        try:
+            yield new
+        finally:
+            self._state.reset(token)
+
+    @contextlib.contextmanager
+    def trace(self, keep_tokens: bool = True) -> Iterator[RoutingTrace]:
+        """Record the adapter chosen per token and module inside the block (this thread / task only)."""
+        current = self.state()
+        recorder = RoutingTrace({kind: pool.names for kind, pool in self.pools.items()}, keep_tokens)
+        token = self._state.set(RequestState(current.config, recorder, current.timings, current.fixed_idx))
+        try:
+            yield recorder
+        finally:
+            self._state.reset(token)
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[list[float]]:
+        """Accumulate seconds spent in routing inside the block: ``with router.timing() as t: ...; t[0]``."""
+        current = self.state()
+        timer = [0.0]
+        token = self._state.set(RequestState(current.config, current.trace, timer, current.fixed_idx))
+        try:
+            yield timer
+        finally:
+            self._state.reset(token)
+
+    def state(self) -> RequestState:
+        return self._state.get(self._default)
+
+    def _resolve_fixed(self, config: LAGConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for kind, weights in (config.fixed or {}).items():
+            if kind not in self.pools:
+                raise ConfigError(f"fixed names library kind {kind!r}, attached: {sorted(self.pools)}",
+                                  field="fixed")
+            pool = self.pools[kind]
+            missing = [n for n in weights if n not in pool.index]
+            if missing:
+                raise LibraryError(f"fixed adapter not in the attached {kind} libraries", adapter=missing[0],
+                                   field="fixed")
+            out[kind] = (torch.tensor([pool.index[n] for n in weights]),
+                         torch.tensor(list(weights.values()), dtype=torch.float32))
+        return out
+
+    # ---- the hot path ---------------------------------------------------------------------------
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the attention mask (padding) and start a fresh sequence state on a new prompt."""
+        mask = kwargs.get("attention_mask")
+        past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 passes `cache`
+        position = kwargs.get("cache_position")
+        if past is not None and hasattr(past, "get_seq_length"):
+            start = int(past.get_seq_length())
+        elif position is not None and position.numel():
+            start = int(position.reshape(-1)[0])
+        else:
+            start = 0
+        fwd = self._forward.get(None)
+        if fwd is None or start == 0:
+            fwd = _ForwardState()
+            self._forward.set(fwd)
+        fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] bool mask of the current tokens (False = padding), if known."""
+        fwd = self._forward.get(None)
+        if fwd is None or fwd.mask is None or x.dim() != 3 or fwd.mask.shape[0] != x.shape[0]:
+            return None
+        if fwd.mask.shape[1] < x.shape[1]:
+            return None
+        return fwd.mask[:, -x.shape[1]:].bool()
+
+    def _route(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,
+               state: RequestState) -> torch.Tensor | None:
+        cfg = state.config
+        if cfg.libraries is not None and kind not in cfg.libraries:
+            return None
+        flat = x.reshape(-1, x.shape[-1]).to(t.A.dtype)  # [T, n]
+        if kind in state.fixed_idx:
+            idx, weights = state.fixed_idx[kind]
+            delta = apply_fixed(flat, t, idx, weights)
+            if state.trace is not None:
+                chosen = idx[weights.argmax()].expand(flat.shape[0])
+                state.trace.record(kind, module, chosen, self._token_mask(x))
+            return delta
+        if cfg.mode == "fixed":
+            return None
+        if cfg.granularity == "sequence" and x.dim() == 3:
+            return self._route_sequence(module, kind, t, x, flat, state)
+        delta, chosen = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k,
+                                     temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k,
+                                     strategy=cfg.dispatch)
+        if state.trace is not None:
+            state.trace.record(kind, module, chosen, self._token_mask(x))
+        return delta
+
+    def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                        state: RequestState) -> torch.Tensor:
+        """One adapter per sequence, chosen on the prompt and kept for the generated tokens."""
+        cfg = state.config
+        fwd = self._forward.get(None)
+        if fwd is None:
+            fwd = _ForwardState()
+            self._forward.set(fwd)
+        key = (kind, module)
+        winners = fwd.winners.get(key)
+        mask = self._token_mask(x)
+        if winners is None or winners.shape[0] != x.shape[0]:
+            mask_ = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+            totals = sequence_scores(flat.view(*x.shape[:2], -1), mask_, t, cfg.mode, cfg.sequence_score,
+                                     k=cfg.k, strategy=cfg.dispatch)  # [B, N]
+            winners = totals.argmax(dim=-1)  # [B]
+            fwd.winners[key] = winners
+        chosen = winners.repeat_interleave(x.shape[1])  # [T]
+        xs = flat.view(*x.shape[:2], -1)  # [B, S, n]
+        proj = xs @ t.A[winners].transpose(1, 2)  # [B, S, r]
+        delta = (proj @ t.B[winners].transpose(1, 2)).reshape(flat.shape[0], -1)  # [T, m]
+        if state.trace is not None:
+            state.trace.record(kind, module, chosen, mask)
+        return delta
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _as_libraries(libraries: Any) -> list[AdapterLibrary]:
+    if isinstance(libraries, (AdapterLibrary, str, Path)):
+        libraries = [libraries]
+    out = [lib if isinstance(lib, AdapterLibrary) else AdapterLibrary.load(lib) for lib in libraries]
+    if not out:
+        raise LibraryError("attach_lag needs at least one adapter library")
+    return out
+
+
+def attach_lag(model: nn.Module, libraries: AdapterLibrary | str | Path | Sequence[Any],
+               config: LAGConfig | None = None) -> LAGRouter:
+    """Route ``model``'s adapted Linear modules through ``libraries`` (in place, no weight copy).
+
+    Libraries must be compiled for this base model (same architecture, sizes and module shapes) and share
+    one dtype. Task and knowledge libraries are routed separately and their winners added.
+    """
+    libs = _as_libraries(libraries)
+    fingerprint = BaseModelSpec.from_model(model).fingerprint()
+    for lib in libs:
+        diff = fingerprint_diff(lib.fingerprint, fingerprint)
+        if diff:
+            raise IncompatibleLibraryError(
+                f"library was compiled for another base model: {'; '.join(diff)}", path=lib.path
+            )
+    dtypes = {lib.manifest["dtype"] for lib in libs}
+    if len(dtypes) > 1:
+        raise IncompatibleLibraryError(
+            f"libraries attached together must share one dtype, got {sorted(dtypes)}: "
+            + ", ".join(f"{lib.path} ({lib.manifest['dtype']})" for lib in libs),
+            field="dtype", path=libs[0].path,
+        )
+    router = LAGRouter(model, libs, config or LAGConfig())
+    router._attach()
+    return router

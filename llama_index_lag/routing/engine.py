@@ -1,0 +1,93 @@
+"""Route one module's tokens through one library: the modes of ``LAGConfig`` as pure tensor functions.
+
+Shapes: T tokens, N adapters, n in-features, m out-features, r rank, B sequences of S tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch import expand_pairs, project_all, project_pairs
+from .scores import arrow_scores, arrow_select, lag_select, spectr_select
+
+
+@dataclass(frozen=True)
+class PoolTensors:
+    """One library's aligned adapters at one module."""
+
+    protos: torch.Tensor  # [N, n] Arrow prototypes (resident)
+    A: torch.Tensor  # [N, r, n] A* (may be memory-mapped)
+    B: torch.Tensor  # [N, m, r] B* (may be memory-mapped)
+    valid: torch.Tensor | None = None  # [N] bool: adapters that adapt this module (None: all)
+
+    @property
+    def n_adapters(self) -> int:
+        return self.A.shape[0]
+
+
+def route_tokens(
+    x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
+    temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token routing. x [T, n] -> (delta [T, m], chosen [T]: the adapter with the largest weight)."""
+    if mode == "lag":
+        winner, proj = lag_select(x, t.protos, t.A, k, t.valid, strategy)  # [T], [T, r]
+        return expand_pairs(proj[:, None], t.B, winner[:, None]), winner
+    if mode == "arrow":
+        idx, w = arrow_select(x, t.protos, arrow_top_k, temperature, t.valid)  # [T, k], [T, k]
+        proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
+        return expand_pairs(proj, t.B, idx, None if idx.shape[1] == 1 else w), idx[:, 0]
+    if mode == "spectr":
+        idx, proj = spectr_select(x, t.A, spectr_top_k, t.valid)  # [T, k], [T, k, r]
+        if idx.shape[1] == 1:
+            return expand_pairs(proj, t.B, idx), idx[:, 0]
+        # SpectR's merge: (mean_j B*_j)(mean_j A*_j) x, i.e. every B*_j applied to the mean projection.
+        mean = proj.mean(dim=1, keepdim=True).expand_as(proj)  # [T, k, r]
+        w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype)
+        return expand_pairs(mean, t.B, idx, w), idx[:, 0]
+    raise ValueError(f"route_tokens cannot route mode {mode!r}")
+
+
+def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Named adapters for every token: sum_f w_f B*_f A*_f x. x [T, n], idx [F], weights [F] -> [T, m]."""
+    proj = project_all(x, t.A[idx])  # [T, F, r]
+    T, F = proj.shape[:2]
+    return expand_pairs(proj, t.B, idx.expand(T, F), weights.to(x.dtype).expand(T, F))
+
+
+def sequence_scores(
+    x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, mode: str, how: str, *, k: int = 20,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """Aggregate per-token scores over each sequence. x [B, S, n], mask [B, S] -> [B, N].
+
+    ``mass``: per token, the SpectR scores ||A*_i x|| of its candidates (all N for spectr, Arrow top-k for
+    lag, Arrow scores for arrow) normalised to sum 1 over the candidates, summed over the sequence.
+    ``vote``: the number of tokens whose per-token winner is each adapter.
+    """
+    Bsz, S, n = x.shape
+    flat = x.reshape(-1, n)  # [T, n]
+    N = t.n_adapters
+    if how == "vote":
+        _, chosen = route_tokens(flat, t, mode, k=k, strategy=strategy)  # [T]
+        cand, score = chosen[:, None], torch.ones(flat.shape[0], 1)
+    else:
+        everyone = torch.arange(N).expand(flat.shape[0], N)  # [T, N]
+        if mode == "spectr":
+            cand, score = everyone, project_all(flat, t.A).float().norm(dim=-1)  # [T, N]
+        elif mode == "lag":
+            arrow = arrow_scores(flat, t.protos, t.valid)  # [T, N]
+            cand = arrow.topk(min(k, N), dim=-1).indices  # [T, k]
+            score = project_pairs(flat, t.A, cand, strategy).float().norm(dim=-1)  # [T, k]
+        else:  # arrow
+            cand, score = everyone, arrow_scores(flat, t.protos, t.valid).float().clamp_min(0)
+        score = score / score.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    if t.valid is not None:
+        score = score * t.valid[cand]
+    score = score * mask.reshape(-1, 1).to(score.dtype)  # pads contribute nothing
+    seq = torch.arange(Bsz).repeat_interleave(S)[:, None].expand_as(cand)  # [T, k]
+    totals = torch.zeros(Bsz, N)
+    totals.index_put_((seq.reshape(-1), cand.reshape(-1)), score.reshape(-1).float(), accumulate=True)
+    return totals

@@ -1,0 +1,113 @@
+"""Routing trace: which adapter each token chose at each module, and per-adapter shares."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(module: str) -> int | None:
+    """Layer index of a module name like ``model.layers.12.mlp.up_proj`` (None if it has none)."""
+    match = _LAYER.search(f".{module}.")
+    return int(match.group(1)) if match else None
+
+
+class RoutingTrace:
+    """Records per library (kind) and module the adapter chosen for each (non-padding) token.
+
+    Cheap: one ``bincount`` per module call; per-token choices are kept only if ``keep_tokens``.
+    """
+
+    def __init__(self, names: dict[str, list[str]], keep_tokens: bool = True) -> None:
+        self.names = names  # kind -> adapter names of the routed pool
+        self.keep_tokens = keep_tokens
+        self._counts: dict[tuple[str, str], torch.Tensor] = {}
+        self._tokens: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """chosen [T] adapter indices; mask [T] bool (False for padding tokens, not counted)."""
+        chosen = chosen.reshape(-1)
+        kept = chosen[mask.reshape(-1)] if mask is not None else chosen
+        counts = torch.bincount(kept, minlength=len(self.names[kind]))
+        with self._lock:
+            key = (kind, module)
+            self._counts[key] = self._counts[key] + counts if key in self._counts else counts
+            if self.keep_tokens:
+                self._tokens[key].append(kept.to(torch.int32))
+
+    # ---- queries --------------------------------------------------------------------------------
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({kind for kind, _ in self._counts})
+
+    def modules(self, kind: str) -> list[str]:
+        return [m for k, m in self._counts if k == kind]
+
+    def tokens(self, kind: str, module: str) -> torch.Tensor:
+        """All recorded choices at one module, in call order (prompt tokens, then generated ones)."""
+        parts = self._tokens.get((kind, module), [])
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
+    def counts(self, kind: str) -> torch.Tensor:
+        """[N] number of (token x module) selections of each adapter."""
+        total = torch.zeros(len(self.names[kind]), dtype=torch.long)
+        for (k, _), c in self._counts.items():
+            if k == kind:
+                total += c
+        return total
+
+    def layer_counts(self, kind: str) -> tuple[list[int], torch.Tensor]:
+        """(layers, [L, N] selection counts per layer) — modules of one layer are summed."""
+        per: dict[int, torch.Tensor] = {}
+        for (k, module), c in self._counts.items():
+            if k == kind:
+                layer = layer_of(module)
+                layer = -1 if layer is None else layer
+                per[layer] = per[layer] + c if layer in per else c.clone()
+        layers = sorted(per)
+        if not layers:
+            return [], torch.zeros(0, len(self.names[kind]), dtype=torch.long)
+        return layers, torch.stack([per[layer] for layer in layers])
+
+    def shares(self, kind: str) -> dict[str, float]:
+        """Adapter -> share of selections, descending, zero shares omitted."""
+        counts = self.counts(kind).double()
+        total = counts.sum().item()
+        if total == 0:
+            return {}
+        order = torch.argsort(counts, descending=True, stable=True)
+        return {self.names[kind][i]: counts[i].item() / total for i in order.tolist() if counts[i] > 0}
+
+    def summary(self, top: int | None = 5, per_layer: bool = False) -> dict[str, Any]:
+        """``{kind: {"selections": int, "adapters": [{"adapter", "share"}, ...], "per_layer": {...}}}``."""
+        out: dict[str, Any] = {}
+        for kind in self.kinds:
+            shares = list(self.shares(kind).items())[:top]
+            entry: dict[str, Any] = {
+                "selections": int(self.counts(kind).sum()),
+                "adapters": [{"adapter": a, "share": round(s, 4)} for a, s in shares],
+            }
+            if per_layer:
+                layers, counts = self.layer_counts(kind)
+                entry["per_layer"] = {}
+                for layer, row in zip(layers, counts):
+                    total = max(int(row.sum()), 1)
+                    best = torch.argsort(row, descending=True, stable=True)[: top or len(row)]
+                    entry["per_layer"][layer] = [
+                        {"adapter": self.names[kind][i], "share": round(row[i].item() / total, 4)}
+                        for i in best.tolist() if row[i] > 0
+                    ]
+            out[kind] = entry
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._tokens.clear()

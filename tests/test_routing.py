@@ -1,0 +1,144 @@
+"""Routing math (pure tensor functions) against direct loop / SVD references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_index_lag.library.align import spectral_align
+from llama_index_lag.routing.dispatch import expand_pairs, project_pairs
+from llama_index_lag.routing.engine import PoolTensors, route_tokens, sequence_scores
+from llama_index_lag.routing.scores import arrow_select, lag_select, spectr_select
+
+
+def _aligned(N: int = 7, r: int = 4, n: int = 32, m: int = 24, seed: int = 0) -> PoolTensors:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(N, r, n, generator=g)
+    B = torch.randn(N, m, r, generator=g)
+    a_star, b_star, _ = spectral_align(A, B, torch.full((N,), 2.0))
+    return PoolTensors(a_star[:, 0].float().contiguous(), a_star.float().contiguous(), b_star.float().contiguous())
+
+
+def test_spectral_align_matches_dense_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    N, r, n, m = 5, 6, 40, 30
+    A, B = torch.randn(N, r, n, generator=g), torch.randn(N, m, r, generator=g)
+    ranks = torch.tensor([6, 6, 3, 1, 4])
+    A[2, 3:], B[2, :, 3:] = 0, 0
+    A[3, 1:], B[3, :, 1:] = 0, 0
+    A[4, 4:], B[4, :, 4:] = 0, 0
+    scaling = torch.tensor([2.0, 0.5, 1.0, 3.0, 1 / 2**0.5])
+    a_star, b_star, s = spectral_align(A, B, scaling, ranks)
+    for i in range(N):
+        dense = scaling[i].double() * B[i].double() @ A[i].double()  # [m, n]
+        assert torch.allclose(b_star[i] @ a_star[i], dense, atol=1e-10)
+        _, sv, vh = torch.linalg.svd(dense)
+        assert torch.allclose(s[i, : ranks[i]], sv[: ranks[i]], atol=1e-10)
+        assert abs(float(a_star[i, 0] @ vh[0])) == pytest.approx(1.0, abs=1e-10)  # prototype, sign aside
+        rr = int(ranks[i])
+        assert torch.allclose(a_star[i, :rr] @ a_star[i, :rr].T, torch.eye(rr, dtype=torch.float64), atol=1e-10)
+        assert a_star[i, rr:].abs().max() == 0 if rr < r else True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,k", [(1, 3), (5, 2), (40, 4)])
+def test_dispatch_strategies_agree_with_loop(T: int, k: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(T)
+    N, r, n, m = 9, 4, 32, 24
+    A, B = torch.randn(N, r, n, generator=g).to(dtype), torch.randn(N, m, r, generator=g).to(dtype)
+    x = torch.randn(T, n, generator=g).to(dtype)
+    idx = torch.randint(0, N, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g).to(dtype)
+    ref_p = torch.stack([torch.stack([A[idx[t, j]].float() @ x[t].float() for j in range(k)]) for t in range(T)])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.3, rtol=0.05)
+    for strategy in ("gather", "dense", "grouped", "auto"):
+        assert torch.allclose(project_pairs(x, A, idx, strategy).float(), ref_p, **tol), strategy
+    v = ref_p.to(dtype)
+    ref_e = torch.stack([sum(w[t, j].float() * (B[idx[t, j]].float() @ v[t, j].float()) for j in range(k))
+                         for t in range(T)])
+    for strategy in ("gather", "dense", "auto"):
+        assert torch.allclose(expand_pairs(v, B, idx, w, strategy).float(), ref_e, **tol), strategy
+
+
+def test_arrow_spectr_lag_select_against_loops() -> None:
+    t = _aligned()
+    x = torch.randn(11, 32, generator=torch.Generator().manual_seed(3))
+    N = t.n_adapters
+    for i in range(x.shape[0]):
+        arrow = torch.tensor([abs(float(t.protos[a] @ x[i])) for a in range(N)])
+        norms = torch.tensor([float((t.A[a] @ x[i]).norm()) for a in range(N)])
+        idx, w = arrow_select(x, t.protos, top_k=3, temperature=0.5)
+        assert idx[i].tolist() == torch.argsort(arrow, descending=True)[:3].tolist()
+        assert torch.allclose(w[i], torch.softmax(arrow[idx[i]] / 0.5, 0), atol=1e-6)
+        s_idx, s_proj = spectr_select(x, t.A)
+        assert int(s_idx[i, 0]) == int(norms.argmax())
+        assert torch.allclose(s_proj[i, 0], t.A[int(norms.argmax())] @ x[i], atol=1e-5)
+        for k in (1, 3, N):
+            winner, proj = lag_select(x, t.protos, t.A, k)
+            cands = torch.argsort(arrow, descending=True)[:k]
+            expected = int(cands[norms[cands].argmax()])
+            assert int(winner[i]) == expected
+            assert torch.allclose(proj[i], t.A[expected] @ x[i], atol=1e-5)
+
+
+def test_lag_limits_are_arrow_and_spectr() -> None:
+    t = _aligned(N=8)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    d_lag1, c_lag1 = route_tokens(x, t, "lag", k=1)
+    d_arrow, c_arrow = route_tokens(x, t, "arrow")
+    assert torch.equal(c_lag1, c_arrow) and torch.allclose(d_lag1, d_arrow, atol=1e-6)
+    d_lagn, c_lagn = route_tokens(x, t, "lag", k=100)  # clamped to N
+    d_spectr, c_spectr = route_tokens(x, t, "spectr")
+    assert torch.equal(c_lagn, c_spectr) and torch.allclose(d_lagn, d_spectr, atol=1e-5)
+
+
+def test_invalid_adapters_never_chosen() -> None:
+    t = _aligned(N=5)
+    valid = torch.tensor([False, True, False, True, True])
+    masked = PoolTensors(t.protos, t.A, t.B, valid)
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(6))
+    for mode in ("arrow", "spectr", "lag"):
+        _, chosen = route_tokens(x, masked, mode, k=2)
+        assert valid[chosen].all(), mode
+
+
+def test_spectr_merge_is_mean_of_factors() -> None:
+    t = _aligned(N=6)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(8))
+    delta, _ = route_tokens(x, t, "spectr", spectr_top_k=3)
+    for i in range(x.shape[0]):
+        norms = torch.stack([(t.A[a] @ x[i]).norm() for a in range(6)])
+        top = torch.argsort(norms, descending=True)[:3]
+        expected = t.B[top].mean(0) @ (t.A[top].mean(0) @ x[i])
+        assert torch.allclose(delta[i], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["arrow", "spectr", "lag"])
+@pytest.mark.parametrize("how", ["mass", "vote"])
+def test_sequence_scores_against_loop(mode: str, how: str) -> None:
+    t = _aligned(N=6)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 7, 32, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    totals = sequence_scores(x, mask, t, mode, how, k=3)
+    expected = torch.zeros(2, 6)
+    for b in range(2):
+        for s in range(7):
+            if not mask[b, s]:
+                continue
+            xt = x[b, s]
+            arrow = torch.stack([(t.protos[a] @ xt).abs() for a in range(6)])
+            norms = torch.stack([(t.A[a] @ xt).norm() for a in range(6)])
+            if how == "vote":
+                _, chosen = route_tokens(xt[None], t, mode, k=3)
+                expected[b, int(chosen)] += 1
+                continue
+            if mode == "spectr":
+                expected[b] += norms / norms.sum()
+            elif mode == "arrow":
+                expected[b] += arrow / arrow.sum()
+            else:
+                cands = torch.argsort(arrow, descending=True)[:3]
+                expected[b, cands] += norms[cands] / norms[cands].sum()
+    assert torch.allclose(totals, expected, atol=1e-5)
