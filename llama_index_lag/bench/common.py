@@ -1,0 +1,125 @@
+"""Shared benchmark helpers: timing, machine description, random PEFT adapters, table + JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from .._fs import atomic_write_json
+
+# SmolLM2-135M-Instruct's shapes (LlamaForCausalLM): what the benchmarks default to.
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152)
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, threads, library versions."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import peft
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "llama_index_lag": __version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def timeit(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs (after ``warmup`` runs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start_all < min_time:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def write_random_peft_lora(
+    path: Path, modules: dict[str, tuple[int, int]], *, rank: int = 6, alpha: float = 12.0,
+    generator: torch.Generator, decay: float = 0.5, scale: float = 0.05,
+) -> Path:
+    """Write a standard PEFT LoRA folder with random factors of decaying spectrum (like trained LoRAs).
+
+    ``modules``: module path -> (out_features, in_features). No model needed: written directly.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    spectrum = scale * decay ** torch.arange(rank, dtype=torch.float32)
+    tensors = {}
+    for name, (m, n) in modules.items():
+        qa, _ = torch.linalg.qr(torch.randn(n, rank, generator=generator))
+        qb, _ = torch.linalg.qr(torch.randn(m, rank, generator=generator))
+        tensors[f"base_model.model.{name}.lora_A.weight"] = qa.T.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (qb * spectrum).contiguous()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+              "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+              "inference_mode": True, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def mlp_modules(model: torch.nn.Module, layers: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
+    """MLP gate/up/down module paths -> (out, in) of a Llama-style model."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"):
+            layer = int(name.split(".")[2])
+            if layers is None or layer in layers:
+                out[name] = (module.out_features, module.in_features)
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> str:
+    """Render rows as a Markdown table (printed and returned)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def save_results(out: str | Path, payload: dict[str, Any]) -> Path:
+    out = Path(out)
+    atomic_write_json(out, payload)
+    return out

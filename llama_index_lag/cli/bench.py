@@ -1,0 +1,50 @@
+"""``lag bench routing`` / ``lag bench scale``: benchmarks that print a table and write JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v.replace("k", "000")) for v in text.split(",") if v)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (tables + JSON; results belong in BENCHMARKS.md)")
+    bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    r = bench.add_parser("routing", help="routing overhead per mode vs the bare model and PEFT Arrow")
+    r.add_argument("--out", default="bench-routing.json", help="JSON results file")
+    r.add_argument("--n", type=_ints, default=(10, 100, 1000), help="library sizes, e.g. 10,100,1000")
+    r.add_argument("--no-peft", action="store_true", help="skip PEFT create_arrow_model comparisons")
+    r.add_argument("--no-model", action="store_true", help="skip the whole-model part (SmolLM2-135M, N=100)")
+    r.add_argument("--random-model", action="store_true",
+                   help="whole-model part on a random SmolLM2-shaped model instead of the embedded one")
+    r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    r.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed)")
+    r.set_defaults(func=_routing)
+
+    s = bench.add_parser("scale", help="100k-adapter libraries: approximate Arrow, mmap, memory, load time")
+    s.add_argument("--out", default="bench-scale.json", help="JSON results file")
+    s.add_argument("--n", type=_ints, default=(1000, 10000, 100000), help="library sizes, e.g. 1k,10k,100k")
+    s.add_argument("--layers", type=int, default=None,
+                   help="adapted layers (default: all 30, fewer for large N when disk demands; stated)")
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--work", default=None, help="folder for the generated libraries (kept for reuse)")
+    s.set_defaults(func=_scale)
+
+
+def _routing(args: argparse.Namespace) -> int:
+    from ..bench.routing import run
+
+    run(args.out, ns=args.n, peft=not args.no_peft, whole_model=not args.no_model, real=not args.random_model,
+        work=args.work, threads=args.threads)
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from ..bench.scale import run
+
+    run(args.out, ns=args.n, layers=args.layers, dtype=args.dtype, work=args.work, threads=args.threads)
+    return 0

@@ -1,0 +1,422 @@
+"""``LAGLLM``: a llama-index ``CustomLLM`` that generates with LAG-routed adapter libraries.
+
+The torch model, tokenizer, libraries and router live in private attributes (llama-index serialises the public
+fields on every call). Routing settings are per instance (``llm.with_routing(mode=...)`` makes a view that
+shares the model) and per call (``llm.complete(..., routing={...})`` or ``with llm.routing(...):``), carried in
+context variables so concurrent threads / asyncio tasks never see each other's settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from llama_index.core.base.llms.generic_utils import (
+    completion_response_to_chat_response,
+    stream_completion_response_to_chat_response,
+)
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from .config import LAGConfig
+from .errors import ConfigError, LAGError
+from .library import AdapterLibrary
+from .router import LAGRouter, attach_lag
+
+logger = logging.getLogger(__name__)
+
+_CALL_ROUTING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("lag_llm_routing",
+                                                                                       default=None)
+_GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+
+
+_COLLECT: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("lag_collect",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def collect_routing() -> Iterator[list[dict[str, Any]]]:
+    """Collect the routing summaries of the LAGLLM calls made inside the block (this request only)."""
+    sink: list[dict[str, Any]] = []
+    token = _COLLECT.set(sink)
+    try:
+        yield sink
+    finally:
+        _COLLECT.reset(token)
+
+
+def record_routing(summary: dict[str, Any] | None) -> None:
+    """Called by LAGLLM after each generation."""
+    sink = _COLLECT.get()
+    if sink is not None and summary is not None:
+        sink.append(summary)
+
+
+class PromptTooLongError(LAGError, ValueError):
+    """The prompt does not fit the context window and ``truncation="error"``."""
+
+
+class LAGLLM(CustomLLM):
+    """A local Hugging Face causal LM whose adapted layers are routed by LAG over adapter libraries.
+
+    Args:
+        model: a local model folder, an already-loaded ``PreTrainedModel``, or None for the embedded default.
+        tokenizer: required with a loaded model (else loaded from the folder).
+        libraries: compiled :class:`AdapterLibrary` objects or folders (task and/or knowledge).
+        lag_config: the default routing (``LAGConfig(mode="none")`` when there are no libraries).
+        max_new_tokens, temperature (0 = greedy), top_p, stop: generation defaults, overridable per call.
+        routing_summary: attach ``additional_kwargs["lag"]`` to responses (a few bincounts per call).
+        truncation: ``"left"`` drops the start of a too-long prompt (keeps the question at its end),
+            ``"error"`` raises :class:`PromptTooLongError`.
+    """
+
+    model_name: str = Field(default="", description="Model folder or name.")
+    context_window: int = Field(default=2048, gt=0, description="Max tokens of prompt + generation.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate by default.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, description="Stop sequences (cut from the output).")
+    routing_summary: bool = Field(default=True, description="Attach the routing summary to responses.")
+    summary_top: int = Field(default=5, gt=0, description="Adapters per library in the routing summary.")
+    truncation: str = Field(default="left", description="'left' or 'error' for prompts too long.")
+    routing: dict[str, Any] = Field(default_factory=dict, description="Default routing (LAGConfig fields).")
+    chat_model: bool = Field(default=True, description="Use the tokenizer's chat template.")
+
+    _model: Any = PrivateAttr()
+    _tokenizer: Any = PrivateAttr()
+    _router: LAGRouter | None = PrivateAttr(default=None)
+    _config: LAGConfig = PrivateAttr()
+
+    def __init__(
+        self,
+        model: str | Path | torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        libraries: Sequence[AdapterLibrary | str | Path] = (),
+        lag_config: LAGConfig | None = None,
+        *,
+        dtype: str | torch.dtype = "float32",
+        router: LAGRouter | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from .models import load_causal_lm, resolve_model_dir
+
+        if isinstance(model, torch.nn.Module):
+            if tokenizer is None:
+                raise ConfigError("a loaded model needs its tokenizer: LAGLLM(model, tokenizer, ...)",
+                                  field="tokenizer")
+            name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        else:
+            folder = resolve_model_dir(model)
+            model, tokenizer = load_causal_lm(folder, dtype=dtype)
+            name = str(folder)
+        libs = [lib if isinstance(lib, AdapterLibrary) else AdapterLibrary.load(lib) for lib in libraries]
+        config = lag_config or LAGConfig(mode="lag" if libs else "none")
+        if router is None and libs:
+            router = attach_lag(model, libs, LAGConfig(mode="none"))  # bare unless a call says otherwise
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        kwargs.setdefault("model_name", name)
+        kwargs.setdefault("context_window", _context_window(model))
+        kwargs.setdefault("chat_model", has_template)
+        super().__init__(routing=config.to_dict(), **kwargs)
+        if self.truncation not in ("left", "error"):
+            raise ConfigError("truncation must be 'left' or 'error'", field="truncation")
+        self._model, self._tokenizer, self._router, self._config = model, tokenizer, router, config
+        self._check_routing(config)
+
+    # ---- construction helpers -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> LAGLLM:
+        """Build from a :class:`~llama_index_lag.pipeline.LAGPipelineConfig` (or a path to one)."""
+        from .pipeline import LAGPipelineConfig, shared_llm
+
+        if not isinstance(config, LAGPipelineConfig):
+            config = LAGPipelineConfig.load(config)
+        return shared_llm(config, **kwargs)
+
+    def with_routing(self, config: LAGConfig | None = None, **changes: Any) -> LAGLLM:
+        """A view of this LLM (same model, tokenizer and router: no reload) with other default routing."""
+        new_config = (config or self._config).replace(**changes) if changes else (config or self._config)
+        self._check_routing(new_config)
+        view = self.model_copy(update={"routing": new_config.to_dict()})
+        view._model, view._tokenizer, view._router, view._config = (self._model, self._tokenizer,
+                                                                    self._router, new_config)
+        return view
+
+    @contextlib.contextmanager
+    def routing_override(self, **changes: Any) -> Iterator[None]:
+        """Per-request routing for calls made inside the block (this thread / asyncio task only)."""
+        current = _CALL_ROUTING.get() or {}
+        token = _CALL_ROUTING.set({**current, **changes})
+        try:
+            yield
+        finally:
+            _CALL_ROUTING.reset(token)
+
+    def _check_routing(self, config: LAGConfig) -> None:
+        if config.mode != "none" and self._router is None:
+            raise ConfigError(f"routing mode {config.mode!r} needs at least one adapter library",
+                              field="mode")
+        if self._router is not None:
+            self._router._resolve_fixed(config)  # unknown adapter names fail here, not mid-generation
+
+    # ---- properties -----------------------------------------------------------------------------
+    @classmethod
+    def class_name(cls) -> str:
+        return "LAGLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           is_chat_model=self.chat_model, model_name=self.model_name)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def router(self) -> LAGRouter | None:
+        return self._router
+
+    @property
+    def lag_config(self) -> LAGConfig:
+        return self._config
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        if self.chat_model:
+            return self._tokenizer.apply_chat_template(
+                [{"role": m.role.value, "content": m.content or ""} for m in messages],
+                tokenize=False, add_generation_prompt=True,
+            )
+        return self.messages_to_prompt(messages)
+
+    def _completion_prompt(self, prompt: str) -> str:
+        messages = [ChatMessage(role="user", content=prompt)]
+        if self.system_prompt:
+            messages.insert(0, ChatMessage(role="system", content=self.system_prompt))
+        return self._chat_prompt(messages) if self.chat_model else self.completion_to_prompt(prompt)
+
+    # ---- generation -----------------------------------------------------------------------------
+    def _call_config(self, routing: Any) -> LAGConfig:
+        config = self._config
+        for overrides in (_CALL_ROUTING.get(), routing):
+            if isinstance(overrides, LAGConfig):
+                config = overrides
+            elif overrides:
+                config = config.replace(**overrides)
+        self._check_routing(config)
+        return config
+
+    def _inputs(self, prompt: str, max_new_tokens: int) -> dict[str, torch.Tensor]:
+        enc = self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat_model)
+        ids = enc["input_ids"]
+        budget = self.context_window - max_new_tokens
+        if ids.shape[1] > budget:
+            if self.truncation == "error" or budget <= 0:
+                raise PromptTooLongError(
+                    f"prompt has {ids.shape[1]} tokens; the context window {self.context_window} leaves "
+                    f"{budget} after max_new_tokens={max_new_tokens}", field="prompt")
+            logger.warning("prompt of %d tokens truncated from the left to %d", ids.shape[1], budget)
+            enc = {k: v[:, -budget:] for k, v in enc.items()}
+        return dict(enc)
+
+    def _generate_kwargs(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+        temperature = float(opts.get("temperature", self.temperature))
+        kw: dict[str, Any] = {
+            "max_new_tokens": int(opts.get("max_new_tokens", self.max_new_tokens)),
+            "pad_token_id": self._tokenizer.pad_token_id,
+        }
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=float(opts.get("top_p", self.top_p)))
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        stop = list(opts.get("stop") or self.stop)
+        if stop:
+            kw.update(stop_strings=stop, tokenizer=self._tokenizer)
+        return kw
+
+    def _run(self, prompt: str, formatted: bool, routing: Any, opts: dict[str, Any],
+             streamer: Any = None) -> tuple[str, dict[str, Any] | None, int]:
+        """Generate (in the calling thread); returns (text, routing summary, prompt tokens)."""
+        full = prompt if formatted else self._completion_prompt(prompt)
+        gen_kw = self._generate_kwargs(opts)
+        inputs = self._inputs(full, gen_kw["max_new_tokens"])
+        config = self._call_config(routing)
+        if "seed" in opts and opts["seed"] is not None:
+            torch.manual_seed(int(opts["seed"]))
+        with contextlib.ExitStack() as stack:
+            trace = timer = None
+            if self._router is not None:
+                stack.enter_context(self._router.using(config))
+                if self.routing_summary and config.mode != "none":
+                    trace = stack.enter_context(self._router.trace(keep_tokens=False))
+                    timer = stack.enter_context(self._router.timing())
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = self._model.generate(**inputs, streamer=streamer, **gen_kw)
+            seconds = time.perf_counter() - start
+        new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        text = _cut_stop(self._tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kw)
+        summary = None
+        if trace is not None and timer is not None:
+            per_library = trace.summary(top=self.summary_top)
+            summary = {
+                "mode": config.mode,
+                "k": config.k,
+                "libraries": {kind: entry["adapters"] for kind, entry in per_library.items()},
+                "routing_ms": round(timer[0] * 1e3, 2),
+                "generate_ms": round(seconds * 1e3, 2),
+                "new_tokens": int(new_tokens.numel()),
+            }
+            summary["selections"] = {kind: entry["selections"] for kind, entry in per_library.items()}
+            if config.fixed:
+                summary["fixed"] = {kind: list(names) for kind, names in config.fixed.items()}
+        record_routing(summary)
+        return text, summary, int(inputs["input_ids"].shape[1])
+
+    @staticmethod
+    def _split_kwargs(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        routing = kwargs.pop("routing", None)
+        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _GEN_KEYS}
+        return routing, opts
+
+    def _response(self, text: str, summary: dict[str, Any] | None, n_prompt: int) -> CompletionResponse:
+        extra: dict[str, Any] = {"prompt_tokens": n_prompt}
+        if self.routing_summary:
+            extra["lag"] = summary
+        return CompletionResponse(text=text, additional_kwargs=extra)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Generate a completion. Per call: max_new_tokens, temperature, top_p, stop, seed, and
+        ``routing=`` (a LAGConfig or a dict of its fields, e.g. ``{"mode": "spectr"}``)."""
+        routing, opts = self._split_kwargs(kwargs)
+        return self._response(*self._run(prompt, formatted, routing, opts))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Stream tokens as they are generated (generation runs in a thread with this call's context)."""
+        from transformers import TextIteratorStreamer
+
+        routing, opts = self._split_kwargs(kwargs)
+        streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
+        result: dict[str, Any] = {}
+        ctx = contextvars.copy_context()  # routing overrides + llama-index instrumentation spans
+
+        def work() -> None:
+            try:
+                result["value"] = ctx.run(self._run, prompt, formatted, routing, opts, streamer)
+            except BaseException as exc:  # surfaced in the consumer
+                result["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="lag-generate", daemon=True)
+        thread.start()
+        stop = list(opts.get("stop") or self.stop)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for piece in streamer:
+                new = _cut_stop(text + piece, {"stop_strings": stop} if stop else {})
+                delta, text = new[len(text):], new
+                if delta:
+                    yield CompletionResponse(text=text, delta=delta)
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            final, summary, n_prompt = result["value"]
+            yield self._response(final, summary, n_prompt).model_copy(update={"delta": final[len(text):]})
+
+        return gen()
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(self.complete(self._chat_prompt(messages), formatted=True,
+                                                                  **kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return stream_completion_response_to_chat_response(
+            self.stream_complete(self._chat_prompt(messages), formatted=True, **kwargs))
+
+    # ---- async: generation runs in a worker thread, the event loop stays free --------------------
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        routing, opts = self._split_kwargs(kwargs)
+        return self._response(*await asyncio.to_thread(self._run, prompt, formatted, routing, opts))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        sync_gen = await asyncio.to_thread(self.stream_complete, prompt, formatted, **kwargs)
+        return _aiter_thread(sync_gen)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(
+            await self.acomplete(self._chat_prompt(messages), formatted=True, **kwargs))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        gen = await self.astream_complete(self._chat_prompt(messages), formatted=True, **kwargs)
+
+        async def chat_gen() -> AsyncGenerator[ChatResponse, None]:
+            async for response in gen:
+                yield ChatResponse(message=ChatMessage(role="assistant", content=response.text,
+                                                       additional_kwargs=response.additional_kwargs),
+                                   delta=response.delta, raw=response.raw)
+
+        return chat_gen()
+
+
+async def _aiter_thread(sync_gen: Iterator[Any]) -> AsyncGenerator[Any, None]:
+    """Iterate a blocking generator from async code without blocking the event loop."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, sync_gen, done)
+        if item is done:
+            return
+        yield item
+
+
+def _cut_stop(text: str, gen_kw: Mapping[str, Any]) -> str:
+    """Cut ``text`` at the first stop sequence."""
+    cut = len(text)
+    for stop in gen_kw.get("stop_strings") or ():
+        idx = text.find(stop)
+        if idx != -1:
+            cut = min(cut, idx)
+    return text[:cut]
+
+
+def _context_window(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
