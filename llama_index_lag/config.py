@@ -38,6 +38,9 @@ class LAGConfig:
         prompt (``sequence_score``: ``mass`` = sum of per-token SpectR scores normalised over the
         candidates, ``vote`` = count of per-token winners) and the winner is applied to all its tokens,
         including generated ones.
+    dynamic_k:
+        ``lag`` only (the paper's future work): per token, of the Arrow top-``k`` keep the candidates whose
+        score is at least ``dynamic_k x`` the best score (a margin in (0, 1]); ``k`` is then the maximum.
     dispatch:
         kernel strategy for the candidate products (``auto`` picks by a cost model).
     """
@@ -51,6 +54,7 @@ class LAGConfig:
     libraries: tuple[str, ...] | None = None
     granularity: Literal["token", "sequence"] = "token"
     sequence_score: Literal["mass", "vote"] = "mass"
+    dynamic_k: float | None = None
     dispatch: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -67,6 +71,8 @@ class LAGConfig:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}", field="granularity")
         if self.sequence_score not in SEQUENCE_SCORES:
             raise ConfigError(f"sequence_score must be one of {SEQUENCE_SCORES}", field="sequence_score")
+        if self.dynamic_k is not None and not 0 < self.dynamic_k <= 1:
+            raise ConfigError(f"dynamic_k is a score margin in (0, 1], got {self.dynamic_k!r}", field="dynamic_k")
         if self.dispatch not in STRATEGIES:
             raise ConfigError(f"dispatch must be one of {STRATEGIES}", field="dispatch")
         if self.mode == "fixed" and not self.fixed:

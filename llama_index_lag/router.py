@@ -298,12 +298,11 @@ class LAGRouter:
             return None
         if cfg.granularity == "sequence" and x.dim() == 3:
             return self._route_sequence(module, kind, t, x, flat, state)
-        delta, chosen = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k,
-                                     temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k,
-                                     strategy=cfg.dispatch)
+        out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
+                           spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k)
         if state.trace is not None:
-            state.trace.record(kind, module, chosen, self._token_mask(x))
-        return delta
+            state.trace.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
+        return out.delta
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                         state: RequestState) -> torch.Tensor:

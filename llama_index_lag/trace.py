@@ -28,15 +28,23 @@ class RoutingTrace:
         self.names = names  # kind -> adapter names of the routed pool
         self.keep_tokens = keep_tokens
         self._counts: dict[tuple[str, str], torch.Tensor] = {}
+        self._candidates: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [sum, tokens]
         self._tokens: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
 
-    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """chosen [T] adapter indices; mask [T] bool (False for padding tokens, not counted)."""
+    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None = None,
+               candidates: torch.Tensor | None = None) -> None:
+        """chosen [T] adapter indices; mask [T] bool (False for padding tokens, not counted); candidates [T]
+        reranked per token (dynamic k)."""
         chosen = chosen.reshape(-1)
         kept = chosen[mask.reshape(-1)] if mask is not None else chosen
         counts = torch.bincount(kept, minlength=len(self.names[kind]))
         with self._lock:
+            if candidates is not None:
+                cands = candidates.reshape(-1)
+                cands = cands[mask.reshape(-1)] if mask is not None else cands
+                self._candidates[kind][0] += float(cands.sum())
+                self._candidates[kind][1] += cands.numel()
             key = (kind, module)
             self._counts[key] = self._counts[key] + counts if key in self._counts else counts
             if self.keep_tokens:
@@ -76,6 +84,11 @@ class RoutingTrace:
             return [], torch.zeros(0, len(self.names[kind]), dtype=torch.long)
         return layers, torch.stack([per[layer] for layer in layers])
 
+    def mean_candidates(self, kind: str) -> float | None:
+        """Average number of candidates reranked per token and module (dynamic k), if recorded."""
+        total, n = self._candidates.get(kind, (0.0, 0.0))
+        return total / n if n else None
+
     def shares(self, kind: str) -> dict[str, float]:
         """Adapter -> share of selections, descending, zero shares omitted."""
         counts = self.counts(kind).double()
@@ -111,3 +124,4 @@ class RoutingTrace:
         with self._lock:
             self._counts.clear()
             self._tokens.clear()
+            self._candidates.clear()

@@ -74,7 +74,7 @@ def test_arrow_spectr_lag_select_against_loops() -> None:
         assert int(s_idx[i, 0]) == int(norms.argmax())
         assert torch.allclose(s_proj[i, 0], t.A[int(norms.argmax())] @ x[i], atol=1e-5)
         for k in (1, 3, N):
-            winner, proj = lag_select(x, t.protos, t.A, k)
+            winner, proj, _ = lag_select(x, t.protos, t.A, k)
             cands = torch.argsort(arrow, descending=True)[:k]
             expected = int(cands[norms[cands].argmax()])
             assert int(winner[i]) == expected
@@ -84,11 +84,11 @@ def test_arrow_spectr_lag_select_against_loops() -> None:
 def test_lag_limits_are_arrow_and_spectr() -> None:
     t = _aligned(N=8)
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
-    d_lag1, c_lag1 = route_tokens(x, t, "lag", k=1)
-    d_arrow, c_arrow = route_tokens(x, t, "arrow")
+    d_lag1, c_lag1, _ = route_tokens(x, t, "lag", k=1)
+    d_arrow, c_arrow, _ = route_tokens(x, t, "arrow")
     assert torch.equal(c_lag1, c_arrow) and torch.allclose(d_lag1, d_arrow, atol=1e-6)
-    d_lagn, c_lagn = route_tokens(x, t, "lag", k=100)  # clamped to N
-    d_spectr, c_spectr = route_tokens(x, t, "spectr")
+    d_lagn, c_lagn, _ = route_tokens(x, t, "lag", k=100)  # clamped to N
+    d_spectr, c_spectr, _ = route_tokens(x, t, "spectr")
     assert torch.equal(c_lagn, c_spectr) and torch.allclose(d_lagn, d_spectr, atol=1e-5)
 
 
@@ -98,14 +98,14 @@ def test_invalid_adapters_never_chosen() -> None:
     masked = PoolTensors(t.protos, t.A, t.B, valid)
     x = torch.randn(50, 32, generator=torch.Generator().manual_seed(6))
     for mode in ("arrow", "spectr", "lag"):
-        _, chosen = route_tokens(x, masked, mode, k=2)
+        chosen = route_tokens(x, masked, mode, k=2).chosen
         assert valid[chosen].all(), mode
 
 
 def test_spectr_merge_is_mean_of_factors() -> None:
     t = _aligned(N=6)
     x = torch.randn(9, 32, generator=torch.Generator().manual_seed(8))
-    delta, _ = route_tokens(x, t, "spectr", spectr_top_k=3)
+    delta = route_tokens(x, t, "spectr", spectr_top_k=3).delta
     for i in range(x.shape[0]):
         norms = torch.stack([(t.A[a] @ x[i]).norm() for a in range(6)])
         top = torch.argsort(norms, descending=True)[:3]
@@ -131,7 +131,7 @@ def test_sequence_scores_against_loop(mode: str, how: str) -> None:
             arrow = torch.stack([(t.protos[a] @ xt).abs() for a in range(6)])
             norms = torch.stack([(t.A[a] @ xt).norm() for a in range(6)])
             if how == "vote":
-                _, chosen = route_tokens(xt[None], t, mode, k=3)
+                chosen = route_tokens(xt[None], t, mode, k=3).chosen
                 expected[b, int(chosen)] += 1
                 continue
             if mode == "spectr":
@@ -142,3 +142,19 @@ def test_sequence_scores_against_loop(mode: str, how: str) -> None:
                 cands = torch.argsort(arrow, descending=True)[:3]
                 expected[b, cands] += norms[cands] / norms[cands].sum()
     assert torch.allclose(totals, expected, atol=1e-5)
+
+
+def test_dynamic_k_margin_against_loop() -> None:
+    t = _aligned(N=8)
+    x = torch.randn(30, 32, generator=torch.Generator().manual_seed(11))
+    winner, _, kept = lag_select(x, t.protos, t.A, k=5, margin=0.8)
+    for i in range(x.shape[0]):
+        arrow = torch.stack([(t.protos[a] @ x[i]).abs() for a in range(8)])
+        norms = torch.stack([(t.A[a] @ x[i]).norm() for a in range(8)])
+        top = torch.argsort(arrow, descending=True)[:5]
+        cands = top[arrow[top] >= 0.8 * arrow[top[0]]]
+        assert int(kept[i]) == len(cands)
+        assert int(winner[i]) == int(cands[norms[cands].argmax()])
+    assert 1 <= float(kept.float().mean()) < 5
+    full, _, none = lag_select(x, t.protos, t.A, k=5)
+    assert none is None and torch.equal(lag_select(x, t.protos, t.A, k=5, margin=1e-9)[0], full)

@@ -6,6 +6,7 @@ Shapes: T tokens, N adapters, n in-features, m out-features, r rank, B sequences
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,26 +28,32 @@ class PoolTensors:
         return self.A.shape[0]
 
 
+class Routed(NamedTuple):
+    delta: torch.Tensor  # [T, m] what the adapters add to the module's output
+    chosen: torch.Tensor  # [T] adapter with the largest weight, per token
+    candidates: torch.Tensor | None = None  # [T] candidates reranked per token (dynamic k only)
+
+
 def route_tokens(
     x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
-    temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token routing. x [T, n] -> (delta [T, m], chosen [T]: the adapter with the largest weight)."""
+    temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
+) -> Routed:
+    """Per-token routing of x [T, n] through one library at one module."""
     if mode == "lag":
-        winner, proj = lag_select(x, t.protos, t.A, k, t.valid, strategy)  # [T], [T, r]
-        return expand_pairs(proj[:, None], t.B, winner[:, None]), winner
+        winner, proj, kept = lag_select(x, t.protos, t.A, k, t.valid, strategy, margin)  # [T], [T, r], [T]
+        return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
         idx, w = arrow_select(x, t.protos, arrow_top_k, temperature, t.valid)  # [T, k], [T, k]
         proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
-        return expand_pairs(proj, t.B, idx, None if idx.shape[1] == 1 else w), idx[:, 0]
+        return Routed(expand_pairs(proj, t.B, idx, None if idx.shape[1] == 1 else w), idx[:, 0])
     if mode == "spectr":
         idx, proj = spectr_select(x, t.A, spectr_top_k, t.valid)  # [T, k], [T, k, r]
         if idx.shape[1] == 1:
-            return expand_pairs(proj, t.B, idx), idx[:, 0]
+            return Routed(expand_pairs(proj, t.B, idx), idx[:, 0])
         # SpectR's merge: (mean_j B*_j)(mean_j A*_j) x, i.e. every B*_j applied to the mean projection.
         mean = proj.mean(dim=1, keepdim=True).expand_as(proj)  # [T, k, r]
         w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype)
-        return expand_pairs(mean, t.B, idx, w), idx[:, 0]
+        return Routed(expand_pairs(mean, t.B, idx, w), idx[:, 0])
     raise ValueError(f"route_tokens cannot route mode {mode!r}")
 
 
@@ -71,7 +78,7 @@ def sequence_scores(
     flat = x.reshape(-1, n)  # [T, n]
     N = t.n_adapters
     if how == "vote":
-        _, chosen = route_tokens(flat, t, mode, k=k, strategy=strategy)  # [T]
+        chosen = route_tokens(flat, t, mode, k=k, strategy=strategy).chosen  # [T]
         cand, score = chosen[:, None], torch.ones(flat.shape[0], 1)
     else:
         everyone = torch.arange(N).expand(flat.shape[0], N)  # [T, N]

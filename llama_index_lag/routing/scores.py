@@ -53,19 +53,27 @@ def spectr_select(
 
 def lag_select(
     x: torch.Tensor, protos: torch.Tensor, A: torch.Tensor, k: int, valid: torch.Tensor | None = None,
-    strategy: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    strategy: str = "auto", margin: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """LAG: Arrow keeps the top-k adapters, SpectR picks the one with the largest ||A*_i x|| among them.
 
-    x [T, n], protos [N, n], A [N, r, n] -> (winner [T], proj [T, r] = A*_winner x, reused by the caller
-    to apply the adapter). k=1 is Arrow top-1; k=N is SpectR top-1.
+    x [T, n], protos [N, n], A [N, r, n] -> (winner [T], proj [T, r] = A*_winner x (reused by the caller to
+    apply the adapter), candidates per token [T] or None). k=1 is Arrow top-1; k=N is SpectR top-1.
+
+    ``margin`` (dynamic k): of the top-k, keep only candidates whose Arrow score is at least
+    ``margin x`` the token's best score, so confident tokens rerank few adapters and ambiguous ones many.
     """
     scores = arrow_scores(x, protos, valid)  # [T, N]
-    cand = scores.topk(min(k, scores.shape[-1]), dim=-1).indices  # [T, k]
+    top, cand = scores.topk(min(k, scores.shape[-1]), dim=-1)  # [T, k] (sorted)
     proj = project_pairs(x, A, cand, strategy)  # [T, k, r]
     norms = proj.float().norm(dim=-1)  # [T, k]
     if valid is not None:
         norms.masked_fill_(~valid[cand], -1.0)
+    kept = None
+    if margin is not None:
+        keep = top >= margin * top[:, :1]  # [T, k]; the best candidate is always kept
+        norms.masked_fill_(~keep, -2.0)
+        kept = keep.sum(dim=-1)  # [T]
     best = norms.argmax(dim=-1, keepdim=True)  # [T, 1]
     winner = cand.gather(1, best).squeeze(1)  # [T]
-    return winner, proj.gather(1, best[..., None].expand(-1, -1, proj.shape[-1])).squeeze(1)
+    return winner, proj.gather(1, best[..., None].expand(-1, -1, proj.shape[-1])).squeeze(1), kept
