@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -88,12 +90,31 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with two renames.
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return res == 0
 
-    Readers that already opened files of the old ``dst`` keep valid (memory-mapped) handles.
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst``.
+
+    On Linux the two folders are exchanged in one atomic step, so a concurrent reader always finds ``dst``
+    (old or new); elsewhere two renames leave a short window where ``dst`` is absent. Readers that already
+    opened files of the old ``dst`` keep valid (memory-mapped) handles.
     """
     if dst.exists():
+        if _exchange(src, dst):
+            shutil.rmtree(src, ignore_errors=True)  # src now holds the old content
+            return
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dst, old)
         try:

@@ -41,6 +41,10 @@ class LAGConfig:
     dynamic_k:
         ``lag`` only (the paper's future work): per token, of the Arrow top-``k`` keep the candidates whose
         score is at least ``dynamic_k x`` the best score (a margin in (0, 1]); ``k`` is then the maximum.
+    arrow_backend:
+        Arrow retrieval: ``exact`` scans all N prototypes; ``faiss`` uses the library's approximate index
+        (``arrow_index/``, built at compile time for large libraries); ``auto`` uses the index when the
+        library has a current one. ``nprobe``: IVF lists searched (default 64; recall vs speed).
     dispatch:
         kernel strategy for the candidate products (``auto`` picks by a cost model).
     """
@@ -55,6 +59,8 @@ class LAGConfig:
     granularity: Literal["token", "sequence"] = "token"
     sequence_score: Literal["mass", "vote"] = "mass"
     dynamic_k: float | None = None
+    arrow_backend: Literal["auto", "exact", "faiss"] = "auto"
+    nprobe: int | None = None
     dispatch: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -73,6 +79,10 @@ class LAGConfig:
             raise ConfigError(f"sequence_score must be one of {SEQUENCE_SCORES}", field="sequence_score")
         if self.dynamic_k is not None and not 0 < self.dynamic_k <= 1:
             raise ConfigError(f"dynamic_k is a score margin in (0, 1], got {self.dynamic_k!r}", field="dynamic_k")
+        if self.arrow_backend not in ("auto", "exact", "faiss"):
+            raise ConfigError("arrow_backend must be auto, exact or faiss", field="arrow_backend")
+        if self.nprobe is not None and (not isinstance(self.nprobe, int) or self.nprobe <= 0):
+            raise ConfigError(f"nprobe must be a positive integer, got {self.nprobe!r}", field="nprobe")
         if self.dispatch not in STRATEGIES:
             raise ConfigError(f"dispatch must be one of {STRATEGIES}", field="dispatch")
         if self.mode == "fixed" and not self.fixed:

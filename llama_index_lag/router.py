@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .routing.engine import PoolTensors, apply_fixed, route_tokens, sequence_sco
 from .trace import RoutingTrace
 
 _ids = itertools.count()
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,9 +55,22 @@ class _ForwardState:
 class Pool:
     """All attached libraries of one kind, routed as one set of adapters."""
 
-    def __init__(self, kind: str, libraries: list[AdapterLibrary]) -> None:
+    def __init__(self, kind: str, libraries: list[AdapterLibrary], backend: str = "auto") -> None:
         self.kind = kind
         self.libraries = libraries
+        self.indexed = False  # approximate Arrow index in use (single-library pools with a current index)
+        if len(libraries) == 1 and backend != "exact":
+            lib = libraries[0]
+            if lib.has_arrow_index():
+                self.indexed = True
+            elif backend == "faiss":
+                lib.arrow_indexes()  # raises LibraryFormatError: missing or stale index
+            elif lib.arrow_meta_exists():
+                logger.warning("%s: approximate Arrow index is stale; using exact Arrow (rebuild it with "
+                               "AdapterLibrary.build_arrow_index())", lib.path)
+        elif backend == "faiss":
+            raise IncompatibleLibraryError("arrow_backend='faiss' needs exactly one library per kind "
+                                           f"({kind} has {len(libraries)})", path=libraries[0].path)
         self.names = [name for lib in libraries for name in lib.names]
         self.index = {name: i for i, name in enumerate(self.names)}
         if len(self.index) != len(self.names):
@@ -78,9 +93,13 @@ class Pool:
                 N, r = len(lib), lib.r_max
                 parts.append((torch.zeros(N, n), torch.zeros(N, r, n), torch.zeros(N, m, r),
                               torch.zeros(N, dtype=torch.bool)))
+        index = None
         if len(parts) == 1:
             proto, A, B, valid = parts[0]
-            proto = proto.clone()
+            if self.indexed:  # the index serves Arrow: prototypes stay memory-mapped, not resident
+                index = self.libraries[0].arrow_search(module)
+            else:
+                proto = proto.clone()
         else:
             r = max(p[1].shape[1] for p in parts)
             dtype = parts[0][1].dtype
@@ -88,7 +107,7 @@ class Pool:
             A = torch.cat([nn.functional.pad(p[1].to(dtype), (0, 0, 0, r - p[1].shape[1])) for p in parts])
             B = torch.cat([nn.functional.pad(p[2].to(dtype), (0, r - p[2].shape[2])) for p in parts])
             valid = torch.cat([p[3] for p in parts])
-        return PoolTensors(proto, A, B, None if bool(valid.all()) else valid)
+        return PoolTensors(proto, A, B, None if bool(valid.all()) else valid, index)
 
 
 class LAGLinear(nn.Module):
@@ -135,7 +154,8 @@ class LAGRouter:
         self._forward: contextvars.ContextVar[_ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
         self._default = RequestState(config)
         kinds = sorted({lib.kind for lib in libraries})
-        self.pools = {kind: Pool(kind, [lib for lib in libraries if lib.kind == kind]) for kind in kinds}
+        self.pools = {kind: Pool(kind, [lib for lib in libraries if lib.kind == kind], config.arrow_backend)
+                      for kind in kinds}
         self._originals: dict[str, nn.Module] = {}
         self._hooks: list[Any] = []
         self._attached = False
@@ -299,7 +319,8 @@ class LAGRouter:
         if cfg.granularity == "sequence" and x.dim() == 3:
             return self._route_sequence(module, kind, t, x, flat, state)
         out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
-                           spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k)
+                           spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
+                           approximate=cfg.arrow_backend != "exact", nprobe=cfg.nprobe)
         if state.trace is not None:
             state.trace.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
@@ -318,7 +339,8 @@ class LAGRouter:
         if winners is None or winners.shape[0] != x.shape[0]:
             mask_ = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
             totals = sequence_scores(flat.view(*x.shape[:2], -1), mask_, t, cfg.mode, cfg.sequence_score,
-                                     k=cfg.k, strategy=cfg.dispatch)  # [B, N]
+                                     k=cfg.k, strategy=cfg.dispatch, approximate=cfg.arrow_backend != "exact",
+                                     nprobe=cfg.nprobe)  # [B, N]
             winners = totals.argmax(dim=-1)  # [B]
             fwd.winners[key] = winners
         chosen = winners.repeat_interleave(x.shape[1])  # [T]

@@ -35,6 +35,7 @@ class PackedWriter:
         dtype: torch.dtype,
         *,
         create: bool = True,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.path, self.dtype = Path(path), dtype
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -49,7 +50,7 @@ class PackedWriter:
                                "data_offsets": [offset, offset + nbytes]}
                 self._slots[key] = (offset, nbytes, shape)
                 offset += nbytes
-        header["__metadata__"] = {"format": "pt"}
+        header["__metadata__"] = {"format": "pt", **(metadata or {})}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._data_start = 8 + len(raw)

@@ -18,11 +18,14 @@ import fcntl
 import hashlib
 import json
 import shutil
+import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
@@ -38,6 +41,16 @@ from ..errors import (
     LibraryFormatError,
 )
 from .align import spectral_align
+from .arrow_index import (
+    ARROW_DIR,
+    DEFAULT_NPROBE,
+    FaissArrow,
+    build_module_index,
+    load_module_indexes,
+    read_arrow_meta,
+    save_arrow_index,
+    update_index,
+)
 from .base import BaseModelSpec
 from .packed import PackedWriter, tensor_names
 from .peft_io import AdapterHeader, load_weights, read_header
@@ -47,6 +60,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapters.safetensors"
 KINDS = ("task", "knowledge")
+_DERIVED = ("adapters", "modules", "r_max", "revision", "created_by")
+ARROW_INDEX_MIN = 4096  # libraries this large get an approximate Arrow index by default
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Kind = Literal["task", "knowledge"]
 
@@ -102,6 +117,7 @@ class AdapterLibrary:
         self.manifest = manifest
         self._handle: Any = None
         self._tensors: dict[str, ModuleTensors] = {}
+        self._arrow: dict[str, Any] | None = None
         self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
 
     # ---- basic properties -----------------------------------------------------------------------
@@ -207,8 +223,23 @@ class AdapterLibrary:
     # ---- load -----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> AdapterLibrary:
-        """Open a compiled library; tensors are memory-mapped, only the manifest is read."""
+        """Open a compiled library; tensors are memory-mapped, only the manifest is read.
+
+        A writer replaces the whole folder with one rename; if that happens between reading the manifest
+        and opening the tensors (their revisions differ), the load is retried.
+        """
         path = Path(path)
+        for attempt in range(20):
+            lib = cls._load_once(path)
+            if lib._tensor_revision() == lib.revision:
+                lib._check_tensor_file()
+                return lib
+            time.sleep(0.01 * (attempt + 1))
+        raise LibraryFormatError("manifest and packed tensors are from different revisions (stale library)",
+                                 path=path)
+
+    @classmethod
+    def _load_once(cls, path: Path) -> AdapterLibrary:
         manifest_path = path / MANIFEST
         if not path.is_dir():
             raise LibraryFormatError("library folder does not exist", path=path)
@@ -219,9 +250,15 @@ class AdapterLibrary:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LibraryFormatError(f"{MANIFEST} is not valid JSON: {exc}", path=manifest_path) from None
         _check_manifest(manifest, manifest_path)
-        lib = cls(path, manifest)
-        lib._check_tensor_file()
-        return lib
+        return cls(path, manifest)
+
+    def _tensor_revision(self) -> str | None:
+        try:
+            return (self._open().metadata() or {}).get("revision")
+        except LibraryFormatError:
+            if (self.path / MANIFEST).is_file() and not (self.path / TENSORS).is_file():
+                raise
+            return None  # the folder is being swapped: retry
 
     # ---- compile / add / remove -----------------------------------------------------------------
     @classmethod
@@ -237,9 +274,12 @@ class AdapterLibrary:
         allow_pickle: bool = False,
         progress: bool = True,
         chunk_size: int = 64,
+        arrow_index: bool | None = None,
     ) -> AdapterLibrary:
         """Validate PEFT LoRA folders against ``base_model`` (a model, config or model folder), align them
-        and write a library to ``out`` (atomically; an interrupted compile resumes when re-run)."""
+        and write a library to ``out`` (atomically; an interrupted compile resumes when re-run).
+
+        ``arrow_index``: build the approximate (FAISS) Arrow index; None = only for >= 4096 adapters."""
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
         torch_dtype = parse_dtype(dtype)
@@ -253,7 +293,8 @@ class AdapterLibrary:
             "base_model": {"fingerprint": spec.fingerprint(),
                            "linear_modules": {k: list(v) for k, v in spec.linear.items()}},
         }
-        return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size)
+        return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
+                      arrow_index=arrow_index)
 
     def add(
         self,
@@ -268,7 +309,7 @@ class AdapterLibrary:
         spec = self._spec()
         rows = [_Row(dict(e), old_index=i) for i, e in enumerate(self.adapters)]
         rows += _new_rows(adapter_dirs, names, spec, allow_pickle, taken=set(self.names))
-        base = {k: v for k, v in self.manifest.items() if k not in ("adapters", "modules", "r_max")}
+        base = {k: v for k, v in self.manifest.items() if k not in _DERIVED}
         new = _write(self.path, base, rows, old=self, progress=progress, chunk_size=chunk_size)
         self._reset(new.manifest)
         return self
@@ -282,9 +323,62 @@ class AdapterLibrary:
         rows = [_Row(dict(e), old_index=i) for i, e in enumerate(self.adapters) if e["name"] not in drop]
         if not rows:
             raise LibraryError("removing these adapters would leave the library empty", path=self.path)
-        base = {k: v for k, v in self.manifest.items() if k not in ("adapters", "modules", "r_max")}
+        base = {k: v for k, v in self.manifest.items() if k not in _DERIVED}
         new = _write(self.path, base, rows, old=self, progress=False, chunk_size=4096)
         self._reset(new.manifest)
+        return self
+
+    # ---- approximate Arrow index ------------------------------------------------------------------
+    @property
+    def revision(self) -> str | None:
+        return self.manifest.get("revision")
+
+    def uids(self) -> np.ndarray:
+        """[N] stable adapter ids (row order)."""
+        return np.array([int(e.get("uid", i)) for i, e in enumerate(self.adapters)], dtype=np.int64)
+
+    def uid_to_row(self) -> np.ndarray:
+        uids = self.uids()
+        table = np.zeros(int(uids.max()) + 1, dtype=np.int64)
+        table[uids] = np.arange(len(uids))
+        return table
+
+    def arrow_meta_exists(self) -> bool:
+        return read_arrow_meta(self.path) is not None
+
+    def has_arrow_index(self) -> bool:
+        """True when ``arrow_index/`` exists and was built for this exact revision."""
+        meta = read_arrow_meta(self.path)
+        return bool(meta) and meta.get("revision") == self.revision and meta.get("modules") == self.modules
+
+    def arrow_indexes(self, mmap: bool = True) -> dict[str, Any]:
+        """FAISS index per module (raises LibraryFormatError when missing or stale)."""
+        if not mmap:
+            import faiss
+
+            self.arrow_indexes(mmap=True)  # validates revision first
+            return {m: faiss.read_index(str(self.path / ARROW_DIR / f"{i}.faiss"))
+                    for i, m in enumerate(self.modules)}
+        if self._arrow is None:
+            self._arrow = load_module_indexes(self.path, self.modules, str(self.revision))
+        return self._arrow
+
+    def arrow_search(self, module: str, nprobe: int = DEFAULT_NPROBE) -> FaissArrow:
+        return FaissArrow(self.arrow_indexes()[module], self.uid_to_row(), nprobe)
+
+    def build_arrow_index(self, nlist: int | None = None) -> AdapterLibrary:
+        """(Re)build the approximate Arrow index for the current revision, atomically. Returns self."""
+        uids = self.uids()
+        indexes = {m: build_module_index(self.tensors(m).proto.float().numpy(), uids, nlist)
+                   for m in self.modules}
+        staging = self.path / f".staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            save_arrow_index(staging, self.modules, indexes, str(self.revision))
+            replace_dir(staging / ARROW_DIR, self.path / ARROW_DIR)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._arrow = None
         return self
 
     def _reset(self, manifest: dict[str, Any]) -> None:
@@ -296,6 +390,7 @@ class AdapterLibrary:
         """Drop memory maps (tensors already handed out stay valid)."""
         self._handle = None
         self._tensors = {}
+        self._arrow = None
 
     def _spec(self) -> BaseModelSpec:
         base = self.manifest["base_model"]
@@ -309,7 +404,7 @@ class AdapterLibrary:
     def info(self) -> dict[str, Any]:
         """Summary for ``lag inspect``: adapters, ranks, modules, dtype, size on disk."""
         ranks = [int(e["rank"]) for e in self.adapters]
-        size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         return {
             "path": str(self.path),
             "kind": self.kind,
@@ -320,6 +415,7 @@ class AdapterLibrary:
             "module_patterns": module_patterns(self.modules),
             "dtype": self.manifest["dtype"],
             "size_bytes": size,
+            "arrow_index": self.has_arrow_index(),
             "base_model": self.fingerprint,
         }
 
@@ -431,9 +527,15 @@ def _lock(out: Path) -> Iterator[None]:
 
 
 def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLibrary | None, progress: bool,
-           chunk_size: int) -> AdapterLibrary:
+           chunk_size: int, arrow_index: bool | None = None) -> AdapterLibrary:
     """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename."""
     old_modules = set(old.modules) if old is not None else set()
+    next_uid = int(base.get("next_uid", 0))
+    for row in rows:  # stable ids (approximate Arrow index ids survive add / remove)
+        if row.entry.get("uid") is None:
+            row.entry["uid"] = next_uid
+            next_uid += 1
+    base = {**base, "next_uid": max(next_uid, max(int(r.entry["uid"]) for r in rows) + 1)}
     # Adapters kept from the old library: entries may need an explicit module list if modules were added.
     for row in rows:
         if row.old_index is not None and row.entry.get("modules") is None:
@@ -449,6 +551,9 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
     plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None},
                       sort_keys=True, default=str)
     digest = hashlib.sha256(plan.encode()).hexdigest()
+    # The revision names this content; it is also stamped in the tensor file's header, so a reader can
+    # tell a manifest and tensors from two different writes apart (see load()).
+    manifest["revision"] = digest[:32]
     partial = out.parent / f".{out.name}.partial"
     with _lock(out):
         done = _resume_point(partial, digest)
@@ -458,7 +563,7 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
             atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0})
         shapes = {m: (v["out_features"], v["in_features"]) for m, v in modules.items()}
         writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, DTYPES[manifest["dtype"]],
-                              create=done == 0)
+                              create=done == 0, metadata={"revision": manifest["revision"]})
         bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
                    disable=not progress)
         try:
@@ -477,12 +582,37 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         finally:
             bar.close()
         writer.close()
+        _write_arrow_index(partial, manifest, rows, old, arrow_index)
         atomic_write_json(partial / MANIFEST, manifest)
         (partial / "progress.json").unlink()
         if old is not None:
             old.close()
         replace_dir(partial, out)
     return AdapterLibrary.load(out)
+
+
+def _write_arrow_index(folder: Path, manifest: dict[str, Any], rows: list[_Row], old: AdapterLibrary | None,
+                       wanted: bool | None) -> None:
+    """Keep the approximate Arrow index consistent: update the old one incrementally, or build one when
+    asked (``wanted=True``) or when the library is large (``None`` and N >= ARROW_INDEX_MIN)."""
+    modules = list(manifest["modules"])
+    n = len(rows)
+    old_ok = old is not None and old.has_arrow_index() and old.modules == modules
+    if wanted is False or (wanted is None and not old_ok and n < ARROW_INDEX_MIN):
+        return
+    lib = AdapterLibrary(folder, manifest)  # read the freshly written prototypes
+    uids = np.array([int(r.entry["uid"]) for r in rows], dtype=np.int64)
+    if old_ok and wanted is not False:
+        new_rows = [i for i, r in enumerate(rows) if r.old_index is None]
+        removed = set(old.uids().tolist()) - set(uids.tolist())
+        indexes = {}
+        for module, index in old.arrow_indexes(mmap=False).items():
+            protos = lib.tensors(module).proto[new_rows].float().numpy() if new_rows else None
+            indexes[module] = update_index(index, (protos, uids[new_rows]) if new_rows else None, removed)
+    else:
+        indexes = {m: build_module_index(lib.tensors(m).proto.float().numpy(), uids) for m in modules}
+    lib.close()
+    save_arrow_index(folder, modules, indexes, manifest["revision"])
 
 
 def _resume_point(partial: Path, digest: str) -> int:

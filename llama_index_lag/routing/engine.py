@@ -6,26 +6,34 @@ Shapes: T tokens, N adapters, n in-features, m out-features, r rank, B sequences
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from .dispatch import expand_pairs, project_all, project_pairs
-from .scores import arrow_scores, arrow_select, lag_select, spectr_select
+from .scores import arrow_scores, arrow_topk, arrow_weights, lag_rerank, spectr_select
 
 
 @dataclass(frozen=True)
 class PoolTensors:
     """One library's aligned adapters at one module."""
 
-    protos: torch.Tensor  # [N, n] Arrow prototypes (resident)
+    protos: torch.Tensor  # [N, n] Arrow prototypes (resident, or memory-mapped when an index serves Arrow)
     A: torch.Tensor  # [N, r, n] A* (may be memory-mapped)
     B: torch.Tensor  # [N, m, r] B* (may be memory-mapped)
     valid: torch.Tensor | None = None  # [N] bool: adapters that adapt this module (None: all)
+    index: Any = None  # approximate Arrow search: .search(x, k, nprobe) -> (top [T, k], rows [T, k])
 
     @property
     def n_adapters(self) -> int:
         return self.A.shape[0]
+
+    def arrow(self, x: torch.Tensor, k: int, approximate: bool = False,
+              nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arrow retrieval (scores [T, k], rows [T, k]): from the index when asked and present, else exact."""
+        if approximate and self.index is not None:
+            return self.index.search(x, min(k, self.n_adapters), nprobe)
+        return arrow_topk(x, self.protos, k, self.valid)
 
 
 class Routed(NamedTuple):
@@ -37,15 +45,22 @@ class Routed(NamedTuple):
 def route_tokens(
     x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
     temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
+    approximate: bool = False, nprobe: int | None = None,
 ) -> Routed:
-    """Per-token routing of x [T, n] through one library at one module."""
+    """Per-token routing of x [T, n] through one library at one module.
+
+    ``approximate``: Arrow candidates come from the library's FAISS index (``t.index``) instead of an
+    exact scan of all N prototypes.
+    """
     if mode == "lag":
-        winner, proj, kept = lag_select(x, t.protos, t.A, k, t.valid, strategy, margin)  # [T], [T, r], [T]
+        top, cand = t.arrow(x, k, approximate, nprobe)  # [T, k]
+        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin)  # [T], [T, r], [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
-        idx, w = arrow_select(x, t.protos, arrow_top_k, temperature, t.valid)  # [T, k], [T, k]
+        top, idx = t.arrow(x, arrow_top_k, approximate, nprobe)  # [T, k]
         proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
-        return Routed(expand_pairs(proj, t.B, idx, None if idx.shape[1] == 1 else w), idx[:, 0])
+        w = None if idx.shape[1] == 1 else arrow_weights(top, temperature).to(x.dtype)
+        return Routed(expand_pairs(proj, t.B, idx, w), idx[:, 0])
     if mode == "spectr":
         idx, proj = spectr_select(x, t.A, spectr_top_k, t.valid)  # [T, k], [T, k, r]
         if idx.shape[1] == 1:
@@ -66,7 +81,7 @@ def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: tor
 
 def sequence_scores(
     x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, mode: str, how: str, *, k: int = 20,
-    strategy: str = "auto",
+    strategy: str = "auto", approximate: bool = False, nprobe: int | None = None,
 ) -> torch.Tensor:
     """Aggregate per-token scores over each sequence. x [B, S, n], mask [B, S] -> [B, N].
 
@@ -78,15 +93,15 @@ def sequence_scores(
     flat = x.reshape(-1, n)  # [T, n]
     N = t.n_adapters
     if how == "vote":
-        chosen = route_tokens(flat, t, mode, k=k, strategy=strategy).chosen  # [T]
+        chosen = route_tokens(flat, t, mode, k=k, strategy=strategy, approximate=approximate,
+                              nprobe=nprobe).chosen  # [T]
         cand, score = chosen[:, None], torch.ones(flat.shape[0], 1)
     else:
         everyone = torch.arange(N).expand(flat.shape[0], N)  # [T, N]
         if mode == "spectr":
             cand, score = everyone, project_all(flat, t.A).float().norm(dim=-1)  # [T, N]
         elif mode == "lag":
-            arrow = arrow_scores(flat, t.protos, t.valid)  # [T, N]
-            cand = arrow.topk(min(k, N), dim=-1).indices  # [T, k]
+            cand = t.arrow(flat, k, approximate, nprobe)[1]  # [T, k]
             score = project_pairs(flat, t.A, cand, strategy).float().norm(dim=-1)  # [T, k]
         else:  # arrow
             cand, score = everyone, arrow_scores(flat, t.protos, t.valid).float().clamp_min(0)

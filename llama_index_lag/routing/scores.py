@@ -1,6 +1,10 @@
 """Routing scores and selections: pure tensor functions (no modules, no I/O).
 
 Shapes: T tokens (batch x sequence flattened), N adapters, n in-features, m out-features, r rank, k candidates.
+
+Arrow retrieval yields candidates ``(top [T, k] scores, cand [T, k] adapter rows)`` — exactly
+(:func:`arrow_topk`) or from an approximate index (``library.arrow_index.FaissArrow.search``, same contract);
+the selections below take those candidates.
 """
 
 from __future__ import annotations
@@ -22,18 +26,29 @@ def arrow_scores(x: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor | No
     return scores
 
 
+def arrow_topk(x: torch.Tensor, protos: torch.Tensor, k: int,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Arrow retrieval: (scores [T, k] descending, adapter rows [T, k]); k is clamped to N."""
+    scores = arrow_scores(x, protos, valid)  # [T, N]
+    return scores.topk(min(k, scores.shape[-1]), dim=-1)
+
+
+def arrow_weights(top: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(score / temperature) over the kept candidates [T, k] (weight 1 for top-1).
+
+    With k=1 this is hard Arrow top-1 (the LAG paper's baseline); with k>1 PEFT's
+    ``ArrowConfig(top_k, router_temperature)`` soft routing.
+    """
+    return torch.softmax(top.float() / temperature, dim=-1)
+
+
 def arrow_select(
     x: torch.Tensor, protos: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow top-k: candidates [T, k] and softmax(score / temperature) weights [T, k] over the kept ones.
-
-    With top_k=1 the weight is 1: hard Arrow top-1 (the LAG paper's baseline). With top_k>1 it is PEFT's
-    ``ArrowConfig(top_k, router_temperature)`` soft routing.
-    """
-    scores = arrow_scores(x, protos, valid)  # [T, N]
-    top, idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1)  # [T, k]
-    return idx, torch.softmax(top.float() / temperature, dim=-1).to(x.dtype)
+    """Arrow top-k with exact retrieval: candidates [T, k] and their softmax weights [T, k]."""
+    top, idx = arrow_topk(x, protos, top_k, valid)
+    return idx, arrow_weights(top, temperature).to(x.dtype)
 
 
 def spectr_select(
@@ -51,24 +66,24 @@ def spectr_select(
     return idx, proj.gather(1, idx[..., None].expand(-1, -1, proj.shape[-1]))
 
 
-def lag_select(
-    x: torch.Tensor, protos: torch.Tensor, A: torch.Tensor, k: int, valid: torch.Tensor | None = None,
+def lag_rerank(
+    x: torch.Tensor, A: torch.Tensor, top: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor | None = None,
     strategy: str = "auto", margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """LAG: Arrow keeps the top-k adapters, SpectR picks the one with the largest ||A*_i x|| among them.
+    """SpectR among Arrow's candidates: the candidate with the largest ||A*_i x|| wins.
 
-    x [T, n], protos [N, n], A [N, r, n] -> (winner [T], proj [T, r] = A*_winner x (reused by the caller to
-    apply the adapter), candidates per token [T] or None). k=1 is Arrow top-1; k=N is SpectR top-1.
+    x [T, n], A [N, r, n], Arrow's (top, cand) [T, k] -> (winner [T], proj [T, r] = A*_winner x (reused by
+    the caller to apply the adapter), candidates kept per token [T] or None).
 
-    ``margin`` (dynamic k): of the top-k, keep only candidates whose Arrow score is at least
-    ``margin x`` the token's best score, so confident tokens rerank few adapters and ambiguous ones many.
+    ``margin`` (dynamic k): keep only candidates whose Arrow score is at least ``margin x`` the token's best
+    score, so confident tokens rerank few adapters and ambiguous ones many.
     """
-    scores = arrow_scores(x, protos, valid)  # [T, N]
-    top, cand = scores.topk(min(k, scores.shape[-1]), dim=-1)  # [T, k] (sorted)
     proj = project_pairs(x, A, cand, strategy)  # [T, k, r]
     norms = proj.float().norm(dim=-1)  # [T, k]
+    invalid = top < 0  # padded / missing candidates (approximate search)
     if valid is not None:
-        norms.masked_fill_(~valid[cand], -1.0)
+        invalid |= ~valid[cand]
+    norms.masked_fill_(invalid, -1.0)
     kept = None
     if margin is not None:
         keep = top >= margin * top[:, :1]  # [T, k]; the best candidate is always kept
@@ -77,3 +92,13 @@ def lag_select(
     best = norms.argmax(dim=-1, keepdim=True)  # [T, 1]
     winner = cand.gather(1, best).squeeze(1)  # [T]
     return winner, proj.gather(1, best[..., None].expand(-1, -1, proj.shape[-1])).squeeze(1), kept
+
+
+def lag_select(
+    x: torch.Tensor, protos: torch.Tensor, A: torch.Tensor, k: int, valid: torch.Tensor | None = None,
+    strategy: str = "auto", margin: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """LAG with exact Arrow retrieval: Arrow keeps the top-k, SpectR picks one. k=1 is Arrow top-1; k=N is
+    SpectR top-1. See :func:`lag_rerank` for the outputs."""
+    top, cand = arrow_topk(x, protos, k, valid)  # [T, k]
+    return lag_rerank(x, A, top, cand, valid, strategy, margin)

@@ -1,0 +1,173 @@
+"""Large-library features: approximate (FAISS) Arrow retrieval stored with the library, incremental
+add/remove, stale-index handling, memory-mapped adapters and concurrent readers."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from llama_index_lag import AdapterLibrary, LAGConfig, attach_lag
+from llama_index_lag.errors import LibraryFormatError
+from llama_index_lag.routing.engine import route_tokens
+from llama_index_lag.testing import make_lora_adapters
+
+from .conftest import MLP
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 64, 11, 300, 2, 77]])
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    from llama_index_lag.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("big")
+    model = make_tiny_model("llama", seed=0)
+    dirs = make_lora_adapters(model, root / "ad", 160, rank=2, target_modules=MLP, seed=5)
+    return model, dirs, root
+
+
+def _x(n: int, T: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(T, n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_index_built_at_compile_and_exact_when_all_lists_probed(big, tmp_path):
+    model, dirs, _ = big
+    lib = AdapterLibrary.compile(dirs[:120], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False, arrow_index=True)
+    assert lib.has_arrow_index() and lib.info()["arrow_index"]
+    module = lib.modules[0]
+    search = lib.arrow_search(module)
+    nlist = lib.arrow_indexes()[module].nlist
+    x = _x(lib.module_shape(module)[1])
+    t = lib.tensors(module)
+    exact_top, exact_rows = (x @ t.proto.T).abs().topk(10, dim=-1)
+    top, rows = search.search(x, 10, nprobe=nlist)  # every list probed: exact up to float16 storage
+    assert torch.allclose(top, exact_top, atol=2e-3)
+    agree = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(rows, exact_rows)])
+    assert agree >= 0.95
+    top_few, _ = search.search(x, 10, nprobe=1)  # one list: approximate, never better than exact
+    assert (top_few <= exact_top + 2e-3).all()
+
+
+def test_add_and_remove_update_the_index_incrementally(big, tmp_path):
+    model, dirs, _ = big
+    lib = AdapterLibrary.compile(dirs[:100], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False, arrow_index=True)
+    before = lib.revision
+    lib.add(dirs[100:130])
+    assert lib.revision != before and lib.has_arrow_index()
+    index = lib.arrow_indexes()[lib.modules[0]]
+    assert index.ntotal == 130
+    lib.remove([d.name for d in dirs[10:40]])
+    assert len(lib) == 100 and lib.has_arrow_index()
+    module = lib.modules[1]
+    index = lib.arrow_indexes()[module]
+    assert index.ntotal == 100
+    x = _x(lib.module_shape(module)[1], seed=3)
+    t = lib.tensors(module)
+    exact_top, exact_rows = (x @ t.proto.T).abs().topk(5, dim=-1)
+    top, rows = lib.arrow_search(module).search(x, 5, nprobe=index.nlist)
+    assert torch.allclose(top, exact_top, atol=2e-3)
+    removed = {lib.index(d.name) for d in dirs[:5]}  # rows are valid positions of the current library
+    assert rows.max() < len(lib) and removed <= set(range(len(lib)))
+    fresh = AdapterLibrary.compile([*dirs[:10], *dirs[40:130]], kind="knowledge", base_model=model,
+                                   out=tmp_path / "fresh", progress=False)
+    assert fresh.names == lib.names
+    assert torch.equal(fresh.tensors(module).proto, lib.tensors(module).proto)
+
+
+def test_approximate_routing_equals_exact_when_all_lists_probed(big, tmp_path):
+    model, dirs, _ = big
+    lib = AdapterLibrary.compile(dirs[:150], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False, arrow_index=True)
+    router = attach_lag(model, lib, LAGConfig(mode="lag", k=8))
+    assert router.pools["knowledge"].indexed
+    module = lib.modules[0]
+    t = router.pools["knowledge"].tensors(module)
+    assert t.index is not None
+    x = _x(lib.module_shape(module)[1], seed=7)
+    exact = route_tokens(x, t, "lag", k=8)
+    approx = route_tokens(x, t, "lag", k=8, approximate=True, nprobe=10_000)
+    assert (exact.chosen == approx.chosen).float().mean() >= 0.95
+    with torch.no_grad():
+        with router.using(arrow_backend="exact"):
+            ref = model(IDS).logits
+        with router.using(nprobe=10_000):
+            got = model(IDS).logits
+    router.detach()
+    assert torch.allclose(got, ref, atol=1e-2)
+
+
+def test_stale_or_missing_index_is_never_used_silently(big, tmp_path, caplog):
+    model, dirs, _ = big
+    lib = AdapterLibrary.compile(dirs[:60], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False, arrow_index=True)
+    old_index = shutil.copytree(tmp_path / "lib" / "arrow_index", tmp_path / "old_index")
+    lib.add(dirs[60:70])  # new revision; now plant the old index back
+    shutil.rmtree(tmp_path / "lib" / "arrow_index")
+    shutil.copytree(old_index, tmp_path / "lib" / "arrow_index")
+    lib = AdapterLibrary.load(tmp_path / "lib")
+    assert not lib.has_arrow_index()
+    with pytest.raises(LibraryFormatError, match="stale"):
+        attach_lag(model, lib, LAGConfig(arrow_backend="faiss"))
+    with caplog.at_level(logging.WARNING):
+        router = attach_lag(model, lib, LAGConfig())
+    assert "stale" in caplog.text and not router.pools["knowledge"].indexed
+    router.detach()
+    lib.build_arrow_index()
+    assert lib.has_arrow_index()
+    shutil.rmtree(tmp_path / "lib" / "arrow_index")
+    with pytest.raises(LibraryFormatError, match="missing"):
+        attach_lag(model, AdapterLibrary.load(tmp_path / "lib"), LAGConfig(arrow_backend="faiss"))
+
+
+def test_indexed_pool_keeps_prototypes_memory_mapped(big, tmp_path):
+    model, dirs, _ = big
+    lib = AdapterLibrary.compile(dirs[:50], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False, arrow_index=True)
+    router = attach_lag(model, lib)
+    t = router.pools["knowledge"].tensors(lib.modules[0])
+    mapped = lib.tensors(lib.modules[0])
+    assert t.protos.data_ptr() == mapped.proto.data_ptr() and t.A.data_ptr() == mapped.A.data_ptr()
+    router.detach()
+    plain = AdapterLibrary.compile(dirs[:50], kind="knowledge", base_model=model, out=tmp_path / "plain",
+                                   progress=False)
+    router = attach_lag(model, plain)
+    t = router.pools["knowledge"].tensors(plain.modules[0])
+    assert t.protos.data_ptr() != plain.tensors(plain.modules[0]).proto.data_ptr()  # resident copy
+    assert t.A.data_ptr() == plain.tensors(plain.modules[0]).A.data_ptr()  # A* stays mapped
+    router.detach()
+
+
+def test_concurrent_readers_during_updates(big, tmp_path):
+    model, dirs, _ = big
+    AdapterLibrary.compile(dirs[:20], kind="knowledge", base_model=model, out=tmp_path / "lib", progress=False)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                lib = AdapterLibrary.load(tmp_path / "lib")  # checks manifest against tensor shapes
+                t = lib.tensors(lib.modules[0])
+                assert t.A.shape[0] == len(lib)
+                float(t.A[-1].abs().sum())  # touch the mapped pages
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    [t.start() for t in threads]
+    writer = AdapterLibrary.load(tmp_path / "lib")
+    for i in range(3):
+        writer.add(dirs[20 + 5 * i: 25 + 5 * i])
+        writer.remove([dirs[20 + 5 * i].name])
+    stop.set()
+    [t.join() for t in threads]
+    assert not errors, errors[0]
+    assert len(AdapterLibrary.load(tmp_path / "lib")) == 32
