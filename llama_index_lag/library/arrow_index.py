@@ -35,7 +35,8 @@ def _faiss() -> Any:
 
 
 def default_nlist(n: int) -> int:
-    return int(min(65536, max(16, 4 * math.sqrt(n))))
+    """About 4 sqrt(N) lists, with >= 40 training points per list (FAISS' k-means minimum)."""
+    return int(max(1, min(65536, 4 * math.sqrt(n), n // 40)))
 
 
 def build_module_index(protos: np.ndarray, uids: np.ndarray, nlist: int | None = None, seed: int = 0) -> Any:

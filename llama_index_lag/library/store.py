@@ -104,6 +104,7 @@ class _Row:
     entry: dict[str, Any]
     header: AdapterHeader | None = None  # new adapter, aligned from its PEFT folder
     old_index: int | None = None  # existing adapter, copied from the current library
+    generate: Any = None  # already-aligned factors: generate(module, rows [K]) -> (A* [K, r, n], B* [K, m, r])
 
 
 class AdapterLibrary:
@@ -293,6 +294,49 @@ class AdapterLibrary:
             "base_model": {"fingerprint": spec.fingerprint(),
                            "linear_modules": {k: list(v) for k, v in spec.linear.items()}},
         }
+        return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
+                      arrow_index=arrow_index)
+
+    @classmethod
+    def from_aligned(
+        cls,
+        names: Sequence[str],
+        generate: Any,
+        *,
+        kind: Kind,
+        base_model: Any,
+        modules: Sequence[str],
+        rank: int,
+        out: str | Path,
+        dtype: str | torch.dtype = "float32",
+        source: str = "generated",
+        progress: bool = True,
+        chunk_size: int = 1024,
+        arrow_index: bool | None = None,
+    ) -> AdapterLibrary:
+        """Write a library from factors that are already aligned (A* with orthonormal rows, B* = U S).
+
+        ``generate(module, rows)`` returns ``(A* [K, rank, n], B* [K, m, rank])`` for library rows ``rows``
+        [K]; used by the scale benchmark to synthesise large libraries, and for converting other formats.
+        """
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
+        torch_dtype = parse_dtype(dtype)
+        spec = BaseModelSpec.resolve(base_model)
+        missing = [m for m in modules if m not in spec.linear]
+        if missing:
+            raise IncompatibleAdapterError("module is not a Linear of the base model", module=missing[0],
+                                           field="modules")
+        rows = [_Row({"name": check_adapter_name(name), "doc_id": name, "source": source, "sha256": None,
+                      "rank": rank, "lora_alpha": None, "use_rslora": False, "target_modules": None,
+                      "modules": list(modules), "base_model_name_or_path": None}, generate=generate)
+                for name in names]
+        if not rows:
+            raise LibraryError("no adapters given: a library needs at least one adapter")
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+                    "dtype": dtype_name(torch_dtype),
+                    "base_model": {"fingerprint": spec.fingerprint(),
+                                   "linear_modules": {k: list(v) for k, v in spec.linear.items()}}}
         return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
                       arrow_index=arrow_index)
 
@@ -630,7 +674,11 @@ def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: di
     """Align new adapters (batched per module) and copy kept ones, for rows ``start:start+len(chunk)``."""
     new = [(start + i, row, load_weights(row.header)) for i, row in enumerate(chunk) if row.header is not None]
     kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
+    made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None], dtype=torch.long)
     for module in modules:
+        if made.numel():
+            a_star, b_star = chunk[0].generate(module, made)
+            writer.write_rows(module, made, a_star, b_star, a_star[:, 0])
         with_module = [(idx, w[module]) for idx, _, w in new if module in w]
         if with_module:
             ranks = torch.tensor([w.rank for _, w in with_module])
