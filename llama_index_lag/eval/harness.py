@@ -1,0 +1,1100 @@
+"""The evaluation harness behind ``lag eval``: answer every question in every mode, score, report.
+
+Modes (``--modes``), each measured on the prompts the LlamaIndex pipeline itself sends:
+
+==========  ==========================  ===============================================================
+mode        prompt                      adapters
+==========  ==========================  ===============================================================
+none        question only               off
+arrow       question only               Arrow top-1 per token over every attached library
+spectr      question only               SpectR per token over every attached library
+lag         question only               LAG (Arrow top-k, SpectR rerank) over every attached library
+oracle      question only               the gold document's knowledge adapter (+ the question's task
+                                        adapter when task libraries are attached and mapped)
+rag         top documents in the prompt off
+rag+lag     top documents in the prompt LAG over every attached library
+prag        question only               the top retrieved document's knowledge adapter (fixed)
+prag+lag    question only               that adapter + LAG over the task adapters
+==========  ==========================  ===============================================================
+
+Variants of the routed modes (``arrow``, ``spectr``, ``lag``, ``rag+lag``, ``prag+lag``) add suffixes:
+``-k5`` (Arrow candidates, lag-based modes), ``-seq-mass`` / ``-seq-vote`` (sequence-level routing,
+``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates whose
+Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
+``lag-dyn0.9``, ``lag-k5-dyn0.5``. ``--sweep-k 1,2,5,N`` adds ``lag-k<k>`` modes (the paper's Fig. 3).
+
+Prompts are built with the pipeline's own objects: :func:`~llama_index_lag.pipeline.build_query_engine` makes
+the engine of the matching pipeline mode and its synthesizer's templates are formatted exactly as
+``LLM.predict`` does, then rendered by ``LAGLLM._chat_prompt``. Generation is batched (left padding, attention
+mask) per routing setting; the per-question routing summary and the routing accuracy are split out of the
+batch's routing trace (prompt tokens: routing accuracy; prompt + fed generated tokens: summary). A RAG prompt
+that would not fit one LLM call (the refine loop) falls back to ``engine.query`` for that question.
+
+Results are appended per batch (fsync'ed) to ``RESULTS_DIR/answers.jsonl`` whose header holds the run
+fingerprint (model weights, libraries, index, prompts, settings); a restart skips what is done, a changed
+fingerprint is refused (or archived with ``restart=True``). ``results.json`` / ``results.md`` / plots are
+written at the end (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError, LibraryError
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "llama-index-lag/eval-results"
+RESULTS_FORMAT_VERSION = 1
+ANSWERS_FILE = "answers.jsonl"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "results.md"
+
+BASE_MODES = ("none", "arrow", "spectr", "lag", "oracle", "rag", "rag+lag", "prag", "prag+lag")
+DEFAULT_MODES = BASE_MODES
+ROUTED_BASES = ("arrow", "spectr", "lag", "rag+lag", "prag+lag")
+LAG_BASES = ("lag", "rag+lag", "prag+lag")
+RETRIEVAL_BASES = ("rag", "rag+lag", "prag", "prag+lag")
+QA_METRICS = ("f1", "em", "contains")
+MISSING_POLICIES = ("skip", "error")
+EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's refine loop answers for an empty generation
+_SUMMARY_TOP = 5
+
+
+# ---- modes -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModeSpec:
+    """One evaluated mode.
+
+    prompt: ``question`` (the pipeline's generation synthesizer) or ``rag`` (its text-QA synthesizer with the
+    retrieved documents). knowledge: ``off``, ``routed`` (per-token / per-sequence routing), ``gold`` (oracle)
+    or ``retrieved`` (PRAG). routing: LAGConfig fields; the fixed adapters are added per question.
+    """
+
+    name: str
+    base: str
+    prompt: str
+    knowledge: str
+    routing: Mapping[str, Any]
+
+    @property
+    def retrieves(self) -> bool:
+        return self.base in RETRIEVAL_BASES
+
+    @property
+    def routes_knowledge(self) -> bool:
+        """Whether the knowledge library is routed (so routing accuracy is meaningful)."""
+        return self.knowledge == "routed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base, "prompt": self.prompt, "knowledge": self.knowledge,
+                "routing": dict(self.routing)}
+
+
+_BASE = {  # base -> (prompt, knowledge, LAGConfig mode)
+    "none": ("question", "off", "none"),
+    "arrow": ("question", "routed", "arrow"),
+    "spectr": ("question", "routed", "spectr"),
+    "lag": ("question", "routed", "lag"),
+    "oracle": ("question", "gold", "fixed"),
+    "rag": ("rag", "off", "none"),
+    "rag+lag": ("rag", "routed", "lag"),
+    "prag": ("question", "retrieved", "fixed"),
+    "prag+lag": ("question", "retrieved", "lag"),
+}
+_VARIANT = re.compile(r"^(arrow|spectr|lag|rag\+lag|prag\+lag)-(.+)$")
+_DYN = re.compile(r"^dyn(\d+(?:\.\d*)?|\.\d+)$")
+
+
+def mode_help() -> str:
+    return (f"modes: {', '.join(BASE_MODES)}; variants of {', '.join(ROUTED_BASES)} with suffixes -k<int> "
+            "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, lag-based), "
+            "e.g. lag-seq-mass, spectr-seq-mass, lag-seq-vote, lag-dyn0.9, lag-k5")
+
+
+def parse_mode(name: str, k: int = 20) -> ModeSpec:
+    """A mode name (see the module docstring) -> :class:`ModeSpec`; :class:`ConfigError` if unknown."""
+    from ..config import LAGConfig
+
+    name = str(name).strip()
+    if name in _BASE:
+        prompt, knowledge, mode = _BASE[name]
+        return ModeSpec(name, name, prompt, knowledge, {"mode": mode, "k": k})
+    match = _VARIANT.match(name)
+    if not match:
+        raise ConfigError(f"unknown mode {name!r}; {mode_help()}", field="modes")
+    base, rest = match.groups()
+    prompt, knowledge, mode = _BASE[base]
+    routing: dict[str, Any] = {"mode": mode, "k": k}
+    parts = rest.split("-")
+    seen: set[str] = set()
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if part == "seq" and i + 1 < len(parts) and parts[i + 1] in ("mass", "vote"):
+            what, value = "seq", {"granularity": "sequence", "sequence_score": parts[i + 1]}
+            i += 2
+        elif re.fullmatch(r"k\d+", part):
+            if base not in LAG_BASES:
+                raise ConfigError(f"mode {name!r}: -k applies to lag-based modes ({', '.join(LAG_BASES)})",
+                                  field="modes")
+            what, value = "k", {"k": int(part[1:])}
+            i += 1
+        elif _DYN.match(part):
+            if base not in LAG_BASES:
+                raise ConfigError(f"mode {name!r}: dynamic k (-dyn) applies to lag-based modes "
+                                  f"({', '.join(LAG_BASES)})", field="modes")
+            what, value = "dyn", {"dynamic_k": float(part[3:])}
+            i += 1
+        else:
+            raise ConfigError(f"unknown mode {name!r}: bad suffix {part!r}; {mode_help()}", field="modes")
+        if what in seen:
+            raise ConfigError(f"mode {name!r} repeats its -{what} suffix", field="modes")
+        seen.add(what)
+        routing.update(value)
+    try:
+        LAGConfig(**routing)
+    except ConfigError as exc:
+        raise ConfigError(f"mode {name!r}: {exc.message}", field="modes") from None
+    return ModeSpec(name, base, prompt, knowledge, routing)
+
+
+def parse_modes(modes: str | Sequence[str], k: int = 20) -> list[ModeSpec]:
+    """Comma-separated (or a list of) mode names -> specs, duplicates dropped, order kept."""
+    names = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m and m.strip()]
+    if not names:
+        raise ConfigError("no modes given", field="modes")
+    return [parse_mode(n, k) for n in dict.fromkeys(names)]
+
+
+def parse_sweep(text: str | Sequence[Any] | None) -> list[int | str] | None:
+    """``"1,2,5,10,20,N"`` -> ``[1, 2, 5, 10, 20, "N"]`` (``N`` = every knowledge adapter)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    out: list[int | str] = []
+    for item in items:
+        if item in ("", None):
+            continue
+        if isinstance(item, str) and item.upper() == "N":
+            out.append("N")
+            continue
+        try:
+            value = int(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--sweep-k values must be positive integers or N, got {item!r}",
+                              field="sweep_k") from None
+        if value <= 0:
+            raise ConfigError(f"--sweep-k values must be positive, got {value}", field="sweep_k")
+        out.append(value)
+    if not out:
+        raise ConfigError("--sweep-k lists no k", field="sweep_k")
+    return out
+
+
+def parse_task_map(text: str | Mapping[str, str] | None) -> dict[str, str] | None:
+    """``"qa=short_answer,fact=fact_check"`` -> ``{"qa": "short_answer", "fact": "fact_check"}``."""
+    if text is None:
+        return None
+    if isinstance(text, Mapping):
+        return {str(k): str(v) for k, v in text.items()}
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        task, sep, adapter = item.partition("=")
+        if not sep or not task.strip() or not adapter.strip():
+            raise ConfigError(f"--task-map entries are task=adapter, got {item!r}", field="task_map")
+        out[task.strip()] = adapter.strip()
+    return out
+
+
+# ---- configuration ---------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """Everything one evaluation run needs (the ``lag eval`` flags)."""
+
+    docs: str | Path
+    questions: str | Path
+    knowledge: str | Path | None
+    out: str | Path
+    task: Sequence[str | Path] = ()
+    model: str | Path | None = None
+    index: str | Path | None = None
+    embed_model: str | Path | None = None
+    modes: str | Sequence[str] = DEFAULT_MODES
+    k: int = 20
+    sweep_k: str | Sequence[Any] | None = None
+    similarity_top_k: int = 1
+    response_mode: str = "compact"
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    task_map: str | Mapping[str, str] | None = None
+    missing: str = "skip"
+    qa_metric: str = "f1"
+    seed: int = 0
+    dtype: str = "float32"
+    limit: int | None = None
+    restart: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("k", "similarity_top_k", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
+            raise ConfigError(f"limit must be a positive integer, got {self.limit!r}", field="limit")
+        if self.missing not in MISSING_POLICIES:
+            raise ConfigError(f"missing must be one of {MISSING_POLICIES}, got {self.missing!r}", field="missing")
+        if self.qa_metric not in QA_METRICS:
+            raise ConfigError(f"qa_metric must be one of {QA_METRICS}, got {self.qa_metric!r}", field="qa_metric")
+        if isinstance(self.task, (str, Path)):
+            self.task = [self.task]
+        self.task = [str(t) for t in self.task]
+        self.mode_specs = parse_modes(self.modes, self.k)
+        self.sweep = parse_sweep(self.sweep_k)
+        self.task_adapters = parse_task_map(self.task_map)
+
+    def settings(self) -> dict[str, Any]:
+        def path(p: Any) -> str | None:
+            return None if p is None else str(p)
+
+        return {
+            "docs": path(self.docs), "questions": path(self.questions), "knowledge": path(self.knowledge),
+            "task": list(self.task), "model": path(self.model), "index": path(self.index),
+            "embed_model": path(self.embed_model), "modes": [m.name for m in self.mode_specs], "k": self.k,
+            "sweep_k": self.sweep, "similarity_top_k": self.similarity_top_k, "response_mode": self.response_mode,
+            "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "task_map": self.task_adapters,
+            "missing": self.missing, "qa_metric": self.qa_metric, "seed": self.seed, "dtype": self.dtype,
+            "limit": self.limit, "decoding": "greedy",
+        }
+
+
+# ---- work items ------------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    """One (mode, question) to answer."""
+
+    mode: ModeSpec
+    question: Any  # QuestionRecord
+    order: int
+    prompt: str | None = None
+    routing: Any = None  # LAGConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    fallback: bool = False  # answered through engine.query (multi-call refine)
+    key: str = ""
+    n_prompt: int = 0
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return (self.mode.name, self.question.id)
+
+
+def _digest(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:n]
+
+
+# ---- result store ----------------------------------------------------------------------------------------
+class ResultStore:
+    """``answers.jsonl``: a header line (run fingerprint) then one line per finished (mode, question).
+
+    Appends are flushed and fsync'ed per batch; a torn last line (crash mid-write) is dropped on open. A run
+    whose fingerprint differs from the file's is refused (``restart=False``) or the old file is archived as
+    ``answers.<old fingerprint>.jsonl`` and a new one started (``restart=True``).
+    """
+
+    def __init__(self, out_dir: str | Path, fingerprint: str, parts: Mapping[str, Any], *,
+                 restart: bool = False) -> None:
+        self.dir = Path(out_dir)
+        self.path = self.dir / ANSWERS_FILE
+        self.fingerprint = fingerprint
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            header = self._load()
+            if header is not None and header.get("fingerprint") != fingerprint:
+                changed = sorted(k for k in set(parts) | set(header.get("parts", {}))
+                                 if parts.get(k) != header.get("parts", {}).get(k))
+                if not restart:
+                    raise ConfigError(
+                        f"{self.path} holds results of another configuration (changed: {', '.join(changed) or '?'}); "
+                        "they would mix with this run's. Use another --out folder, or --restart to archive the "
+                        "old answers and start over", path=self.path, field="fingerprint")
+                archived = self.dir / f"answers.{header.get('fingerprint', 'old')}.jsonl"
+                os.replace(self.path, archived)
+                logger.warning("configuration changed (%s): old answers archived as %s, starting over",
+                               ", ".join(changed) or "?", archived)
+                self.records.clear()
+            elif header is None:
+                self.records.clear()
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._append([{"type": "header", "format": RESULTS_FORMAT, "fingerprint": fingerprint,
+                           "parts": dict(parts), "created": time.strftime("%Y-%m-%d %H:%M:%S")}])
+
+    def _load(self) -> dict[str, Any] | None:
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):  # torn last line: drop it before appending
+            keep = raw[: raw.rfind(b"\n") + 1]
+            logger.warning("dropping an incomplete last line of %s (interrupted write)", self.path)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(len(keep))
+            raw = keep
+        header = None
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"corrupt results line: {exc.msg}", path=self.path, line=lineno) from None
+            if obj.get("type") == "header":
+                header = obj
+            elif obj.get("type") == "answer":
+                self.records[(obj["mode"], obj["qid"])] = obj
+        if header is None and self.records:
+            raise DataError("results file has no header line", path=self.path)
+        return header
+
+    def done(self, item: _Item) -> bool:
+        rec = self.records.get(item.id)
+        return rec is not None and rec.get("key") == item.key
+
+    def _append(self, objs: Sequence[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in objs)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def add(self, records: Sequence[dict[str, Any]]) -> None:
+        objs = [{"type": "answer", **r} for r in records]
+        self._append(objs)
+        for o in objs:
+            self.records[(o["mode"], o["qid"])] = o
+
+
+# ---- the harness -----------------------------------------------------------------------------------------
+class EvalHarness:
+    """Plans, runs (resumably) and collects one evaluation. ``run()`` returns the results dict.
+
+    ``llm`` (a :class:`~llama_index_lag.llm.LAGLLM` with the knowledge and task libraries attached),
+    ``index`` (a loaded VectorStoreIndex) and ``embed_model`` may be passed to reuse loaded objects.
+    """
+
+    def __init__(self, config: EvalConfig, *, llm: Any = None, index: Any = None, embed_model: Any = None,
+                 progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self._llm_in, self._index_in, self._embed_in = llm, index, embed_model
+        self._prepared = False
+        self._enc_cache: dict[str, Any] = {}
+
+    # ---- preparation ----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Read and check data, load model / libraries / index, build the pipeline engines and the plan."""
+        if self._prepared:
+            return
+        self._setup()
+        self.items = self._plan()
+        self._prepared = True
+
+    def _setup(self) -> None:
+        """Everything but the plan (retrieval, prompts): enough for the run fingerprint."""
+        if getattr(self, "fingerprint", None) is not None:
+            return
+        from ..data import read_documents, read_questions
+
+        cfg = self.config
+        self.documents = read_documents(cfg.docs)
+        questions = read_questions(cfg.questions)  # empty answers lists: DataError naming file and line
+        self.specs = list(cfg.mode_specs)
+        self.llm = self._load_llm()
+        router = self.llm.router
+        if router is None or "knowledge" not in router.pools:
+            raise ConfigError("the evaluation needs a knowledge library (--knowledge)", field="knowledge")
+        self.router = router
+        self.knowledge_names = router.names("knowledge")
+        self.doc_to_adapter = {d: a for lib in router.libraries["knowledge"] for d, a in lib.doc_ids().items()}
+        self.questions, self.skipped = self._check_questions(questions)
+        if cfg.limit:
+            self.questions = self.questions[: cfg.limit]
+        self.sweep_points = self._sweep_points()
+        self.task_adapter = self._task_adapters()
+        self.tasks = _task_info(self.questions)
+        if any(s.retrieves for s in self.specs):
+            if cfg.index is None and self._index_in is None:
+                raise ConfigError("modes " + ", ".join(s.name for s in self.specs if s.retrieves)
+                                  + " retrieve documents: pass --index (a folder from `lag index`)", field="index")
+        self._build_engines()
+        self.fingerprint_parts = self._fingerprint_parts()
+        self.fingerprint = _digest(self.fingerprint_parts)
+
+    def _load_llm(self) -> Any:
+        from ..config import LAGConfig
+        from ..library import AdapterLibrary
+        from ..llm import LAGLLM
+
+        cfg = self.config
+        if self._llm_in is not None:
+            llm = self._llm_in
+        else:
+            if cfg.knowledge is None:
+                raise ConfigError("the evaluation needs a knowledge library (--knowledge)", field="knowledge")
+            know = AdapterLibrary.load(cfg.knowledge)
+            if know.kind != "knowledge":
+                raise ConfigError(f"--knowledge is a {know.kind} library", field="knowledge", path=cfg.knowledge)
+            tasks = [AdapterLibrary.load(p) for p in cfg.task]
+            for lib, p in zip(tasks, cfg.task):
+                if lib.kind != "task":
+                    raise ConfigError(f"--task {p} is a {lib.kind} library", field="task", path=p)
+            # attach_lag checks every library against the model: IncompatibleLibraryError surfaces here
+            llm = LAGLLM(cfg.model, libraries=[know, *tasks], lag_config=LAGConfig(mode="none"), dtype=cfg.dtype)
+        return llm.model_copy(update={"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
+
+    def _check_questions(self, questions: list[Any]) -> tuple[list[Any], list[dict[str, str]]]:
+        doc_ids = {d.id for d in self.documents}
+        kept, skipped = [], []
+        for q in questions:
+            if q.doc_id not in doc_ids:
+                skipped.append({"id": q.id, "doc_id": q.doc_id, "reason": "doc_id not in the documents"})
+            elif q.doc_id not in self.doc_to_adapter:
+                skipped.append({"id": q.id, "doc_id": q.doc_id, "reason": "no adapter in the knowledge library"})
+            else:
+                kept.append(q)
+        if skipped:
+            listing = "; ".join(f"{s['id']} ({s['doc_id']}: {s['reason']})" for s in skipped[:20])
+            more = f"; ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+            if self.config.missing == "error":
+                raise DataError(f"{len(skipped)} question(s) cannot be evaluated: {listing}{more} "
+                                "(--missing skip evaluates the others)", path=self.config.questions,
+                                field="doc_id")
+            logger.warning("skipping %d question(s) whose gold document cannot be used: %s%s", len(skipped),
+                           listing, more)
+        if not kept:
+            raise DataError("no question left to evaluate (every gold document is missing or has no adapter)",
+                            path=self.config.questions, field="doc_id")
+        return kept, skipped
+
+    def _sweep_points(self) -> list[dict[str, Any]] | None:
+        cfg = self.config
+        if not cfg.sweep:
+            return None
+        n = len(self.knowledge_names)
+        names = {s.name for s in self.specs}
+        points: dict[int, str] = {}
+        for value in cfg.sweep:
+            k = n if value == "N" else min(int(value), n)
+            points.setdefault(k, "N" if k == n else str(k))
+        out = []
+        for k in sorted(points):
+            name = "lag" if k == cfg.k and "lag" in names else f"lag-k{k}"
+            if name not in names:
+                self.specs.append(parse_mode(name, cfg.k))
+                names.add(name)
+            out.append({"k": k, "label": points[k], "mode": name})
+        return out
+
+    def _task_adapters(self) -> dict[str, str]:
+        pool = self.router.pools.get("task")
+        task_names = set(pool.names) if pool is not None else set()
+        tasks = sorted({q.task for q in self.questions})
+        mapping = self.config.task_adapters
+        if mapping is None:
+            return {t: t for t in tasks if t in task_names}
+        if pool is None:
+            raise ConfigError("--task-map given but no task library is attached (--task)", field="task_map")
+        unknown = {t: a for t, a in mapping.items() if a not in task_names}
+        if unknown:
+            raise ConfigError(f"--task-map names adapters not in the task libraries: {unknown}; "
+                              f"task adapters: {sorted(task_names)}", field="task_map")
+        unmapped = [t for t in tasks if t not in mapping]
+        if unmapped:
+            logger.warning("no task adapter mapped for task(s) %s: their oracle uses the knowledge adapter only",
+                           unmapped)
+        return {t: a for t, a in mapping.items() if t in tasks}
+
+    def _build_engines(self) -> None:
+        from ..pipeline import LAGPipelineConfig, build_query_engine
+
+        cfg = self.config
+        base = dict(model=None if cfg.model is None else str(cfg.model), k=cfg.k,
+                    similarity_top_k=cfg.similarity_top_k, response_mode=cfg.response_mode,
+                    max_new_tokens=cfg.max_new_tokens, knowledge=str(cfg.knowledge or "knowledge"),
+                    task=list(cfg.task), index=None if cfg.index is None else str(cfg.index), dtype=cfg.dtype)
+        if self._index_in is not None and base["index"] is None:
+            base["index"] = "<given>"
+        needs = {s.prompt for s in self.specs} | {"prag" for s in self.specs if s.knowledge == "retrieved"}
+        if any(s.retrieves for s in self.specs):
+            self.index = self._index_in
+            if self.index is None:
+                from ..indexing import load_index, read_index_manifest
+                from ..models import load_embed_model
+
+                embed = self._embed_in if self._embed_in is not None else load_embed_model(cfg.embed_model)
+                self.index = load_index(cfg.index, embed_model=embed)
+                indexed = set(read_index_manifest(cfg.index)["doc_ids"])
+                docs = {d.id for d in self.documents}
+                if indexed != docs:
+                    logger.warning("the index holds %d documents, --docs %d (%d in common): retrieval may not "
+                                   "match the documents", len(indexed), len(docs), len(indexed & docs))
+        else:
+            self.index = None
+        self.engines: dict[str, Any] = {}
+        for kind, mode in (("question", "none"), ("rag", "rag"), ("prag", "prag")):
+            if kind in needs:
+                pcfg = LAGPipelineConfig(mode=mode, **base)
+                self.engines[kind] = build_query_engine(pcfg, llm=self.llm, index=self.index)
+        self.view = self.engines["question" if "question" in self.engines else "rag"]._llm
+
+    def _fingerprint_parts(self) -> dict[str, Any]:
+        from .. import __version__
+
+        cfg = self.config
+        llm = self.llm
+        tok = llm.tokenizer
+        prompts = {}
+        for kind, engine in self.engines.items():
+            for name, prompt in engine._response_synthesizer.get_prompts().items():
+                prompts[f"{kind}:{name}"] = _template_text(prompt)
+        tokenizer = getattr(tok, "backend_tokenizer", None)
+        return {
+            "model": _model_digest(llm.model),
+            "tokenizer": _digest({"json": tokenizer.to_str() if tokenizer is not None else repr(tok),
+                                  "chat_template": getattr(tok, "chat_template", None),
+                                  "pad": tok.pad_token_id, "eos": tok.eos_token_id}),
+            "libraries": {kind: [_library_digest(lib) for lib in libs]
+                          for kind, libs in sorted(self.router.libraries.items())},
+            "index": _index_digest(cfg.index) if self.index is not None and cfg.index is not None else None,
+            "prompts": _digest({"templates": prompts, "system_prompt": llm.system_prompt,
+                                "chat_model": llm.chat_model, "context_window": llm.context_window}),
+            "generation": {"max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "seed": cfg.seed,
+                           "dtype": str(next(llm.model.parameters()).dtype)},
+            "settings": {"k": cfg.k, "similarity_top_k": cfg.similarity_top_k, "response_mode": cfg.response_mode,
+                         "task_map": self.task_adapter, "harness": RESULTS_FORMAT_VERSION,
+                         "package": __version__},
+        }
+
+    # ---- plan -----------------------------------------------------------------------------------------
+    def _plan(self) -> list[_Item]:
+        from llama_index.core.schema import QueryBundle
+
+        self._nodes: dict[str, list[Any]] = {}
+        self._retrieval_s: dict[str, float] = {}
+        self._prompts: dict[tuple[str, str], str | None] = {}
+        items: list[_Item] = []
+        retrieval_engine = self.engines.get("rag") or self.engines.get("prag")
+        for spec in self.specs:
+            for order, q in enumerate(self.questions):
+                item = _Item(spec, q, order)
+                if spec.retrieves and q.id not in self._nodes:
+                    start = time.perf_counter()
+                    self._nodes[q.id] = retrieval_engine.retrieve(QueryBundle(q.question))
+                    self._retrieval_s[q.id] = time.perf_counter() - start
+                self._fill(item)
+                items.append(item)
+        return items
+
+    def _fill(self, item: _Item) -> None:
+        from ..config import LAGConfig
+
+        spec, q = item.mode, item.question
+        nodes = self._nodes.get(q.id) if spec.retrieves else None
+        if nodes is not None:
+            item.meta["retrieved"] = [
+                {"doc_id": n.node.metadata.get("doc_id") or n.node.ref_doc_id, "score": round(float(n.score or 0), 6)}
+                for n in nodes]
+            item.meta["retrieval_s"] = round(self._retrieval_s.get(q.id, 0.0), 4)
+        routing = dict(spec.routing)
+        fixed: dict[str, list[str]] = {}
+        if spec.knowledge == "gold":
+            fixed["knowledge"] = [self.doc_to_adapter[q.doc_id]]
+            task_adapter = self.task_adapter.get(q.task)
+            if task_adapter is not None:
+                fixed["task"] = [task_adapter]
+        elif spec.knowledge == "retrieved":
+            try:
+                fixed["knowledge"] = [self.engines["prag"]._prag_adapter(nodes)]
+            except LibraryError as exc:  # the product fails this query: scored as a wrong answer
+                item.error = str(exc)
+        if fixed:
+            routing["fixed"] = fixed
+            item.meta["adapters"] = {kind: names[0] for kind, names in fixed.items()}
+        if item.error is None:
+            item.routing = LAGConfig(**routing)
+            item.prompt, item.fallback = self._prompt(spec.prompt, q, nodes)
+            if item.prompt is not None:
+                item.n_prompt = int(self._encode(item.prompt).shape[-1])
+        item.key = _digest({"mode": spec.to_dict(), "question": q.question, "prompt": item.prompt,
+                            "routing": item.routing.to_dict() if item.routing is not None else None,
+                            "error": item.error, "fallback": item.fallback,
+                            "retrieved": [r["doc_id"] for r in item.meta.get("retrieved") or []]})
+
+    def _prompt(self, kind: str, q: Any, nodes: list[Any] | None) -> tuple[str | None, bool]:
+        """The exact prompt string the pipeline sends to LAGLLM.complete, or (None, True) when the pipeline
+        would make several LLM calls (refine loop / other response modes): answered by ``engine.query``."""
+        key = (kind, q.id)
+        if key not in self._prompts:
+            engine = self.engines[kind]
+            if kind == "question":
+                prompt: str | None = question_prompt(engine, q.question)
+            else:
+                prompt = rag_prompt(engine, q.question, nodes or [])
+            self._prompts[key] = prompt
+        prompt = self._prompts[key]
+        return prompt, prompt is None
+
+    def _encode(self, prompt: str) -> Any:
+        if prompt not in self._enc_cache:  # LAGLLM's own tokenisation and truncation
+            self._enc_cache[prompt] = self.view._inputs(prompt, self.config.max_new_tokens)["input_ids"][0]
+        return self._enc_cache[prompt]
+
+    def batches(self, items: Sequence[_Item]) -> list[list[_Item]]:
+        """Deterministic batches over the full plan: by mode, then routing setting (fixed adapters), then
+        prompt length; errors and fallbacks alone."""
+        out: list[list[_Item]] = []
+        size = self.config.batch_size
+        for spec in self.specs:
+            groups: dict[str, list[_Item]] = {}
+            for item in items:
+                if item.mode.name != spec.name:
+                    continue
+                if item.error is not None or item.fallback:
+                    out.append([item])
+                    continue
+                gkey = json.dumps(item.routing.to_dict(), sort_keys=True)
+                groups.setdefault(gkey, []).append(item)
+            for group in groups.values():
+                group.sort(key=lambda it: (it.n_prompt, it.order))
+                out.extend(group[i:i + size] for i in range(0, len(group), size))
+        return out
+
+    # ---- run ------------------------------------------------------------------------------------------
+    def run(self, on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+        """Answer every pending (mode, question), appending to ``answers.jsonl`` per batch; return results.
+
+        ``on_batch(n_done_batches, records)`` is called after each written batch (progress hooks, tests).
+        """
+        from tqdm.auto import tqdm
+
+        self._setup()
+        cfg = self.config
+        # refuse a changed configuration before any retrieval / tokenisation work
+        store = ResultStore(cfg.out, self.fingerprint, self.fingerprint_parts, restart=cfg.restart)
+        self.prepare()
+        batches = self.batches(self.items)
+        pending = [b for b in batches if not all(store.done(it) for it in b)]
+        n_pending = sum(1 for b in pending for it in b if not store.done(it))
+        n_done = len(self.items) - n_pending
+        if n_done:
+            logger.info("resuming: %d of %d answers already in %s", n_done, len(self.items), store.path)
+        bar = tqdm(total=len(self.items), initial=n_done, desc="lag eval", unit="answer",
+                   disable=not self.progress, dynamic_ncols=True)
+        written = 0
+        started = time.perf_counter()
+        try:
+            for batch in pending:
+                bar.set_postfix_str(batch[0].mode.name, refresh=False)
+                records = self._answer(batch)
+                new = [r for r, it in zip(records, batch) if not store.done(it)]
+                store.add(new)
+                written += 1
+                bar.update(len(new))
+                if on_batch is not None:
+                    on_batch(written, new)
+        finally:
+            bar.close()
+        results = self.collect(store)
+        results["run"] = {"answered": n_pending, "resumed_from": n_done,
+                          "wall_seconds": round(time.perf_counter() - started, 3)}
+        return results
+
+    def _answer(self, batch: list[_Item]) -> list[dict[str, Any]]:
+        first = batch[0]
+        if first.error is not None:
+            return [self._record(first, answer="", error=first.error)]
+        if first.fallback:
+            return [self._answer_with_engine(first)]
+        return self._generate(batch)
+
+    def _generate(self, batch: list[_Item]) -> list[dict[str, Any]]:
+        import torch
+
+        from ..llm import _cut_stop
+
+        llm, tok, model = self.view, self.view.tokenizer, self.view.model
+        encs = [self._encode(it.prompt) for it in batch]
+        lens = [int(e.shape[0]) for e in encs]
+        width = max(lens)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(encs):
+            ids[i, width - lens[i]:] = e
+            mask[i, width - lens[i]:] = 1
+        gen_kw = llm._generate_kwargs({"max_new_tokens": self.config.max_new_tokens, "temperature": 0.0})
+        cfg = first_routing = batch[0].routing
+        torch.manual_seed(self.config.seed)
+        with contextlib.ExitStack() as stack:
+            trace = timer = None
+            if self.router is not None:
+                stack.enter_context(self.router.using(cfg))
+                if cfg.mode != "none":
+                    trace = stack.enter_context(self.router.trace(keep_tokens=True))
+                    timer = stack.enter_context(self.router.timing())
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+            seconds = time.perf_counter() - start
+        new = out[:, width:]
+        eos = _eos_ids(model, tok)
+        n_new = []
+        for row in new.tolist():
+            stop = next((j for j, t in enumerate(row) if t in eos), None)
+            n_new.append(len(row) if stop is None else stop + 1)
+        split = _split_trace(trace, lens, n_new, new.shape[1]) if trace is not None else None
+        mean_cands = trace.mean_candidates("knowledge") if trace is not None else None
+        if mean_cands is None and cfg.mode == "lag" and cfg.granularity == "token":  # static k: all kept
+            mean_cands = float(min(cfg.k, len(self.knowledge_names)))
+        records = []
+        for i, item in enumerate(batch):
+            text = _cut_stop(tok.decode(new[i, : n_new[i]], skip_special_tokens=True), gen_kw)
+            answer = text if item.mode.prompt == "question" or text else EMPTY_RESPONSE
+            routing = acc = None
+            if split is not None:
+                prompt_counts, all_counts = split
+                routing = self._summary(first_routing, {kind: c[i] for kind, c in all_counts.items()})
+                routing["routing_ms"] = round(timer[0] * 1e3 / len(batch), 3) if timer is not None else None
+                if item.mode.routes_knowledge and "knowledge" in prompt_counts:
+                    acc = routing_accuracy(prompt_counts["knowledge"][i],
+                                           self.knowledge_names.index(self.doc_to_adapter[item.question.doc_id]))
+            records.append(self._record(
+                item, answer=answer, raw=text, prompt_tokens=lens[i], new_tokens=n_new[i],
+                seconds=seconds / len(batch), routing=routing, routing_accuracy=acc,
+                mean_candidates=None if mean_cands is None or not item.mode.routes_knowledge else round(mean_cands, 4),
+                batch={"size": len(batch), "seconds": round(seconds, 4), "width": width}))
+        return records
+
+    def _summary(self, cfg: Any, counts: Mapping[str, Any]) -> dict[str, Any]:
+        libraries, selections = {}, {}
+        for kind, c in sorted(counts.items()):
+            total = int(c.sum())
+            selections[kind] = total
+            order = sorted(range(len(c)), key=lambda j: (-int(c[j]), j))
+            names = self.router.names(kind)
+            libraries[kind] = [{"adapter": names[j], "share": round(int(c[j]) / total, 4)}
+                               for j in order[:_SUMMARY_TOP] if total and int(c[j]) > 0]
+        out = {"mode": cfg.mode, "k": cfg.k, "libraries": libraries, "selections": selections}
+        if cfg.granularity != "token":
+            out["granularity"], out["sequence_score"] = cfg.granularity, cfg.sequence_score
+        if cfg.dynamic_k is not None:
+            out["dynamic_k"] = cfg.dynamic_k
+        if cfg.fixed:
+            out["fixed"] = {kind: list(names) for kind, names in cfg.fixed.items()}
+        return out
+
+    def _answer_with_engine(self, item: _Item) -> dict[str, Any]:
+        """The pipeline itself, unbatched: for prompts that need several LLM calls (refine loop)."""
+        import torch
+        from llama_index.core.schema import QueryBundle
+
+        from ..llm import collect_routing
+        from ..pipeline import merge_summaries
+
+        engine = self.engines[item.mode.prompt if item.mode.prompt == "rag" else "question"]
+        overrides = {k: v for k, v in item.routing.to_dict().items() if k != "extra"}
+        torch.manual_seed(self.config.seed)
+        start = time.perf_counter()
+        with collect_routing() as sink, engine._llm.routing_override(**overrides):
+            response = engine._response_synthesizer.synthesize(query=QueryBundle(item.question.question),
+                                                               nodes=self._nodes.get(item.question.id) or [])
+        seconds = time.perf_counter() - start
+        text = str(response)
+        new_tokens = (sum(int(s.get("new_tokens", 0)) for s in sink) if sink
+                      else len(self.view.tokenizer.encode(text, add_special_tokens=False)))
+        routing = merge_summaries(sink)
+        return self._record(item, answer=text, raw=text, prompt_tokens=None, new_tokens=new_tokens,
+                            seconds=seconds, routing=routing, path="pipeline")
+
+    def _record(self, item: _Item, *, answer: str, raw: str | None = None, error: str | None = None,
+                prompt_tokens: int | None = None, new_tokens: int = 0, seconds: float = 0.0,
+                routing: Any = None, routing_accuracy: Any = None, mean_candidates: float | None = None,
+                batch: Any = None, path: str = "batched") -> dict[str, Any]:
+        rec = {
+            "mode": item.mode.name, "qid": item.question.id, "key": item.key, "answer": answer,
+            "raw_answer": raw if raw is not None else answer, "error": error, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "seconds": round(seconds, 5), "routing": routing,
+            "routing_accuracy": routing_accuracy, "mean_candidates": mean_candidates, "path": path,
+            "batch": batch, **item.meta,
+        }
+        return rec
+
+    # ---- collect --------------------------------------------------------------------------------------
+    def collect(self, store: ResultStore) -> dict[str, Any]:
+        """The results dict (``results.json``) of the planned (mode, question) pairs, in plan order."""
+        from ..bench.common import machine
+        from .report import score_answer, summarize
+
+        answers = []
+        missing = 0
+        for item in self.items:
+            rec = store.records.get(item.id)
+            if rec is None or rec.get("key") != item.key:
+                missing += 1
+                continue
+            rec = {k: v for k, v in rec.items() if k != "type"}
+            q = item.question
+            rec["scores"] = score_answer(rec["answer"], q.answers, self.tasks[q.task]["label"])
+            answers.append(rec)
+        results = {
+            "format": RESULTS_FORMAT, "format_version": RESULTS_FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "fingerprint": self.fingerprint, "fingerprint_parts": self.fingerprint_parts,
+            "settings": self.config.settings(), "machine": machine(),
+            "modes": [s.to_dict() for s in self.specs], "sweep": self.sweep_points,
+            "knowledge_adapters": len(self.knowledge_names),
+            "task_adapters": dict(self.task_adapter), "tasks": self.tasks,
+            "questions": [{"id": q.id, "question": q.question, "answers": list(q.answers), "task": q.task,
+                           "dataset": _dataset(q), "doc_id": q.doc_id, "gold_adapter": self.doc_to_adapter[q.doc_id]}
+                          for q in self.questions],
+            "skipped": self.skipped, "complete": missing == 0, "answers": answers,
+        }
+        results["summary"] = summarize(results)
+        return results
+
+
+# ---- prompts (exactly what the pipeline sends) ---------------------------------------------------------
+def predict_prompt(llm: Any, template: Any, **kwargs: Any) -> str:
+    """What ``llm.predict(template, **kwargs)`` hands to ``LAGLLM.complete`` (formatted=True)."""
+    if llm.metadata.is_chat_model:
+        return llm._chat_prompt(llm._get_messages(template, **kwargs))
+    return llm._get_prompt(template, **kwargs)
+
+
+def question_prompt(engine: Any, question: str) -> str:
+    """The prompt of a question-only pipeline mode (the ``generation`` synthesizer)."""
+    synth = engine._response_synthesizer
+    template = synth.get_prompts().get("simple_template")
+    if template is None:
+        raise ConfigError(f"unexpected synthesizer {type(synth).__name__} for a question-only mode")
+    return predict_prompt(synth._llm, template, query_str=question)
+
+
+def rag_prompt(engine: Any, question: str, nodes: Sequence[Any]) -> str | None:
+    """The prompt of a RAG pipeline mode (compact / refine synthesizer, text-QA template), or None when the
+    pipeline would make more than one LLM call for it (context larger than one window, other modes)."""
+    from llama_index.core.prompts.prompt_utils import get_biggest_prompt
+    from llama_index.core.response_synthesizers import CompactAndRefine, Refine
+    from llama_index.core.schema import MetadataMode
+
+    synth = engine._response_synthesizer
+    if not isinstance(synth, Refine) or getattr(synth, "_multimodal", False) or synth._output_cls is not None:
+        return None
+    texts = [n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
+    if not texts:
+        return None
+    if isinstance(synth, CompactAndRefine):
+        texts = synth._make_compact_text_chunks(question, texts)
+    max_prompt = get_biggest_prompt([synth._text_qa_template, synth._refine_template])
+    chunks = [tc for chunk in texts for tc in synth._prompt_helper.repack(
+        max_prompt, [chunk], llm=synth._llm, padding=synth._response_padding_size)]
+    if len(chunks) != 1:
+        return None
+    template = synth._text_qa_template.partial_format(query_str=question)
+    return predict_prompt(synth._llm, template, context_str=chunks[0])
+
+
+def _template_text(prompt: Any) -> Any:
+    """A serialisable description of a (selector) prompt template, for the run fingerprint."""
+    try:
+        return prompt.get_template()
+    except Exception:  # noqa: BLE001 - selector templates without an llm
+        default = getattr(prompt, "default_template", None)
+        conditionals = getattr(prompt, "conditionals", None) or []
+        return {"default": _template_text(default) if default is not None else repr(prompt),
+                "conditionals": [_template_text(t) for _, t in conditionals]}
+
+
+# ---- routing accuracy -----------------------------------------------------------------------------------
+def routing_accuracy(counts: Any, gold: int) -> dict[str, Any]:
+    """From per-adapter selection counts [N] (token x module): the gold adapter's share, whether it is the
+    strictly most selected adapter, its rank (1 = most selected; ties share the better rank)."""
+    values = [int(v) for v in counts.tolist()]
+    total = sum(values)
+    g = values[gold]
+    others = max((v for j, v in enumerate(values) if j != gold), default=0)
+    return {"gold_share": round(g / total, 6) if total else 0.0, "gold_top": bool(total and g > others),
+            "gold_rank": 1 + sum(1 for v in values if v > g), "selections": total}
+
+
+def _split_trace(trace: Any, lens: Sequence[int], n_new: Sequence[int], steps: int
+                 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Per-row selection counts out of a batched generate trace.
+
+    A trace records, per module, the prefill call (the real prompt tokens, row-major) then one entry per row
+    for each decode step. Row i's own routing is its prompt plus the generated tokens fed back before it
+    stopped (``n_new[i] - 1``), exactly what an unbatched generation of it routes. Returns
+    (prompt counts, prompt + generated counts) as {kind: [B, N] tensors}, or None if the layout differs.
+    """
+    import torch
+
+    B, P = len(lens), sum(lens)
+    decode = max(steps - 1, 0)
+    owner_prompt = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lens)])
+    step = torch.arange(decode)[:, None].expand(decode, B)
+    row = torch.arange(B)[None, :].expand(decode, B)
+    limit = torch.tensor([max(n - 1, 0) for n in n_new])[None, :]
+    owner_decode = torch.where(step < limit, row, torch.full_like(row, -1)).reshape(-1)
+    prompt_counts, all_counts = {}, {}
+    for kind in trace.kinds:
+        N = len(trace.names[kind])
+        pc = torch.zeros(B, N, dtype=torch.long)
+        ac = torch.zeros(B, N, dtype=torch.long)
+        for module in trace.modules(kind):
+            chosen = trace.tokens(kind, module).long()
+            if chosen.numel() != P + decode * B:
+                logger.debug("unexpected trace layout at %s (%d entries, expected %d)", module, chosen.numel(),
+                             P + decode * B)
+                return None
+            pc.index_put_((owner_prompt, chosen[:P]), torch.ones(P, dtype=torch.long), accumulate=True)
+            dec = chosen[P:]
+            keep = owner_decode >= 0
+            ac.index_put_((owner_decode[keep], dec[keep]), torch.ones(int(keep.sum()), dtype=torch.long),
+                          accumulate=True)
+        prompt_counts[kind] = pc
+        all_counts[kind] = ac + pc
+    return prompt_counts, all_counts
+
+
+def _eos_ids(model: Any, tok: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+# ---- fingerprints -----------------------------------------------------------------------------------------
+def _model_digest(model: Any) -> str:
+    """Content hash of the model's weights (any source: folder, default model, object)."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    h.update(json.dumps(getattr(model.config, "to_diff_dict", lambda: {})(), sort_keys=True, default=str).encode())
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if ".base_layer." in name:  # LAGLinear wrappers keep the original weights under base_layer
+                name = name.replace(".base_layer.", ".")
+            ptr = tensor.data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _library_digest(lib: Any) -> dict[str, Any]:
+    """Content identity of a library: kind, dtype, base model, adapters' names + source checksums."""
+    m = lib.manifest
+    adapters = [{k: e.get(k) for k in ("name", "doc_id", "sha256", "rank", "lora_alpha", "use_rslora",
+                                       "target_modules", "modules")} for e in m["adapters"]]
+    return {"kind": m["kind"], "adapters": len(adapters),
+            "digest": _digest({"dtype": m["dtype"], "base": m["base_model"], "adapters": adapters,
+                               "r_max": m.get("r_max")})}
+
+
+def _index_digest(index_dir: Any) -> str:
+    from ..indexing import read_index_manifest
+
+    m = read_index_manifest(index_dir)
+    return _digest({"files": m.get("files"), "chunking": m.get("chunking"), "doc_ids": m.get("doc_ids"),
+                    "embedder": {k: v for k, v in m.get("embedder", {}).items() if k != "probe_embedding"},
+                    "probe": m.get("embedder", {}).get("probe_embedding", [])[:8]})
+
+
+# ---- tasks ------------------------------------------------------------------------------------------------
+def _dataset(q: Any) -> str:
+    ds = q.metadata.get("dataset") if isinstance(q.metadata, dict) else None
+    return str(ds) if ds else q.task
+
+
+def _is_label(answers: Sequence[str]) -> bool:
+    return len(answers) == 1 and answers[0].strip().lower() in ("true", "false", "yes", "no")
+
+
+def _task_info(questions: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """task -> {label: bool (scored by accuracy), n, datasets: {dataset: n}}."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for q in questions:
+        info = tasks.setdefault(q.task, {"label": True, "n": 0, "datasets": {}})
+        info["n"] += 1
+        info["label"] = info["label"] and (q.task == "fact" or _is_label(q.answers))
+        ds = _dataset(q)
+        info["datasets"][ds] = info["datasets"].get(ds, 0) + 1
+    return dict(sorted(tasks.items()))
+
+
+# ---- entry point -----------------------------------------------------------------------------------------
+def run_eval(config: EvalConfig, *, llm: Any = None, index: Any = None, embed_model: Any = None,
+             progress: bool = True, on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+             ) -> dict[str, Any]:
+    """Run (or resume) an evaluation and write ``results.json``, ``results.md`` and plots into ``config.out``."""
+    from .._fs import atomic_write_json
+    from .report import write_report
+
+    harness = EvalHarness(config, llm=llm, index=index, embed_model=embed_model, progress=progress)
+    results = harness.run(on_batch=on_batch)
+    out = Path(config.out)
+    atomic_write_json(out / RESULTS_FILE, results)
+    write_report(results, out)
+    return results
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a ``results.json`` (or the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError("results file not found", path=path) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read results: {exc}", path=path) from None
+    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
+        raise DataError("not a lag eval results.json", path=path)
+    return results
+
+
+__all__ = [
+    "BASE_MODES",
+    "DEFAULT_MODES",
+    "EvalConfig",
+    "EvalHarness",
+    "ModeSpec",
+    "ResultStore",
+    "load_results",
+    "parse_mode",
+    "parse_modes",
+    "parse_sweep",
+    "parse_task_map",
+    "predict_prompt",
+    "question_prompt",
+    "rag_prompt",
+    "routing_accuracy",
+    "run_eval",
+]
