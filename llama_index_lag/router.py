@@ -39,9 +39,14 @@ class RequestState:
     """Settings and recorders of one request (one thread / task)."""
 
     config: LAGConfig
-    trace: RoutingTrace | None = None
-    timings: list[float] | None = None  # routing seconds accumulated, when measured
+    traces: tuple[RoutingTrace, ...] = ()  # every open trace() records (nested traces all see the calls)
+    timings: tuple[list[float], ...] = ()  # every open timing() accumulates routing seconds
     fixed_idx: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None,
+               candidates: torch.Tensor | None = None) -> None:
+        for trace in self.traces:
+            trace.record(kind, module, chosen, mask, candidates)
 
 
 @dataclass
@@ -131,7 +136,7 @@ class LAGLinear(nn.Module):
         cfg = state.config
         if cfg.mode == "none":
             return out
-        start = time.perf_counter() if state.timings is not None else 0.0
+        start = time.perf_counter() if state.timings else 0.0
         delta = None
         for kind, tensors in self.pools.items():
             d = router._route(self.module_name, kind, tensors, x, state)
@@ -139,8 +144,10 @@ class LAGLinear(nn.Module):
                 delta = d if delta is None else delta + d
         if delta is not None:
             out = out + delta.view(*out.shape[:-1], -1).to(out.dtype)
-        if state.timings is not None:
-            state.timings[0] += time.perf_counter() - start
+        if state.timings:
+            elapsed = time.perf_counter() - start
+            for timer in state.timings:
+                timer[0] += elapsed
         return out
 
 
@@ -220,7 +227,7 @@ class LAGRouter:
         """Change the default routing (for requests without their own ``using``); no reload."""
         new = (config or self._default.config).replace(**changes) if changes else (config or self._default.config)
         fixed = self._resolve_fixed(new)
-        self._default = RequestState(new, self._default.trace, self._default.timings, fixed)
+        self._default = RequestState(new, self._default.traces, self._default.timings, fixed)
         return new
 
     @contextlib.contextmanager
@@ -228,7 +235,7 @@ class LAGRouter:
         """Route the requests of this thread / asyncio task with other settings, for the block only."""
         current = self.state()
         new = (config or current.config).replace(**changes) if changes else (config or current.config)
-        token = self._state.set(RequestState(new, current.trace, current.timings, self._resolve_fixed(new)))
+        token = self._state.set(RequestState(new, current.traces, current.timings, self._resolve_fixed(new)))
         try:
             yield new
         finally:
@@ -236,10 +243,13 @@ class LAGRouter:
 
     @contextlib.contextmanager
     def trace(self, keep_tokens: bool = True) -> Iterator[RoutingTrace]:
-        """Record the adapter chosen per token and module inside the block (this thread / task only)."""
+        """Record the adapter chosen per token and module inside the block (this thread / task only).
+
+        Traces nest: an outer trace also records what happens inside an inner one (e.g. LAGLLM's own)."""
         current = self.state()
         recorder = RoutingTrace({kind: pool.names for kind, pool in self.pools.items()}, keep_tokens)
-        token = self._state.set(RequestState(current.config, recorder, current.timings, current.fixed_idx))
+        token = self._state.set(RequestState(current.config, (*current.traces, recorder), current.timings,
+                                             current.fixed_idx))
         try:
             yield recorder
         finally:
@@ -250,7 +260,8 @@ class LAGRouter:
         """Accumulate seconds spent in routing inside the block: ``with router.timing() as t: ...; t[0]``."""
         current = self.state()
         timer = [0.0]
-        token = self._state.set(RequestState(current.config, current.trace, timer, current.fixed_idx))
+        token = self._state.set(RequestState(current.config, current.traces, (*current.timings, timer),
+                                             current.fixed_idx))
         try:
             yield timer
         finally:
@@ -310,9 +321,9 @@ class LAGRouter:
         if kind in state.fixed_idx:
             idx, weights = state.fixed_idx[kind]
             delta = apply_fixed(flat, t, idx, weights)
-            if state.trace is not None:
+            if state.traces:
                 chosen = idx[weights.argmax()].expand(flat.shape[0])
-                state.trace.record(kind, module, chosen, self._token_mask(x))
+                state.record(kind, module, chosen, self._token_mask(x))
             return delta
         if cfg.mode == "fixed":
             return None
@@ -321,8 +332,8 @@ class LAGRouter:
         out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
                            spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
                            approximate=cfg.arrow_backend != "exact", nprobe=cfg.nprobe)
-        if state.trace is not None:
-            state.trace.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
+        if state.traces:
+            state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
@@ -347,8 +358,8 @@ class LAGRouter:
         xs = flat.view(*x.shape[:2], -1)  # [B, S, n]
         proj = xs @ t.A[winners].transpose(1, 2)  # [B, S, r]
         delta = (proj @ t.B[winners].transpose(1, 2)).reshape(flat.shape[0], -1)  # [T, m]
-        if state.trace is not None:
-            state.trace.record(kind, module, chosen, mask)
+        if state.traces:
+            state.record(kind, module, chosen, mask)
         return delta
 
 

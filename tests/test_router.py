@@ -326,3 +326,14 @@ def test_bad_configs_and_attachments(tiny_model, two_libs, tmp_path, knowledge_d
     router.detach()
     with pytest.raises(IncompatibleLibraryError, match="two knowledge libraries"):
         attach_lag(tiny_model, [know, know])
+
+
+def test_nested_traces_and_timers_all_record(tiny_model, two_libs):
+    router = attach_lag(tiny_model, list(two_libs), LAGConfig(mode="lag", k=3))
+    with torch.no_grad(), router.trace() as outer, router.timing() as t_outer:
+        tiny_model(IDS)
+        with router.trace() as inner, router.timing() as t_inner, router.using(mode="spectr"):
+            tiny_model(IDS)
+    assert inner.summary()["knowledge"]["selections"] == IDS.shape[1] * 6
+    assert outer.summary()["knowledge"]["selections"] == 2 * IDS.shape[1] * 6
+    assert t_outer[0] > t_inner[0] > 0
