@@ -37,8 +37,8 @@ def _contains(text: str, answer: str) -> bool:
     return f" {normalize_answer(answer)} " in f" {normalize_answer(text)} "
 
 
-def _by_doc(b: S.Benchmark) -> dict[str, list[S.BenchQuestion]]:
-    out: dict[str, list[S.BenchQuestion]] = {d.id: [] for d in b.documents}
+def _by_doc(b: S.Benchmark) -> dict[str, list[S.QuestionRecord]]:
+    out: dict[str, list[S.QuestionRecord]] = {d.id: [] for d in b.documents}
     for q in b.questions:
         out[q.doc_id].append(q)
     return out

@@ -26,7 +26,6 @@ Everything is deterministic: the same ``(n_docs, seed)`` gives byte-identical fi
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -34,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fs import atomic_write_json, atomic_write_text
+from .._fs import atomic_write_json
+from ..data import (
+    DocumentRecord,
+    QuestionRecord,
+    TaskExample,
+    write_documents,
+    write_questions,
+    write_task_examples,
+)
 from ..errors import ConfigError
 from .metrics import normalize_answer
 
@@ -69,49 +76,6 @@ MAX_DOCS = 10_000  # the name grammar (pets, rivers) has room for about twice as
 
 
 @dataclass(frozen=True)
-class BenchDocument:
-    """One line of ``documents.jsonl``."""
-
-    id: str
-    title: str
-    text: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "text": self.text}
-
-
-@dataclass(frozen=True)
-class BenchQuestion:
-    """One line of ``questions.jsonl``; ``answers[0]`` is the canonical answer."""
-
-    id: str
-    question: str
-    answers: tuple[str, ...]
-    doc_id: str
-    task: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "question": self.question,
-            "answers": list(self.answers),
-            "doc_id": self.doc_id,
-            "task": self.task,
-        }
-
-
-@dataclass(frozen=True)
-class BenchTaskExample:
-    """One line of a task-adapter training set."""
-
-    prompt: str
-    answer: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "answer": self.answer}
-
-
-@dataclass(frozen=True)
 class Entity:
     """The fictional entity a document is about. ``invented`` lists its invented name words."""
 
@@ -140,9 +104,9 @@ class Benchmark:
 
     name: str
     seed: int | None
-    documents: list[BenchDocument]
-    questions: list[BenchQuestion]
-    tasks: dict[str, list[BenchTaskExample]] = field(default_factory=dict)
+    documents: list[DocumentRecord]
+    questions: list[QuestionRecord]
+    tasks: dict[str, list[TaskExample]] = field(default_factory=dict)
     entities: list[Entity] = field(default_factory=list)
     confusers: list[Confuser] = field(default_factory=list)
     names: tuple[str, ...] = ()  # every invented word used (lower-case), not written to disk
@@ -1702,13 +1666,13 @@ def make_benchmark(
     for e in ents:
         e.doc_id = f"{_ID_PREFIX[e.kind]}-{_slug(' '.join(e.invented))}"
 
-    documents: list[BenchDocument] = []
+    documents: list[DocumentRecord] = []
     texts: dict[str, str] = {}
     doc_probes: list[list[_Probe]] = []
     for e in ents:
         text, probes, refs = _compose(e, world, rng)
         e.refs = [r for r in refs if r is not e]
-        documents.append(BenchDocument(e.doc_id, e.title, text))
+        documents.append(DocumentRecord(id=e.doc_id, title=e.title, text=text))
         texts[e.doc_id] = text
         doc_probes.append(probes)
 
@@ -1720,7 +1684,7 @@ def make_benchmark(
             stated.setdefault(p.slot, {}).setdefault(p.value, _norm(p.value))
     pools = {slot: sorted(values.items()) for slot, values in stated.items()}
 
-    questions: list[BenchQuestion] = []
+    questions: list[QuestionRecord] = []
     pending: list[tuple[_Ent, _Probe, int]] = []  # fact checks: entity, probe, position in `questions`
     for e, probes in zip(ents, doc_probes):
         n_q = min(len(probes), rng.randint(q_lo, q_hi))
@@ -1728,7 +1692,7 @@ def make_benchmark(
         for j, i in enumerate(asked, 1):
             p = probes[i]
             questions.append(
-                BenchQuestion(f"{e.doc_id}.q{j}", rng.choice(p.questions), p.answers, e.doc_id, TASK_QA)
+                QuestionRecord(f"{e.doc_id}.q{j}", rng.choice(p.questions), p.answers, e.doc_id, TASK_QA)
             )
         others = [i for i in range(len(probes)) if i not in asked]
         rng.shuffle(others)
@@ -1736,7 +1700,7 @@ def make_benchmark(
         rng.shuffle(again)
         for j, i in enumerate((others + again)[:fact_checks_per_doc], 1):
             pending.append((e, probes[i], len(questions)))
-            questions.append(BenchQuestion(f"{e.doc_id}.f{j}", "", (), e.doc_id, TASK_FACT))
+            questions.append(QuestionRecord(f"{e.doc_id}.f{j}", "", (), e.doc_id, TASK_FACT))
     labels = [True] * (len(pending) - len(pending) // 2) + [False] * (len(pending) // 2)
     rng.shuffle(labels)
     for (e, p, pos), label in zip(pending, labels):
@@ -1749,7 +1713,7 @@ def make_benchmark(
             claim = p.claim(value)
         q = questions[pos]
         answer = "true" if label else "false"
-        questions[pos] = BenchQuestion(q.id, f"True or false: {claim}", (answer,), q.doc_id, TASK_FACT)
+        questions[pos] = QuestionRecord(q.id, f"True or false: {claim}", (answer,), q.doc_id, TASK_FACT)
 
     confusers: list[Confuser] = []
     for e in ents:
@@ -1932,7 +1896,7 @@ _ARITHMETIC = (
 )  # fmt: skip
 
 
-def make_task_sets() -> dict[str, list[BenchTaskExample]]:
+def make_task_sets() -> dict[str, list[TaskExample]]:
     """The two task-adapter training sets (fixed; independent of any benchmark seed).
 
     ``fact_check``: one true and one false claim per common-knowledge fact ("True or false: ...",
@@ -1941,29 +1905,29 @@ def make_task_sets() -> dict[str, list[BenchTaskExample]]:
     general knowledge, to teach a terse answer style.
     """
     rng = random.Random(20250707)
-    fact: list[BenchTaskExample] = []
+    fact: list[TaskExample] = []
     by_group: dict[str, list[str]] = {}
     for group, _, _, answer in _COMMON_FACTS:
         by_group.setdefault(group, []).append(answer)
     for group, claim, _, answer in _COMMON_FACTS:
         wrong = rng.choice([a for a in by_group[group] if a != answer])
-        fact.append(BenchTaskExample(f"True or false: {claim.format(answer)}", "true"))
-        fact.append(BenchTaskExample(f"True or false: {claim.format(wrong)}", "false"))
+        fact.append(TaskExample(f"True or false: {claim.format(answer)}", "true"))
+        fact.append(TaskExample(f"True or false: {claim.format(wrong)}", "false"))
     rng.shuffle(fact)
-    short = [BenchTaskExample(q, a) for _, _, q, a in _COMMON_FACTS]
-    short += [BenchTaskExample(q, a) for q, a in _SHORT_EXTRA]
+    short = [TaskExample(q, a) for _, _, q, a in _COMMON_FACTS]
+    short += [TaskExample(q, a) for q, a in _SHORT_EXTRA]
     for i, (x, y) in enumerate(_ARITHMETIC):
         if i % 3 == 0:
-            short.append(BenchTaskExample(f"What is {x} plus {y}?", str(x + y)))
+            short.append(TaskExample(f"What is {x} plus {y}?", str(x + y)))
         elif i % 3 == 1:
-            short.append(BenchTaskExample(f"What is {x} minus {y}?", str(x - y)))
+            short.append(TaskExample(f"What is {x} minus {y}?", str(x - y)))
         else:
-            short.append(BenchTaskExample(f"What is {x} times {y}?", str(x * y)))
+            short.append(TaskExample(f"What is {x} times {y}?", str(x * y)))
     rng.shuffle(short)
     return {"fact_check": fact, "short_answer": short}
 
 
-def _reserved_words(tasks: dict[str, list[BenchTaskExample]]) -> frozenset[str]:
+def _reserved_words(tasks: dict[str, list[TaskExample]]) -> frozenset[str]:
     """Lower-cased words that invented names must avoid: the task sets' and the templates' vocabulary."""
     texts: list[str] = []
     for examples in tasks.values():
@@ -2058,14 +2022,14 @@ def make_demo() -> Benchmark:
     """The small hand-checked instance of the package demo: 5 documents (person, town, organisation,
     device, ship), 3 QA questions and 1 fact check each. Three documents share the town name Drelmouth
     (the glassblower was born there, the ship's home port is there); no task sets."""
-    documents = [BenchDocument(i, t, x) for i, t, x in _DEMO_DOCS]
+    documents = [DocumentRecord(id=i, title=t, text=x) for i, t, x in _DEMO_DOCS]
     titles = {i: t for i, t, _ in _DEMO_DOCS}
     counters: dict[tuple[str, str], int] = {}
     questions = []
     for doc_id, task, question, answers in _DEMO_QUESTIONS:
         n = counters[(doc_id, task)] = counters.get((doc_id, task), 0) + 1
         suffix = "q" if task == TASK_QA else "f"
-        questions.append(BenchQuestion(f"{doc_id}.{suffix}{n}", question, answers, doc_id, task))
+        questions.append(QuestionRecord(f"{doc_id}.{suffix}{n}", question, answers, doc_id, task))
     confusers = [
         Confuser("person-veltrano-oskimar", "town-drelmouth", "mentions", ("Drelmouth",)),
         Confuser("ship-tessaline", "town-drelmouth", "mentions", ("Drelmouth",)),
@@ -2099,10 +2063,6 @@ def packaged_path(name: str) -> Path:
     return DATA_DIR / name
 
 
-def _jsonl(records: Sequence[Any]) -> str:
-    return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
-
-
 def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict[str, Path]:
     """Write ``documents.jsonl``, ``questions.jsonl``, ``tasks/<name>.jsonl`` (when the benchmark has task
     sets) and ``benchmark.json`` (generator version, seed, counts, confuser pairs) into ``out_dir``.
@@ -2116,11 +2076,11 @@ def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict[str, Path]:
         "documents": out / "documents.jsonl",
         "questions": out / "questions.jsonl",
     }
-    atomic_write_text(written["documents"], _jsonl(bench.documents))
-    atomic_write_text(written["questions"], _jsonl(bench.questions))
+    write_documents(written["documents"], bench.documents)
+    write_questions(written["questions"], bench.questions)
     for task, examples in bench.tasks.items():
         path = out / TASK_FILES.get(task, f"tasks/{task}.jsonl")
-        atomic_write_text(path, _jsonl(examples))
+        write_task_examples(path, examples)
         written[task] = path
     written["benchmark"] = out / "benchmark.json"
     atomic_write_json(written["benchmark"], bench.metadata())
@@ -2135,9 +2095,6 @@ __all__ = [
     "KINDS",
     "TASK_FACT",
     "TASK_QA",
-    "BenchDocument",
-    "BenchQuestion",
-    "BenchTaskExample",
     "Benchmark",
     "Confuser",
     "Entity",
