@@ -94,7 +94,7 @@ def run_demo(out: Path | None = None, *, n_questions: int = 4, k: int = 3, worke
     qs = pick_questions([q for q in read_questions(questions_path) if q.task == "qa"], n_questions)
     _say(f"[4/4] answering {len(qs)} questions x {len(MODES)} modes (k={k}) ...\n")
     engines = {m: build_query_engine(config.model_copy(update={"mode": m})) for m in MODES}
-    router = engines["lag"]._llm.router
+    router = engines["lag"].llm.router
     rows, traces = [], []
     for q in qs:
         row: dict[str, Any] = {"question": q.question, "gold": q.answers[0], "doc_id": q.doc_id}

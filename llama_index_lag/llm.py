@@ -205,7 +205,8 @@ class LAGLLM(CustomLLM):
         return self._config
 
     # ---- prompts --------------------------------------------------------------------------------
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """Messages rendered with the tokenizer's chat template (generation prompt appended)."""
         if self.chat_model:
             return self._tokenizer.apply_chat_template(
                 [{"role": m.role.value, "content": m.content or ""} for m in messages],
@@ -213,11 +214,12 @@ class LAGLLM(CustomLLM):
             )
         return self.messages_to_prompt(messages)
 
-    def _completion_prompt(self, prompt: str) -> str:
+    def completion_prompt(self, prompt: str) -> str:
+        """A plain completion prompt as a user turn (after ``system_prompt``) of the chat template."""
         messages = [ChatMessage(role="user", content=prompt)]
         if self.system_prompt:
             messages.insert(0, ChatMessage(role="system", content=self.system_prompt))
-        return self._chat_prompt(messages) if self.chat_model else self.completion_to_prompt(prompt)
+        return self.chat_prompt(messages) if self.chat_model else self.completion_to_prompt(prompt)
 
     # ---- generation -----------------------------------------------------------------------------
     def _call_config(self, routing: Any) -> LAGConfig:
@@ -230,7 +232,8 @@ class LAGLLM(CustomLLM):
         self._check_routing(config)
         return config
 
-    def _inputs(self, prompt: str, max_new_tokens: int) -> dict[str, torch.Tensor]:
+    def encode(self, prompt: str, max_new_tokens: int) -> dict[str, torch.Tensor]:
+        """Tokenise a formatted prompt, fitted to the context window (see ``truncation``)."""
         enc = self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat_model)
         ids = enc["input_ids"]
         budget = self.context_window - max_new_tokens
@@ -243,7 +246,8 @@ class LAGLLM(CustomLLM):
             enc = {k: v[:, -budget:] for k, v in enc.items()}
         return dict(enc)
 
-    def _generate_kwargs(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+    def generation_kwargs(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+        """``model.generate`` keyword arguments from this LLM's defaults and per-call ``opts``."""
         temperature = float(opts.get("temperature", self.temperature))
         kw: dict[str, Any] = {
             "max_new_tokens": int(opts.get("max_new_tokens", self.max_new_tokens)),
@@ -261,9 +265,9 @@ class LAGLLM(CustomLLM):
     def _run(self, prompt: str, formatted: bool, routing: Any, opts: dict[str, Any],
              streamer: Any = None) -> tuple[str, dict[str, Any] | None, int]:
         """Generate (in the calling thread); returns (text, routing summary, prompt tokens)."""
-        full = prompt if formatted else self._completion_prompt(prompt)
-        gen_kw = self._generate_kwargs(opts)
-        inputs = self._inputs(full, gen_kw["max_new_tokens"])
+        full = prompt if formatted else self.completion_prompt(prompt)
+        gen_kw = self.generation_kwargs(opts)
+        inputs = self.encode(full, gen_kw["max_new_tokens"])
         config = self._call_config(routing)
         if "seed" in opts and opts["seed"] is not None:
             torch.manual_seed(int(opts["seed"]))
@@ -279,7 +283,7 @@ class LAGLLM(CustomLLM):
                 out = self._model.generate(**inputs, streamer=streamer, **gen_kw)
             seconds = time.perf_counter() - start
         new_tokens = out[0, inputs["input_ids"].shape[1]:]
-        text = _cut_stop(self._tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kw)
+        text = cut_at_stop(self._tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kw)
         summary = None
         if trace is not None and timer is not None:
             per_library = trace.summary(top=self.summary_top)
@@ -341,7 +345,7 @@ class LAGLLM(CustomLLM):
         def gen() -> CompletionResponseGen:
             text = ""
             for piece in streamer:
-                new = _cut_stop(text + piece, {"stop_strings": stop} if stop else {})
+                new = cut_at_stop(text + piece, {"stop_strings": stop} if stop else {})
                 delta, text = new[len(text):], new
                 if delta:
                     yield CompletionResponse(text=text, delta=delta)
@@ -355,13 +359,13 @@ class LAGLLM(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return completion_response_to_chat_response(self.complete(self._chat_prompt(messages), formatted=True,
+        return completion_response_to_chat_response(self.complete(self.chat_prompt(messages), formatted=True,
                                                                   **kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         return stream_completion_response_to_chat_response(
-            self.stream_complete(self._chat_prompt(messages), formatted=True, **kwargs))
+            self.stream_complete(self.chat_prompt(messages), formatted=True, **kwargs))
 
     # ---- async: generation runs in a worker thread, the event loop stays free --------------------
     @llm_completion_callback()
@@ -378,11 +382,11 @@ class LAGLLM(CustomLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return completion_response_to_chat_response(
-            await self.acomplete(self._chat_prompt(messages), formatted=True, **kwargs))
+            await self.acomplete(self.chat_prompt(messages), formatted=True, **kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        gen = await self.astream_complete(self._chat_prompt(messages), formatted=True, **kwargs)
+        gen = await self.astream_complete(self.chat_prompt(messages), formatted=True, **kwargs)
 
         async def chat_gen() -> AsyncGenerator[ChatResponse, None]:
             async for response in gen:
@@ -403,7 +407,7 @@ async def _aiter_thread(sync_gen: Iterator[Any]) -> AsyncGenerator[Any, None]:
         yield item
 
 
-def _cut_stop(text: str, gen_kw: Mapping[str, Any]) -> str:
+def cut_at_stop(text: str, gen_kw: Mapping[str, Any]) -> str:
     """Cut ``text`` at the first stop sequence."""
     cut = len(text)
     for stop in gen_kw.get("stop_strings") or ():

@@ -266,7 +266,13 @@ class LAGQueryEngine(RetrieverQueryEngine):
         self._llm = llm
         self._doc_to_adapter = doc_to_adapter or {}
 
-    def _prag_adapter(self, nodes: list[NodeWithScore]) -> str:
+    @property
+    def llm(self) -> Any:
+        """The LAGLLM view this engine generates with (shared model, this mode's routing)."""
+        return self._llm
+
+    def prag_adapter(self, nodes: list[NodeWithScore]) -> str:
+        """The knowledge adapter PRAG applies for these retrieved nodes (the top document's)."""
         if not nodes:
             raise LibraryError("PRAG retrieved no document, so there is no knowledge adapter to apply")
         doc_id = nodes[0].node.metadata.get("doc_id") or nodes[0].node.ref_doc_id
@@ -279,7 +285,7 @@ class LAGQueryEngine(RetrieverQueryEngine):
     @contextlib.contextmanager
     def _routing(self, nodes: list[NodeWithScore]) -> Iterator[None]:
         if self.mode in ("prag", "prag+lag"):
-            adapter = self._prag_adapter(nodes)
+            adapter = self.prag_adapter(nodes)
             mode = "fixed" if self.mode == "prag" else "lag"
             with self._llm.routing_override(mode=mode, fixed={"knowledge": [adapter]}):
                 yield

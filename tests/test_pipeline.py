@@ -104,7 +104,7 @@ def test_each_mode_retrieves_and_routes_as_specified(world, config, mode, retrie
 
 def test_modes_share_one_model_and_none_is_the_bare_model(world, config):
     engines = {m: _engine(config, m, world) for m in ("none", "lag", "rag")}
-    llms = [e._llm for e in engines.values()]
+    llms = [e.llm for e in engines.values()]
     assert len({id(llm.model) for llm in llms}) == 1 and len({id(llm.router) for llm in llms}) == 1
     model, tok = llms[0].model, llms[0].tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,

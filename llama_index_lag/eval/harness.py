@@ -25,7 +25,7 @@ Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``,
 
 Prompts are built with the pipeline's own objects: :func:`~llama_index_lag.pipeline.build_query_engine` makes
 the engine of the matching pipeline mode and its synthesizer's templates are formatted exactly as
-``LLM.predict`` does, then rendered by ``LAGLLM._chat_prompt``. Generation is batched (left padding, attention
+``LLM.predict`` does, then rendered by ``LAGLLM.chat_prompt``. Generation is batched (left padding, attention
 mask) per routing setting; the per-question routing summary and the routing accuracy are split out of the
 batch's routing trace (prompt tokens: routing accuracy; prompt + fed generated tokens: summary). A RAG prompt
 that would not fit one LLM call (the refine loop) falls back to ``engine.query`` for that question.
@@ -555,7 +555,7 @@ class EvalHarness:
             if kind in needs:
                 pcfg = LAGPipelineConfig(mode=mode, **base)
                 self.engines[kind] = build_query_engine(pcfg, llm=self.llm, index=self.index)
-        self.view = self.engines["question" if "question" in self.engines else "rag"]._llm
+        self.view = self.engines["question" if "question" in self.engines else "rag"].llm
 
     def _fingerprint_parts(self) -> dict[str, Any]:
         from .. import __version__
@@ -624,7 +624,7 @@ class EvalHarness:
                 fixed["task"] = [task_adapter]
         elif spec.knowledge == "retrieved":
             try:
-                fixed["knowledge"] = [self.engines["prag"]._prag_adapter(nodes)]
+                fixed["knowledge"] = [self.engines["prag"].prag_adapter(nodes)]
             except LibraryError as exc:  # the product fails this query: scored as a wrong answer
                 item.error = str(exc)
         if fixed:
@@ -656,7 +656,7 @@ class EvalHarness:
 
     def _encode(self, prompt: str) -> Any:
         if prompt not in self._enc_cache:  # LAGLLM's own tokenisation and truncation
-            self._enc_cache[prompt] = self.view._inputs(prompt, self.config.max_new_tokens)["input_ids"][0]
+            self._enc_cache[prompt] = self.view.encode(prompt, self.config.max_new_tokens)["input_ids"][0]
         return self._enc_cache[prompt]
 
     def batches(self, items: Sequence[_Item]) -> list[list[_Item]]:
@@ -730,7 +730,7 @@ class EvalHarness:
     def _generate(self, batch: list[_Item]) -> list[dict[str, Any]]:
         import torch
 
-        from ..llm import _cut_stop
+        from ..llm import cut_at_stop
 
         llm, tok, model = self.view, self.view.tokenizer, self.view.model
         encs = [self._encode(it.prompt) for it in batch]
@@ -742,7 +742,7 @@ class EvalHarness:
         for i, e in enumerate(encs):
             ids[i, width - lens[i]:] = e
             mask[i, width - lens[i]:] = 1
-        gen_kw = llm._generate_kwargs({"max_new_tokens": self.config.max_new_tokens, "temperature": 0.0})
+        gen_kw = llm.generation_kwargs({"max_new_tokens": self.config.max_new_tokens, "temperature": 0.0})
         cfg = first_routing = batch[0].routing
         torch.manual_seed(self.config.seed)
         with contextlib.ExitStack() as stack:
@@ -768,7 +768,7 @@ class EvalHarness:
             mean_cands = float(min(cfg.k, len(self.knowledge_names)))
         records = []
         for i, item in enumerate(batch):
-            text = _cut_stop(tok.decode(new[i, : n_new[i]], skip_special_tokens=True), gen_kw)
+            text = cut_at_stop(tok.decode(new[i, : n_new[i]], skip_special_tokens=True), gen_kw)
             answer = text if item.mode.prompt == "question" or text else EMPTY_RESPONSE
             routing = acc = None
             if split is not None:
@@ -815,7 +815,7 @@ class EvalHarness:
         overrides = {k: v for k, v in item.routing.to_dict().items() if k != "extra"}
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
-        with collect_routing() as sink, engine._llm.routing_override(**overrides):
+        with collect_routing() as sink, engine.llm.routing_override(**overrides):
             response = engine._response_synthesizer.synthesize(query=QueryBundle(item.question.question),
                                                                nodes=self._nodes.get(item.question.id) or [])
         seconds = time.perf_counter() - start
@@ -877,7 +877,7 @@ class EvalHarness:
 def predict_prompt(llm: Any, template: Any, **kwargs: Any) -> str:
     """What ``llm.predict(template, **kwargs)`` hands to ``LAGLLM.complete`` (formatted=True)."""
     if llm.metadata.is_chat_model:
-        return llm._chat_prompt(llm._get_messages(template, **kwargs))
+        return llm.chat_prompt(llm._get_messages(template, **kwargs))
     return llm._get_prompt(template, **kwargs)
 
 
