@@ -232,9 +232,17 @@ class LAGLLM(CustomLLM):
         self._check_routing(config)
         return config
 
-    def encode(self, prompt: str, max_new_tokens: int) -> dict[str, torch.Tensor]:
-        """Tokenise a formatted prompt, fitted to the context window (see ``truncation``)."""
-        enc = self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat_model)
+    def encode(self, prompt: str, max_new_tokens: int,
+               focus: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise a formatted prompt, fitted to the context window (see ``truncation``).
+
+        ``focus``: the texts that carry the request (e.g. the user's messages); their tokens are marked in
+        ``enc["focus"]`` [1, S] (bool) for sequence-level routing (fast tokenizers only)."""
+        want_offsets = bool(focus) and getattr(self._tokenizer, "is_fast", False)
+        enc = dict(self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat_model,
+                                   return_offsets_mapping=want_offsets))
+        if want_offsets:
+            enc["focus"] = _span_mask(prompt, enc.pop("offset_mapping")[0], focus)[None]
         ids = enc["input_ids"]
         budget = self.context_window - max_new_tokens
         if ids.shape[1] > budget:
@@ -263,11 +271,13 @@ class LAGLLM(CustomLLM):
         return kw
 
     def _run(self, prompt: str, formatted: bool, routing: Any, opts: dict[str, Any],
-             streamer: Any = None) -> tuple[str, dict[str, Any] | None, int]:
+             streamer: Any = None, focus: Sequence[str] | None = None) -> tuple[str, dict[str, Any] | None, int]:
         """Generate (in the calling thread); returns (text, routing summary, prompt tokens)."""
         full = prompt if formatted else self.completion_prompt(prompt)
+        focus = focus if formatted else [prompt]
         gen_kw = self.generation_kwargs(opts)
-        inputs = self.encode(full, gen_kw["max_new_tokens"])
+        inputs = self.encode(full, gen_kw["max_new_tokens"], focus)
+        focus_mask = inputs.pop("focus", None)
         config = self._call_config(routing)
         if "seed" in opts and opts["seed"] is not None:
             torch.manual_seed(int(opts["seed"]))
@@ -275,6 +285,7 @@ class LAGLLM(CustomLLM):
             trace = timer = None
             if self._router is not None:
                 stack.enter_context(self._router.using(config))
+                stack.enter_context(self._router.focus(focus_mask))
                 if self.routing_summary and config.mode != "none":
                     trace = stack.enter_context(self._router.trace(keep_tokens=False))
                     timer = stack.enter_context(self._router.timing())
@@ -305,6 +316,7 @@ class LAGLLM(CustomLLM):
     def _split_kwargs(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         routing = kwargs.pop("routing", None)
         opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _GEN_KEYS}
+        opts["focus"] = kwargs.pop("_focus", None)
         return routing, opts
 
     def _response(self, text: str, summary: dict[str, Any] | None, n_prompt: int) -> CompletionResponse:
@@ -318,7 +330,8 @@ class LAGLLM(CustomLLM):
         """Generate a completion. Per call: max_new_tokens, temperature, top_p, stop, seed, and
         ``routing=`` (a LAGConfig or a dict of its fields, e.g. ``{"mode": "spectr"}``)."""
         routing, opts = self._split_kwargs(kwargs)
-        return self._response(*self._run(prompt, formatted, routing, opts))
+        focus = opts.pop("focus")
+        return self._response(*self._run(prompt, formatted, routing, opts, focus=focus))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -326,6 +339,7 @@ class LAGLLM(CustomLLM):
         from transformers import TextIteratorStreamer
 
         routing, opts = self._split_kwargs(kwargs)
+        focus = opts.pop("focus")
         streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
         result: dict[str, Any] = {}
@@ -333,7 +347,7 @@ class LAGLLM(CustomLLM):
 
         def work() -> None:
             try:
-                result["value"] = ctx.run(self._run, prompt, formatted, routing, opts, streamer)
+                result["value"] = ctx.run(self._run, prompt, formatted, routing, opts, streamer, focus)
             except BaseException as exc:  # surfaced in the consumer
                 result["error"] = exc
                 streamer.end()
@@ -360,18 +374,20 @@ class LAGLLM(CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return completion_response_to_chat_response(self.complete(self.chat_prompt(messages), formatted=True,
-                                                                  **kwargs))
+                                                                  _focus=_user_texts(messages), **kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         return stream_completion_response_to_chat_response(
-            self.stream_complete(self.chat_prompt(messages), formatted=True, **kwargs))
+            self.stream_complete(self.chat_prompt(messages), formatted=True, _focus=_user_texts(messages),
+                                 **kwargs))
 
     # ---- async: generation runs in a worker thread, the event loop stays free --------------------
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         routing, opts = self._split_kwargs(kwargs)
-        return self._response(*await asyncio.to_thread(self._run, prompt, formatted, routing, opts))
+        focus = opts.pop("focus")
+        return self._response(*await asyncio.to_thread(self._run, prompt, formatted, routing, opts, None, focus))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
@@ -382,11 +398,13 @@ class LAGLLM(CustomLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return completion_response_to_chat_response(
-            await self.acomplete(self.chat_prompt(messages), formatted=True, **kwargs))
+            await self.acomplete(self.chat_prompt(messages), formatted=True, _focus=_user_texts(messages),
+                                 **kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        gen = await self.astream_complete(self.chat_prompt(messages), formatted=True, **kwargs)
+        gen = await self.astream_complete(self.chat_prompt(messages), formatted=True,
+                                          _focus=_user_texts(messages), **kwargs)
 
         async def chat_gen() -> AsyncGenerator[ChatResponse, None]:
             async for response in gen:
@@ -405,6 +423,22 @@ async def _aiter_thread(sync_gen: Iterator[Any]) -> AsyncGenerator[Any, None]:
         if item is done:
             return
         yield item
+
+
+def _user_texts(messages: Sequence[ChatMessage]) -> list[str]:
+    return [m.content for m in messages if m.role.value == "user" and m.content]
+
+
+def _span_mask(prompt: str, offsets: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """[S] bool: tokens whose characters lie inside the last occurrence of any of ``texts`` in ``prompt``."""
+    mask = torch.zeros(offsets.shape[0], dtype=torch.bool)
+    for text in texts:
+        start = prompt.rfind(text)
+        if start < 0 or not text:
+            continue
+        end = start + len(text)
+        mask |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
+    return mask
 
 
 def cut_at_stop(text: str, gen_kw: Mapping[str, Any]) -> str:

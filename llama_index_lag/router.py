@@ -54,6 +54,7 @@ class _ForwardState:
     """Per generated sequence: attention mask of the current forward and sequence-level choices."""
 
     mask: torch.Tensor | None = None  # [B, S_total] 1 for real tokens
+    focus: torch.Tensor | None = None  # [B, S_prompt] True for the prompt's content tokens (see focus())
     winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
 
 
@@ -159,6 +160,8 @@ class LAGRouter:
         self._config = config
         self._state: contextvars.ContextVar[RequestState] = contextvars.ContextVar(f"lag_state_{next(_ids)}")
         self._forward: contextvars.ContextVar[_ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
+        self._focus: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(f"lag_focus_{next(_ids)}",
+                                                                                          default=None)
         self._default = RequestState(config)
         kinds = sorted({lib.kind for lib in libraries})
         self.pools = {kind: Pool(kind, [lib for lib in libraries if lib.kind == kind], config.arrow_backend)
@@ -267,6 +270,18 @@ class LAGRouter:
         finally:
             self._state.reset(token)
 
+    @contextlib.contextmanager
+    def focus(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Mark the prompt tokens that carry the request's content ([B, S] bool, aligned with the prompt's
+        input ids), e.g. the user's message without the chat template and system prompt. Sequence-level
+        routing aggregates its scores over these tokens only (template tokens are the same in every request
+        and only add noise). Applies to the prompts run inside the block (this thread / task)."""
+        token = self._focus.set(None if mask is None else mask.bool())
+        try:
+            yield
+        finally:
+            self._focus.reset(token)
+
     def state(self) -> RequestState:
         return self._state.get(self._default)
 
@@ -299,7 +314,7 @@ class LAGRouter:
             start = 0
         fwd = self._forward.get(None)
         if fwd is None or start == 0:
-            fwd = _ForwardState()
+            fwd = _ForwardState(focus=self._focus.get())
             self._forward.set(fwd)
         fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
@@ -311,6 +326,15 @@ class LAGRouter:
         if fwd.mask.shape[1] < x.shape[1]:
             return None
         return fwd.mask[:, -x.shape[1]:].bool()
+
+    def _focus_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] content-token mask of a prompt (prefill) forward, if a focus was given for it."""
+        fwd = self._forward.get(None)
+        focus = fwd.focus if fwd is not None else None
+        if focus is None or x.dim() != 3 or tuple(focus.shape) != tuple(x.shape[:2]):
+            return None
+        mask = self._token_mask(x)
+        return focus if mask is None else focus & mask
 
     def _route(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,
                state: RequestState) -> torch.Tensor | None:
@@ -348,7 +372,9 @@ class LAGRouter:
         winners = fwd.winners.get(key)
         mask = self._token_mask(x)
         if winners is None or winners.shape[0] != x.shape[0]:
-            mask_ = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+            mask_ = self._focus_mask(x)
+            if mask_ is None or not bool(mask_.any(dim=1).all()):  # no focus: every real token counts
+                mask_ = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
             totals = sequence_scores(flat.view(*x.shape[:2], -1), mask_, t, cfg.mode, cfg.sequence_score,
                                      k=cfg.k, strategy=cfg.dispatch, approximate=cfg.arrow_backend != "exact",
                                      nprobe=cfg.nprobe)  # [B, N]

@@ -322,8 +322,9 @@ def test_routing_accuracy_matches_an_independent_trace(world, tmp_path):
     items = {item.id: item for item in harness.items}
     for rec in results["answers"]:
         item = items[(rec["mode"], rec["qid"])]
-        ids = llm.tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        with torch.no_grad(), router.using(item.routing), router.trace() as trace:
+        enc = llm.encode(item.prompt, 4, getattr(item.prompt, "focus", None))  # the user message is the focus
+        ids = enc["input_ids"]
+        with torch.no_grad(), router.using(item.routing), router.focus(enc.get("focus")), router.trace() as trace:
             llm.model(ids)  # one sequence, no padding: a plain prefill
         counts = trace.counts("knowledge")
         gold = names.index(item.question.doc_id)

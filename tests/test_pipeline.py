@@ -326,3 +326,15 @@ def test_cli_ask_json_and_compare(world, tmp_path, capsys):
 
 
 from llama_index.core.schema import QueryBundle  # noqa: E402
+
+
+def test_chat_marks_the_user_message_as_focus(llm):
+    from llama_index_lag.llm import _user_texts
+
+    messages = [ChatMessage(role="system", content="You are terse."),
+                ChatMessage(role="user", content="Where is Drelmouth?")]
+    prompt = llm.chat_prompt(messages)
+    enc = llm.encode(prompt, 8, _user_texts(messages))
+    ids = enc["input_ids"][0][enc["focus"][0]]
+    assert llm.tokenizer.decode(ids).strip() == "Where is Drelmouth?"
+    assert enc["focus"][0].sum() < enc["input_ids"].shape[1]  # template and system tokens are not focus

@@ -337,3 +337,27 @@ def test_nested_traces_and_timers_all_record(tiny_model, two_libs):
     assert inner.summary()["knowledge"]["selections"] == IDS.shape[1] * 6
     assert outer.summary()["knowledge"]["selections"] == 2 * IDS.shape[1] * 6
     assert t_outer[0] > t_inner[0] > 0
+
+
+def test_focus_restricts_sequence_aggregation_to_content_tokens(tiny_model, two_libs):
+    from llama_index_lag.routing.engine import sequence_scores
+
+    know, _ = two_libs
+    router = attach_lag(tiny_model, know, LAGConfig(mode="spectr", granularity="sequence"))
+    focus = torch.zeros_like(IDS, dtype=torch.bool)
+    focus[0, 7:11] = True  # the "content" tokens
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [tiny_model.get_submodule(m).register_forward_pre_hook(
+        lambda mod, args, m=m: inputs.__setitem__(m, args[0].detach().clone())) for m in router.modules]
+    winners = {}
+    for mask in (focus, None):
+        with torch.no_grad(), router.focus(mask), router.trace() as t:
+            tiny_model(IDS)
+        winners[mask is None] = {m: t.tokens("knowledge", m) for m in t.modules("knowledge")}
+        for module, chosen in winners[mask is None].items():
+            scope = focus if mask is not None else torch.ones_like(focus)
+            pool = router.pools["knowledge"].tensors(module)
+            expected = sequence_scores(inputs[module], scope, pool, "spectr", "mass").argmax(-1)
+            assert (chosen == expected[0]).all(), module
+    for h in hooks:
+        h.remove()

@@ -655,8 +655,12 @@ class EvalHarness:
         return prompt, prompt is None
 
     def _encode(self, prompt: str) -> Any:
-        if prompt not in self._enc_cache:  # LAGLLM's own tokenisation and truncation
-            self._enc_cache[prompt] = self.view.encode(prompt, self.config.max_new_tokens)["input_ids"][0]
+        return self._encoded(prompt)["input_ids"][0]
+
+    def _encoded(self, prompt: str) -> dict[str, Any]:
+        if prompt not in self._enc_cache:  # LAGLLM's own tokenisation, truncation and focus tokens
+            self._enc_cache[prompt] = self.view.encode(prompt, self.config.max_new_tokens,
+                                                       getattr(prompt, "focus", None))
         return self._enc_cache[prompt]
 
     def batches(self, items: Sequence[_Item]) -> list[list[_Item]]:
@@ -733,15 +737,19 @@ class EvalHarness:
         from ..llm import cut_at_stop
 
         llm, tok, model = self.view, self.view.tokenizer, self.view.model
-        encs = [self._encode(it.prompt) for it in batch]
+        encoded = [self._encoded(it.prompt) for it in batch]
+        encs = [e["input_ids"][0] for e in encoded]
         lens = [int(e.shape[0]) for e in encs]
         width = max(lens)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        focus = torch.zeros((len(batch), width), dtype=torch.bool)
         for i, e in enumerate(encs):
             ids[i, width - lens[i]:] = e
             mask[i, width - lens[i]:] = 1
+            if "focus" in encoded[i]:
+                focus[i, width - lens[i]:] = encoded[i]["focus"][0]
         gen_kw = llm.generation_kwargs({"max_new_tokens": self.config.max_new_tokens, "temperature": 0.0})
         cfg = first_routing = batch[0].routing
         torch.manual_seed(self.config.seed)
@@ -749,6 +757,7 @@ class EvalHarness:
             trace = timer = None
             if self.router is not None:
                 stack.enter_context(self.router.using(cfg))
+                stack.enter_context(self.router.focus(focus if bool(focus.any()) else None))
                 if cfg.mode != "none":
                     trace = stack.enter_context(self.router.trace(keep_tokens=True))
                     timer = stack.enter_context(self.router.timing())
@@ -874,10 +883,20 @@ class EvalHarness:
 
 
 # ---- prompts (exactly what the pipeline sends) ---------------------------------------------------------
+class ChatPrompt(str):
+    """A rendered chat prompt that remembers its user-message texts (``focus``): LAGLLM.chat marks the same
+    tokens as the request's content for sequence-level routing, so the harness does too."""
+
+    focus: list[str] | None = None
+
+
 def predict_prompt(llm: Any, template: Any, **kwargs: Any) -> str:
     """What ``llm.predict(template, **kwargs)`` hands to ``LAGLLM.complete`` (formatted=True)."""
     if llm.metadata.is_chat_model:
-        return llm.chat_prompt(llm._get_messages(template, **kwargs))
+        messages = llm._get_messages(template, **kwargs)
+        prompt = ChatPrompt(llm.chat_prompt(messages))
+        prompt.focus = [m.content for m in messages if m.role.value == "user" and m.content]
+        return prompt
     return llm._get_prompt(template, **kwargs)
 
 
