@@ -35,9 +35,11 @@ class LAGConfig:
         kinds to route (``None``: every attached library).
     granularity:
         ``token`` (the paper): a choice per token per module. ``sequence``: scores are aggregated over each
-        prompt (``sequence_score``: ``mass`` = sum of per-token SpectR scores normalised over the
+        prompt's content tokens (``sequence_score``: ``mass`` = sum of per-token scores normalised over the
         candidates, ``vote`` = count of per-token winners) and the winner is applied to all its tokens,
-        including generated ones.
+        including generated ones. ``sequence_scope``: ``model`` sums the scores of every adapted module in
+        one extra adapter-free forward over the prompt and applies one adapter per library everywhere;
+        ``module`` decides per module from that module's scores (no extra forward).
     dynamic_k:
         ``lag`` only (the paper's future work): per token, of the Arrow top-``k`` keep the candidates whose
         score is at least ``dynamic_k x`` the best score (a margin in (0, 1]); ``k`` is then the maximum.
@@ -58,6 +60,7 @@ class LAGConfig:
     libraries: tuple[str, ...] | None = None
     granularity: Literal["token", "sequence"] = "token"
     sequence_score: Literal["mass", "vote"] = "mass"
+    sequence_scope: Literal["model", "module"] = "model"
     dynamic_k: float | None = None
     arrow_backend: Literal["auto", "exact", "faiss"] = "auto"
     nprobe: int | None = None
@@ -75,6 +78,8 @@ class LAGConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}", field="temperature")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}", field="granularity")
+        if self.sequence_scope not in ("model", "module"):
+            raise ConfigError("sequence_scope must be 'model' or 'module'", field="sequence_scope")
         if self.sequence_score not in SEQUENCE_SCORES:
             raise ConfigError(f"sequence_score must be one of {SEQUENCE_SCORES}", field="sequence_score")
         if self.dynamic_k is not None and not 0 < self.dynamic_k <= 1:

@@ -56,6 +56,7 @@ class _ForwardState:
     mask: torch.Tensor | None = None  # [B, S_total] 1 for real tokens
     focus: torch.Tensor | None = None  # [B, S_prompt] True for the prompt's content tokens (see focus())
     winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
+    scoring: dict[str, torch.Tensor] | None = None  # kind -> [B, N] scores summed over modules (pre-pass)
 
 
 class Pool:
@@ -313,10 +314,36 @@ class LAGRouter:
         else:
             start = 0
         fwd = self._forward.get(None)
+        if fwd is not None and fwd.scoring is not None:
+            return  # inside the scoring pre-pass of sequence-level routing (below)
         if fwd is None or start == 0:
             fwd = _ForwardState(focus=self._focus.get())
             self._forward.set(fwd)
         fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cfg = self.state().config
+        if start == 0 and cfg.granularity == "sequence" and cfg.sequence_scope == "model" and cfg.mode in (
+                "arrow", "spectr", "lag"):
+            self._choose_for_sequences(fwd, kwargs)
+
+    @torch.no_grad()
+    def _choose_for_sequences(self, fwd: _ForwardState, kwargs: dict) -> None:
+        """Sequence-level routing over the whole model: one extra, adapter-free forward over the prompt sums
+        every module's scores per sequence; the best adapter of each library then serves every module."""
+        inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+                  if kwargs.get(k) is not None}
+        fwd.scoring = {}
+        current = self.state()
+        token = self._state.set(RequestState(current.config, (), current.timings, current.fixed_idx))  # untraced
+        try:
+            self.model(**inputs, use_cache=False)
+            scores = fwd.scoring
+        finally:
+            fwd.scoring = None
+            self._state.reset(token)
+        for kind, totals in scores.items():
+            best = totals.argmax(dim=-1)  # [B]
+            for module in self.pools[kind].modules:
+                fwd.winners[(kind, module)] = best
 
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """[B, S] bool mask of the current tokens (False = padding), if known."""
@@ -352,6 +379,11 @@ class LAGRouter:
         if cfg.mode == "fixed":
             return None
         if cfg.granularity == "sequence" and x.dim() == 3:
+            fwd = self._forward.get(None)
+            if fwd is not None and fwd.scoring is not None:  # scoring pre-pass: accumulate, apply nothing
+                totals = self._sequence_totals(module, kind, t, x, flat, cfg)
+                fwd.scoring[kind] = fwd.scoring[kind] + totals if kind in fwd.scoring else totals
+                return None
             return self._route_sequence(module, kind, t, x, flat, state)
         out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
                            spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
@@ -359,6 +391,17 @@ class LAGRouter:
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
+
+    def _sequence_totals(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                         cfg: LAGConfig) -> torch.Tensor:
+        """[B, N] this module's scores per sequence, over the focus tokens (else every real token)."""
+        mask = self._focus_mask(x)
+        if mask is None or not bool(mask.any(dim=1).all()):  # no focus: every real token counts
+            mask = self._token_mask(x)
+            mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+        return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
+                               strategy=cfg.dispatch, approximate=cfg.arrow_backend != "exact",
+                               nprobe=cfg.nprobe)
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                         state: RequestState) -> torch.Tensor:
@@ -372,13 +415,7 @@ class LAGRouter:
         winners = fwd.winners.get(key)
         mask = self._token_mask(x)
         if winners is None or winners.shape[0] != x.shape[0]:
-            mask_ = self._focus_mask(x)
-            if mask_ is None or not bool(mask_.any(dim=1).all()):  # no focus: every real token counts
-                mask_ = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
-            totals = sequence_scores(flat.view(*x.shape[:2], -1), mask_, t, cfg.mode, cfg.sequence_score,
-                                     k=cfg.k, strategy=cfg.dispatch, approximate=cfg.arrow_backend != "exact",
-                                     nprobe=cfg.nprobe)  # [B, N]
-            winners = totals.argmax(dim=-1)  # [B]
+            winners = self._sequence_totals(module, kind, t, x, flat, cfg).argmax(dim=-1)  # [B]
             fwd.winners[key] = winners
         chosen = winners.repeat_interleave(x.shape[1])  # [T]
         xs = flat.view(*x.shape[:2], -1)  # [B, S, n]

@@ -343,7 +343,7 @@ def test_focus_restricts_sequence_aggregation_to_content_tokens(tiny_model, two_
     from llama_index_lag.routing.engine import sequence_scores
 
     know, _ = two_libs
-    router = attach_lag(tiny_model, know, LAGConfig(mode="spectr", granularity="sequence"))
+    router = attach_lag(tiny_model, know, LAGConfig(mode="spectr", granularity="sequence", sequence_scope="module"))
     focus = torch.zeros_like(IDS, dtype=torch.bool)
     focus[0, 7:11] = True  # the "content" tokens
     inputs: dict[str, torch.Tensor] = {}
@@ -361,3 +361,35 @@ def test_focus_restricts_sequence_aggregation_to_content_tokens(tiny_model, two_
             assert (chosen == expected[0]).all(), module
     for h in hooks:
         h.remove()
+
+
+def test_model_scope_sequence_routing_sums_every_module(tiny_model, two_libs):
+    """One adapter per library for the whole request: argmax of the scores summed over every module of an
+    adapter-free forward of the prompt (focus tokens only)."""
+    from llama_index_lag.routing.engine import sequence_scores
+
+    know, _ = two_libs
+    router = attach_lag(tiny_model, know, LAGConfig(mode="lag", k=3, granularity="sequence",
+                                                    sequence_scope="model"))
+    focus = torch.zeros_like(IDS, dtype=torch.bool)
+    focus[0, 3:10] = True
+    inputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), router.using(mode="none"):  # the reference: bare activations of every module
+        hooks = [tiny_model.get_submodule(m).register_forward_pre_hook(
+            lambda mod, args, m=m: inputs.__setitem__(m, args[0].detach().clone())) for m in router.modules]
+        tiny_model(IDS)
+        for h in hooks:
+            h.remove()
+    totals = sum(sequence_scores(inputs[m], focus, router.pools["knowledge"].tensors(m), "lag", "mass", k=3)
+                 for m in router.modules)
+    with torch.no_grad(), router.focus(focus), router.trace() as t:
+        out = tiny_model.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    chosen = torch.cat([t.tokens("knowledge", m) for m in t.modules("knowledge")])
+    assert (chosen == int(totals.argmax())).all()
+    assert t.summary()["knowledge"]["selections"] == (IDS.shape[1] + 3) * 6  # the pre-pass is not traced
+    fixed = attach_lag  # same output as fixing that adapter
+    router.detach()
+    r2 = fixed(tiny_model, know, LAGConfig(mode="fixed", fixed={"knowledge": [know.names[int(totals.argmax())]]}))
+    with torch.no_grad():
+        assert torch.equal(tiny_model.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0), out)
+    r2.detach()
