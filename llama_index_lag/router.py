@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import itertools
 import logging
 import time
@@ -193,6 +194,7 @@ class LAGRouter:
         for name, module in wrapped.items():  # swap only after every check passed
             self._originals[name] = module.base_layer
             _set_submodule(self.model, name, module)
+        self._forward_signature = inspect.signature(self.model.forward)
         self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._attached = True
 
@@ -304,6 +306,8 @@ class LAGRouter:
     # ---- the hot path ---------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the attention mask (padding) and start a fresh sequence state on a new prompt."""
+        if args:  # `model(input_ids, ...)`: name the positional arguments
+            kwargs = {**self._forward_signature.bind_partial(*args).arguments, **kwargs}
         mask = kwargs.get("attention_mask")
         past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 passes `cache`
         position = kwargs.get("cache_position")
