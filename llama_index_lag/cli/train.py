@@ -1,0 +1,124 @@
+"""``lag build-adapters`` (one knowledge adapter per document) and ``lag train-task`` (a task adapter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe (defaults: the measured ones; see lag_adapter.json of any adapter)")
+    g.add_argument("--recipe", metavar="JSON_FILE", help="recipe fields as a JSON object (flags below override it)")
+    g.add_argument("--steps", type=int, help="training steps per adapter")
+    g.add_argument("--rank", type=int, help="LoRA rank (alpha follows as 2 x rank unless --alpha)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--batch-size", type=int, help="examples per step")
+    g.add_argument("--init", choices=["eva", "eva-peft", "default"], help="LoRA initialisation")
+    g.add_argument("--targets", help="comma-separated target modules, e.g. gate_proj,up_proj,down_proj")
+    g.add_argument("--bf16", choices=["auto", "on", "off"], default=None,
+                   help="bfloat16 autocast while training (auto: on CPUs with AMX)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from ..errors import ConfigError
+
+    fields: dict[str, Any] = {}
+    if args.recipe:
+        try:
+            data = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the recipe: {exc}", path=args.recipe) from None
+        if not isinstance(data, dict):
+            raise ConfigError("the recipe must be a JSON object", path=args.recipe)
+        fields.update(data)
+    for name in ("steps", "rank", "alpha", "lr", "batch_size", "init"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    if args.rank is not None and args.alpha is None and "alpha" not in fields:
+        fields["alpha"] = 2.0 * args.rank
+    if args.targets:
+        fields["target_modules"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.bf16 is not None:
+        fields["bf16"] = {"auto": None, "on": True, "off": False}[args.bf16]
+    return fields
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-adapters",
+        help="train one knowledge adapter (PEFT LoRA) per document, optionally compile them into a library",
+        description="For every document: the base model writes a rewrite and question-answer pairs, a LoRA "
+        "(EVA init) is trained on the document, the rewrite, sentence facts and the QA pairs, and saved as "
+        "ADAPTERS_DIR/<doc_id> (a standard PEFT folder + lag_adapter.json). Re-running skips finished "
+        "adapters; an interrupted run never leaves a half-written one.",
+    )
+    p.add_argument("--docs", required=True, metavar="DOCUMENTS_JSONL", help="documents.jsonl (id, title, text)")
+    p.add_argument("--out", required=True, metavar="ADAPTERS_DIR", help="folder of the adapter folders")
+    p.add_argument("--base", metavar="MODEL_DIR", default=None,
+                   help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--compile", metavar="LIB_DIR", default=None,
+                   help="then compile all the documents' adapters into a knowledge library here")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel worker processes (each loads its own model; threads are split)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild adapters that are already finished")
+    p.add_argument("--no-generate", action="store_true",
+                   help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _recipe_args(p)
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser(
+        "train-task",
+        help="train a task adapter (PEFT LoRA) on {prompt, answer} examples",
+        description="Trains a LoRA on examples.jsonl lines {\"prompt\", \"answer\"} in the chat template (loss "
+        "on the answer) and writes OUT (a standard PEFT folder + lag_adapter.json with kind 'task'). Compile "
+        "several with `lag compile --kind task`.",
+    )
+    p.add_argument("--data", required=True, metavar="EXAMPLES_JSONL")
+    p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write (its name = adapter name)")
+    p.add_argument("--base", metavar="MODEL_DIR", default=None,
+                   help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=float, help="epochs over the examples (when --steps is not given)")
+    _recipe_args(p)
+    p.set_defaults(func=_train_task)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..training import KnowledgeRecipe, build_knowledge_adapters
+
+    fields = _overrides(args)
+    if args.no_generate:
+        fields.update(n_rewrites=0, qa=False)
+    recipe = KnowledgeRecipe.from_dict({**KnowledgeRecipe().to_dict(), **fields})
+    report = build_knowledge_adapters(args.docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
+                                      workers=args.workers, compile_to=args.compile, progress=not args.quiet,
+                                      overwrite=args.overwrite)
+    times = [m["timings"]["total_s"] for d, m in report.metadata.items() if d in report.built]
+    mean = f", {sum(times) / len(times):.1f} s per adapter" if times else ""
+    print(f"{report.out}: built {len(report.built)}, already finished {len(report.skipped)}{mean} "
+          f"({report.seconds:.0f} s)")
+    if report.library is not None:
+        print(f"knowledge library: {report.library} ({len(report.metadata)} adapters)")
+    return 0
+
+
+def _train_task(args: argparse.Namespace) -> int:
+    from ..training import TaskRecipe, train_task_adapter
+
+    fields = _overrides(args)
+    if args.epochs is not None:
+        fields["epochs"] = args.epochs
+        fields.setdefault("steps", 0)
+    recipe = TaskRecipe.from_dict({**TaskRecipe().to_dict(), **fields})
+    meta = train_task_adapter(args.data, args.out, base=args.base, recipe=recipe, seed=args.seed)
+    print(f"{args.out}: task adapter {meta['name']!r} from {meta['examples']} examples, "
+          f"{meta['train']['steps']} steps, loss {meta['train']['loss_first']} -> {meta['train']['loss_tail_mean']} "
+          f"({meta['timings']['total_s']:.0f} s)", file=sys.stdout)
+    return 0

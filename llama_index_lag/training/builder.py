@@ -1,0 +1,510 @@
+"""Build one knowledge adapter per document (resumable, optionally in parallel) and task adapters.
+
+Layout of ``ADAPTERS_DIR``::
+
+    <doc_id>/adapter_config.json          a standard PEFT LoRA folder, named by the document id
+    <doc_id>/adapter_model.safetensors
+    <doc_id>/lag_adapter.json             doc_id, kind, recipe, seed, timings, train loss, QA counts
+
+Each adapter is written into a hidden temporary sibling and renamed into place only when complete
+(``atomic_dir``), ``lag_adapter.json`` included, so a folder with a valid ``lag_adapter.json`` is a finished
+adapter and nothing else is: re-running a build skips finished adapters and (re)builds the rest; an interrupted
+run (Ctrl-C, crash, disk full) never leaves a half-written adapter that is taken as finished.
+
+Determinism: every document gets its own seed ``crc32(f"{seed}:{doc_id}")``, so an adapter does not depend on
+the order of documents or on how they were spread over workers (bit-identical for the same torch thread count;
+a different thread count can change the last bits of the float sums).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from .._fs import atomic_dir, atomic_write_json
+from ..data import DocumentRecord, TaskExample, id_key, read_documents, read_task_examples, validate_id
+from ..errors import ConfigError, DataError, LAGError
+from .augment import (
+    HFGenerator,
+    QAGenerationWarning,
+    TextGenerator,
+    augment_document,
+    chat_example,
+    chunk_document,
+    eva_texts,
+    knowledge_examples,
+)
+from .recipe import KnowledgeRecipe, TaskRecipe
+from .train import StepCallback, train_lora
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..library import AdapterLibrary
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "lag_adapter.json"
+META_FORMAT = "llama-index-lag/adapter"
+META_VERSION = 1
+
+
+class BuildError(LAGError):
+    """Building an adapter failed (disk full, unwritable folder, worker crash); finished adapters are kept and
+    re-running the build resumes."""
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+def read_adapter_meta(folder: str | Path) -> dict[str, Any] | None:
+    """The ``lag_adapter.json`` of a finished adapter folder, else None (missing, corrupt, or no weights)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        return None
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
+        return None
+    return meta
+
+
+def is_finished(folder: str | Path, doc_id: str | None = None, kind: str = "knowledge") -> bool:
+    meta = read_adapter_meta(folder)
+    if meta is None or meta.get("kind") != kind:
+        return False
+    return doc_id is None or meta.get("doc_id") == doc_id
+
+
+def document_seed(seed: int, doc_id: str) -> int:
+    """The per-document seed (independent of order and workers)."""
+    return zlib.crc32(f"{seed}:{doc_id}".encode()) & 0x7FFFFFFF
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"llama_index_lag": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _base_info(model: Any) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    return {"name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+            "architecture": type(model).__name__,
+            "model_type": getattr(cfg, "model_type", None)}
+
+
+def _text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- one adapter
+def build_knowledge_adapter(
+    doc: DocumentRecord,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    recipe: KnowledgeRecipe | None = None,
+    seed: int = 0,
+    generate: TextGenerator | Callable[..., list[str]] | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Generate, train and atomically write the knowledge adapter of ``doc`` into ``out_dir``; return its
+    metadata (also written as ``lag_adapter.json``). ``generate`` defaults to greedy generation with ``model``."""
+    from .train import seed_everything
+
+    recipe = recipe or KnowledgeRecipe()
+    doc_seed = document_seed(seed, doc.id)
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    seed_everything(doc_seed)
+    if generate is None and recipe.uses_generation:
+        generate = HFGenerator(model, tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QAGenerationWarning)
+        aug = augment_document(doc, tokenizer, recipe, generate)
+    for w in caught:  # QA skips go to the log (one line per document); anything else is re-issued
+        if issubclass(w.category, QAGenerationWarning):
+            logger.warning("%s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    gen_s = time.perf_counter() - start
+    examples = knowledge_examples(doc, aug, tokenizer, recipe)
+    out_dir = Path(out_dir)
+    with _disk_errors(doc.id, out_dir), atomic_dir(out_dir) as tmp:
+        stats = train_lora(model, tokenizer, examples, recipe, tmp, eva_texts=eva_texts(aug), seed=doc_seed,
+                           steps=recipe.n_steps(len(aug.chunks)), on_step=on_step)
+        counts = _count(e.kind for e in examples)
+        meta = {
+            "format": META_FORMAT,
+            "format_version": META_VERSION,
+            "kind": "knowledge",
+            "doc_id": doc.id,
+            "title": doc.title,
+            "document_sha256": _text_sha(doc.text),
+            "seed": seed,
+            "adapter_seed": doc_seed,
+            "recipe": recipe.to_dict(),
+            "base_model": _base_info(model),
+            "augmentation": {**aug.stats, "examples": counts},
+            "train": {k: v for k, v in stats.items() if k != "timings"},
+            "timings": {
+                "generate_s": round(gen_s, 3),
+                "eva_init_s": stats["timings"].get("init_s"),
+                "train_s": stats["timings"].get("train_s"),
+                "save_s": stats["timings"].get("save_s"),
+                "total_s": round(time.perf_counter() - start, 3),
+                "cpu_s": round(time.process_time() - cpu_start, 3),
+                "threads": _threads(),
+            },
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+    return meta
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _count(items: Iterator[str] | Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+@contextlib.contextmanager
+def _disk_errors(name: str, path: Path) -> Iterator[None]:
+    """Turn OS write errors into :class:`BuildError` naming the adapter (the temp folder is already gone)."""
+    try:
+        yield
+    except OSError as exc:
+        what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"cannot write ({exc})"
+        raise BuildError(f"{what} while writing the adapter; finished adapters are kept, re-run to resume",
+                         adapter=name, path=path) from exc
+
+
+# ---------------------------------------------------------------------------------------------- many adapters
+@dataclass
+class BuildReport:
+    """What :func:`build_knowledge_adapters` did."""
+
+    out: Path
+    built: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    library: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def adapter_dirs(self) -> list[Path]:
+        return [self.out / doc_id for doc_id in self.metadata]
+
+
+def _check_documents(documents: Sequence[DocumentRecord]) -> None:
+    if not documents:
+        raise DataError("no documents to build adapters for")
+    seen: dict[str, str] = {}
+    for doc in documents:
+        validate_id(doc.id)
+        key = id_key(doc.id)
+        if key in seen:
+            raise DataError(f"duplicate document id {doc.id!r} (collides with {seen[key]!r})", field="id")
+        seen[key] = doc.id
+        if not doc.text.strip():
+            raise DataError("document text is empty", field="text", adapter=doc.id)
+
+
+def _clean_stale(out: Path, doc_id: str) -> None:
+    """Remove temp folders an earlier crashed run left for this adapter."""
+    for stale in out.glob(f".{doc_id}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def build_knowledge_adapters(
+    documents: Sequence[DocumentRecord] | str | Path,
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    recipe: KnowledgeRecipe | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    compile_to: str | Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    generate: TextGenerator | Callable[..., list[str]] | None = None,
+    on_adapter: Callable[[str, dict[str, Any]], None] | None = None,
+    on_step: StepCallback | None = None,
+) -> BuildReport:
+    """Build the knowledge adapter of every document into ``out/<doc_id>`` (skipping finished ones unless
+    ``overwrite``), then compile them into a knowledge library at ``compile_to`` when given.
+
+    ``base`` is the model folder (None: the embedded SmolLM2-135M-Instruct); pass ``model`` + ``tokenizer``
+    to reuse a loaded model (``workers`` must then be 1). ``workers > 1`` trains in that many spawned processes,
+    each loading its own model and using ``torch.get_num_threads() // workers`` threads. ``on_adapter(doc_id,
+    meta)`` is called in this process after each finished adapter (raise from it to stop the build).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    docs = read_documents(documents) if isinstance(documents, (str, Path)) else list(documents)
+    _check_documents(docs)
+    recipe = recipe or KnowledgeRecipe()
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}", field="workers")
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer, or neither", field="model")
+    if model is not None and workers > 1:
+        raise ConfigError("a loaded model cannot be shared with worker processes; pass base= instead",
+                          field="workers")
+    if generate is not None and workers > 1:
+        raise ConfigError("a custom generate function only works with workers=1", field="workers")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = BuildReport(out=out)
+    todo: list[DocumentRecord] = []
+    for doc in docs:
+        meta = None if overwrite else read_adapter_meta(out / doc.id)
+        if meta is not None and meta.get("kind") == "knowledge" and meta.get("doc_id") == doc.id:
+            if meta.get("document_sha256") not in (None, _text_sha(doc.text)):
+                logger.warning("adapter %r was built from another version of the document; kept (pass "
+                               "overwrite=True / --overwrite to rebuild)", doc.id)
+            report.skipped.append(doc.id)
+            report.metadata[doc.id] = meta
+        else:
+            todo.append(doc)
+    for doc in todo:
+        _clean_stale(out, doc.id)
+
+    if todo:
+        if model is None and workers == 1:
+            from ..models import load_causal_lm
+
+            model, tokenizer = load_causal_lm(base)
+        check_tok = tokenizer if tokenizer is not None else _load_tokenizer(base)
+        for doc in todo:  # refuse too-long documents before spending any time
+            chunk_document(doc, check_tok, recipe)
+        bar = tqdm(total=len(docs), initial=len(report.skipped), desc="adapters", unit="adapter",
+                   disable=not progress, dynamic_ncols=True)
+        try:
+            def finished(doc_id: str, meta: dict[str, Any]) -> None:
+                report.built.append(doc_id)
+                report.metadata[doc_id] = meta
+                bar.update(1)
+                bar.set_postfix_str(f"{doc_id}: {meta['timings']['total_s']:.0f}s, "
+                                    f"loss {meta['train'].get('loss_tail_mean')}")
+                if on_adapter is not None:
+                    on_adapter(doc_id, meta)
+
+            if workers == 1:
+                assert model is not None and tokenizer is not None
+                for doc in todo:
+                    bar.set_description(f"adapters ({doc.id})")
+                    meta = build_knowledge_adapter(doc, model, tokenizer, out / doc.id, recipe=recipe, seed=seed,
+                                                   generate=generate, on_step=on_step)
+                    finished(doc.id, meta)
+            else:
+                _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished)
+        finally:
+            bar.close()
+    # documents order, not completion order
+    report.metadata = {doc.id: report.metadata[doc.id] for doc in docs if doc.id in report.metadata}
+    if compile_to is not None:
+        from ..library import AdapterLibrary
+
+        base_model: Any = model if model is not None else _resolve(base)
+        lib: AdapterLibrary = AdapterLibrary.compile([out / doc.id for doc in docs], kind="knowledge",
+                                                     base_model=base_model, out=compile_to, progress=progress)
+        report.library = lib.path
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _load_tokenizer(base: str | Path | None) -> Any:
+    """The tokenizer of a causal-LM folder (ModelError when the folder is not a causal LM)."""
+    from transformers import AutoTokenizer
+
+    from ..errors import ModelError
+    from ..models import check_causal_lm_dir
+
+    folder = _resolve(base)
+    check_causal_lm_dir(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer: {exc}", path=folder) from exc
+
+
+def _resolve(base: str | Path | None) -> Path:
+    from ..models import resolve_model_dir
+
+    return resolve_model_dir(base)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(base: str | None, threads: int) -> None:
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    torch.set_num_threads(threads)
+    from ..models import load_causal_lm
+
+    _WORKER["model"], _WORKER["tokenizer"] = load_causal_lm(base)
+
+
+def _worker_build(doc: DocumentRecord, out_dir: str, recipe: KnowledgeRecipe, seed: int) -> dict[str, Any]:
+    return build_knowledge_adapter(doc, _WORKER["model"], _WORKER["tokenizer"], out_dir, recipe=recipe,
+                                   seed=seed)
+
+
+def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | None, recipe: KnowledgeRecipe,
+                    seed: int, workers: int, total_threads: int,
+                    finished: Callable[[str, dict[str, Any]], None]) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    workers = min(workers, len(todo))
+    threads = max(1, total_threads // workers)
+    base_str = str(_resolve(base))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(base_str, threads))
+    clean = False
+    try:
+        pending = {pool.submit(_worker_build, doc, str(out / doc.id), recipe, seed): doc.id for doc in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                doc_id = pending.pop(fut)
+                try:
+                    meta = fut.result()
+                except LAGError:
+                    raise
+                except Exception as exc:  # BrokenProcessPool, pickling problems, worker crash
+                    raise BuildError(f"worker failed: {exc!r}; finished adapters are kept, re-run to resume",
+                                     adapter=doc_id) from exc
+                finished(doc_id, meta)
+        clean = True
+    finally:
+        if clean:
+            pool.shutdown(wait=True)
+        else:
+            for proc in list(getattr(pool, "_processes", {}).values()):  # stop the workers we started
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- task adapters
+def task_examples(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenizerBase) -> list[Any]:
+    from .augment import Example
+
+    out = []
+    for ex in examples:
+        p, c = chat_example(tokenizer, ex.prompt, ex.answer)
+        out.append(Example(p, c, "task"))
+    return out
+
+
+def train_task_adapter(
+    data: Sequence[TaskExample] | str | Path,
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    recipe: TaskRecipe | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Train a task adapter on ``{"prompt", "answer"}`` examples (chat template, loss on the answer) and write
+    it atomically to ``out`` (a PEFT folder + ``lag_adapter.json`` with ``"kind": "task"``)."""
+    from .train import seed_everything
+
+    recipe = recipe or TaskRecipe()
+    source = str(data) if isinstance(data, (str, Path)) else None
+    records = read_task_examples(data) if isinstance(data, (str, Path)) else list(data)
+    if not records:
+        raise DataError("no task examples")
+    out = Path(out)
+    name = validate_id(name or out.name, field="name")
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer, or neither", field="model")
+    if model is None:
+        from ..models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(base)
+    assert tokenizer is not None
+    start = time.perf_counter()
+    seed_everything(seed)
+    examples = task_examples(records, tokenizer)
+    texts = [f"{r.prompt}\n{r.answer}" for r in records]
+    n_steps = recipe.n_steps(len(records))
+    with _disk_errors(name, out), atomic_dir(out) as tmp:
+        stats = train_lora(model, tokenizer, examples, recipe, tmp, eva_texts=texts, seed=seed, steps=n_steps,
+                           on_step=on_step)
+        digest = hashlib.sha256("\n".join(f"{r.prompt}\t{r.answer}" for r in records).encode()).hexdigest()
+        meta = {
+            "format": META_FORMAT,
+            "format_version": META_VERSION,
+            "kind": "task",
+            "name": name,
+            "source": source,
+            "data_sha256": digest,
+            "examples": len(records),
+            "seed": seed,
+            "recipe": recipe.to_dict(),
+            "base_model": _base_info(model),
+            "train": {k: v for k, v in stats.items() if k != "timings"},
+            "timings": {"eva_init_s": stats["timings"].get("init_s"), "train_s": stats["timings"].get("train_s"),
+                        "save_s": stats["timings"].get("save_s"),
+                        "total_s": round(time.perf_counter() - start, 3)},
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+    return meta
+
+
+__all__ = [
+    "META_FILE",
+    "BuildError",
+    "BuildReport",
+    "build_knowledge_adapter",
+    "build_knowledge_adapters",
+    "document_seed",
+    "is_finished",
+    "read_adapter_meta",
+    "train_task_adapter",
+]
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
