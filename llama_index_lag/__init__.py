@@ -34,6 +34,12 @@ _EXPORTS = {
     "load_index": "llama_index_lag.indexing",
     "prepare_default_model": "llama_index_lag.models",
     "load_causal_lm": "llama_index_lag.models",
+    # adapters from documents / examples
+    "KnowledgeRecipe": "llama_index_lag.training",
+    "TaskRecipe": "llama_index_lag.training",
+    "build_knowledge_adapters": "llama_index_lag.training",
+    "train_task_adapter": "llama_index_lag.training",
+    "measure_recall": "llama_index_lag.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]

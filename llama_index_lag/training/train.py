@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -251,6 +252,15 @@ def lora_config(recipe: _Recipe) -> Any:
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **kwargs)
 
 
+def _peft_wrap(model: Any, recipe: _Recipe, **kwargs: Any) -> Any:
+    """``get_peft_model``, without transformers' deprecation notice for an attribute PEFT reads."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config(recipe), **kwargs)
+
+
 def _check_targets(model: Any, targets: Sequence[str]) -> None:
     import torch
 
@@ -279,7 +289,6 @@ def train_lora(
     given ``seed`` and torch thread count. ``eva_texts`` default to the examples' full texts.
     """
     import torch
-    from peft import get_peft_model
 
     if hasattr(model, "peft_config"):
         raise ModelError("the base model already carries PEFT adapters; pass the bare model")
@@ -299,17 +308,17 @@ def train_lora(
         t0 = time.perf_counter()
         eva_source = list(eva_texts) if eva_texts else [e.prompt + e.completion for e in examples]
         if recipe.init == "eva":
-            peft_model = get_peft_model(model, lora_config(recipe), low_cpu_mem_usage=True)
+            peft_model = _peft_wrap(model, recipe, low_cpu_mem_usage=True)
             from peft import initialize_lora_eva_weights
 
             sd = exact_eva_state_dict(peft_model, tokenizer, eva_source, recipe.rank,
                                       max_length=recipe.max_length, seed=seed)
             initialize_lora_eva_weights(peft_model, eva_state_dict=sd, show_progress_bar=False)
         elif recipe.init == "eva-peft":
-            peft_model = get_peft_model(model, lora_config(recipe), low_cpu_mem_usage=True)
+            peft_model = _peft_wrap(model, recipe, low_cpu_mem_usage=True)
             _eva_peft(peft_model, tokenizer, eva_source, recipe.max_length)
         else:
-            peft_model = get_peft_model(model, lora_config(recipe))
+            peft_model = _peft_wrap(model, recipe)
         timings["init_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
