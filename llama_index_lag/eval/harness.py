@@ -497,8 +497,10 @@ class EvalHarness:
             k = n if value == "N" else min(int(value), n)
             points.setdefault(k, "N" if k == n else str(k))
         out = []
+        # lag with k = 1 is arrow and with k = N is spectr (same selections, tested in test_routing): reuse them
+        same = {cfg.k: "lag", 1: "arrow", n: "spectr"}
         for k in sorted(points):
-            name = "lag" if k == cfg.k and "lag" in names else f"lag-k{k}"
+            name = same[k] if same.get(k) in names else f"lag-k{k}"
             if name not in names:
                 self.specs.append(parse_mode(name, cfg.k))
                 names.add(name)

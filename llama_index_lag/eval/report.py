@@ -281,6 +281,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(results: Mapping[str, Any], path: str | Path) -> Path | None:
     """Score and routing accuracy vs k (log x), one PNG; None when the run has no sweep."""
     s = summarize(results)
@@ -318,11 +329,7 @@ def plot_sweep(results: Mapping[str, Any], path: str | Path) -> Path | None:
         ax.set_xlabel("k (Arrow candidates reranked by SpectR)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_dynamic(results: Mapping[str, Any], path: str | Path) -> Path | None:
@@ -355,11 +362,7 @@ def plot_dynamic(results: Mapping[str, Any], path: str | Path) -> Path | None:
     ax.set_title("Dynamic k: quality vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
