@@ -128,7 +128,9 @@ def _disk(path: Path) -> int:
 
 @torch.no_grad()
 def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor], ids: torch.Tensor,
-            bare: dict[str, float], decode_tokens: int) -> dict[str, Any]:
+            bare: dict[str, float], decode_tokens: int, nprobes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One library: load, routing cost per module, approximate-stage quality (also for each of ``nprobes``),
+    end-to-end prefill / decode vs the bare model, resident memory."""
     rss0 = _rss()
     start = time.perf_counter()
     lib = AdapterLibrary.load(lib_path)
@@ -152,18 +154,10 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
             row[f"{label}_module_ms_faiss"] = 1e3 * timeit(
                 lambda: route_tokens(xs, t, "lag", k=K, approximate=True), repeat=3, min_time=0.2)
     if indexed:
-        recalls, agree = [], []
-        for m in lib.modules:
-            tm = router.pools["knowledge"].tensors(m)
-            xm = acts[m][:256].to(tm.A.dtype)
-            _, exact = tm.arrow(xm, K)
-            _, approx = tm.arrow(xm, K, approximate=True)
-            recalls.append(np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(exact, approx)]))
-            w_exact = route_tokens(xm, tm, "lag", k=K).chosen
-            w_approx = route_tokens(xm, tm, "lag", k=K, approximate=True).chosen
-            agree.append(float((w_exact == w_approx).float().mean()))
-        row["recall_at_k"] = float(np.mean(recalls))
-        row["choice_agreement"] = float(np.mean(agree))
+        default = _approx_quality(router, acts, t.index.nprobe)
+        row.update(nprobe=default["nprobe"], recall_at_k=default["recall_at_k"],
+                   choice_agreement=default["choice_agreement"])
+        row["nprobe_sweep"] = [_approx_quality(router, acts, nprobe) for nprobe in nprobes]
     # end to end
     row["prefill_s"] = timeit(lambda: model(ids, use_cache=False), repeat=2)
     row["prefill_x_bare"] = row["prefill_s"] / bare["prefill_s"]
@@ -181,9 +175,35 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     return row
 
 
+def _approx_quality(router: Any, acts: dict[str, torch.Tensor], nprobe: int) -> dict[str, float]:
+    """Recall@k of the approximate Arrow stage, agreement of the final LAG choice with exact routing, and the
+    decode cost of one module, when ``nprobe`` IVF lists are searched."""
+    pool = router.pools["knowledge"]
+    recalls, agree = [], []
+    for m in pool.modules:
+        tm = pool.tensors(m)
+        xm = acts[m][:256].to(tm.A.dtype)
+        _, exact = tm.arrow(xm, K)
+        _, approx = tm.arrow(xm, K, approximate=True, nprobe=nprobe)
+        recalls.append(np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(exact, approx)]))
+        w_exact = route_tokens(xm, tm, "lag", k=K).chosen
+        w_approx = route_tokens(xm, tm, "lag", k=K, approximate=True, nprobe=nprobe).chosen
+        agree.append(float((w_exact == w_approx).float().mean()))
+    module = next(m for m in pool.modules if m.endswith("down_proj"))
+    t = pool.tensors(module)
+    x1 = acts[module][:1].to(t.A.dtype)
+    ms = 1e3 * timeit(lambda: route_tokens(x1, t, "lag", k=K, approximate=True, nprobe=nprobe), repeat=3,
+                      min_time=0.2)
+    return {"nprobe": nprobe, "recall_at_k": float(np.mean(recalls)), "choice_agreement": float(np.mean(agree)),
+            "decode_module_ms_faiss": ms}
+
+
 def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10_000, 100_000),
         layers: int | None = None, dtype: str = "float16", work: str | Path | None = None,
-        threads: int | None = None, decode_tokens: int = 16, keep: bool = True) -> dict[str, Any]:
+        threads: int | None = None, decode_tokens: int = 16, keep: bool = True,
+        nprobes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Build (or reuse) a synthetic library per N in ``ns`` and measure it; ``nprobes`` adds a recall / speed
+    sweep of the approximate Arrow stage for indexed libraries."""
     if threads:
         torch.set_num_threads(threads)
     work = Path(work) if work else Path.cwd() / "lag-bench-scale"
@@ -214,7 +234,7 @@ def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10
         start = time.perf_counter()
         build_library(work, n, n_layers, dtype, model, acts)
         build_s = time.perf_counter() - start
-        row = measure(work / f"lib-{n}-L{n_layers}-{dtype}", model, acts, ids, bare, decode_tokens)
+        row = measure(work / f"lib-{n}-L{n_layers}-{dtype}", model, acts, ids, bare, decode_tokens, nprobes)
         row["build_s"] = build_s
         payload["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -227,6 +247,10 @@ def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10
                                   "decode_x_bare"],
                 title=f"{model_name}: rank-{RANK} MLP adapters, k={K}, {dtype}; bare decode "
                 f"{bare['decode_tok_s']:.1f} tok/s, prefill(256) {bare['prefill_s']:.2f} s")
+    sweep = [{"N": r["N"], **q} for r in payload["rows"] for q in r.get("nprobe_sweep", [])]
+    if sweep:
+        print_table(sweep, ["N", "nprobe", "recall_at_k", "choice_agreement", "decode_module_ms_faiss"],
+                    title="Approximate Arrow: IVF lists searched (nprobe) vs quality and decode cost per module")
     payload["targets"] = _targets(payload["rows"])
     print_table([{"target": k, **v} for k, v in payload["targets"].items()], ["target", "measured", "goal", "met"],
                 title="Targets")

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--work", default=None, help="folder for the generated libraries (kept for reuse)")
+    s.add_argument("--nprobe", type=_ints, default=(), metavar="LIST",
+                   help="also measure the approximate Arrow stage with these nprobe values, e.g. 64,128,256")
     s.set_defaults(func=_scale)
 
 
@@ -46,5 +48,6 @@ def _routing(args: argparse.Namespace) -> int:
 def _scale(args: argparse.Namespace) -> int:
     from ..bench.scale import run
 
-    run(args.out, ns=args.n, layers=args.layers, dtype=args.dtype, work=args.work, threads=args.threads)
+    run(args.out, ns=args.n, layers=args.layers, dtype=args.dtype, work=args.work, threads=args.threads,
+        nprobes=tuple(args.nprobe))
     return 0
