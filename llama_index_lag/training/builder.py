@@ -427,11 +427,7 @@ def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | No
 def task_examples(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenizerBase) -> list[Any]:
     from .augment import Example
 
-    out = []
-    for ex in examples:
-        p, c = chat_example(tokenizer, ex.prompt, ex.answer)
-        out.append(Example(p, c, "task"))
-    return out
+    return [Example(*chat_example(tokenizer, ex.prompt, ex.answer), "task") for ex in examples]
 
 
 def train_task_adapter(

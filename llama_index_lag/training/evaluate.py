@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data import QuestionRecord
 from ..errors import ConfigError, DataError
+from ..eval.metrics import contains_match
 from .augment import chat_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,16 +38,6 @@ MODES: dict[str, dict[str, Any]] = {
     "seq-lag": {"mode": "lag", "granularity": "sequence", "sequence_score": "mass"},
 }
 DEFAULT_MODES = ("none", "oracle", "arrow", "spectr", "lag", "seq-spectr", "seq-lag")
-
-
-def _contains_match(prediction: str, golds: Sequence[str]) -> float:
-    try:
-        from ..eval.metrics import contains_match
-    except ImportError:  # pragma: no cover - metrics module not available
-        from .augment import contains
-
-        return float(any(contains(prediction, g) for g in golds))
-    return contains_match(prediction, list(golds))
 
 
 def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
@@ -122,7 +113,7 @@ def measure_recall(
                 with router.using(LAGConfig(k=k, **MODES[mode])):
                     answers = generate_answers(model, tokenizer, [q.question for q in questions],
                                                max_new_tokens=max_new_tokens, batch_size=batch_size)
-            scores = [_contains_match(a, q.answers) for a, q in zip(answers, questions)]
+            scores = [contains_match(a, q.answers) for a, q in zip(answers, questions)]
             entry: dict[str, Any] = {
                 "recall": sum(scores) / len(scores),
                 "correct": int(sum(scores)),

@@ -50,7 +50,7 @@ class _Recipe:
     target_modules: tuple[str, ...] = MLP_TARGETS
     init: Literal["eva", "eva-peft", "default"] = "eva"
     lr: float = 1e-3
-    steps: int = 48
+    steps: int = 32
     batch_size: int = 4
     warmup_steps: int = 4
     weight_decay: float = 0.0
@@ -129,13 +129,6 @@ class KnowledgeRecipe(_Recipe):
     than ``max_document_tokens`` are refused with a :class:`~llama_index_lag.errors.DataError`.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = MLP_TARGETS
-    init: Literal["eva", "eva-peft", "default"] = "eva"
-    lr: float = 1e-3
-    steps: int = 32
-    batch_size: int = 4
     n_rewrites: int = 1
     qa: bool = True
     qa_spans: bool = True
@@ -175,10 +168,7 @@ class TaskRecipe(_Recipe):
     ``max_steps`` caps it to keep task adapters cheap. Examples are trained in the chat template, loss on
     the answer only."""
 
-    rank: int = 8
-    alpha: float = 16.0
     target_modules: tuple[str, ...] = ATTN_TARGETS
-    init: Literal["eva", "eva-peft", "default"] = "eva"
     lr: float = 5e-4
     steps: int = 0
     epochs: float = 1.0
