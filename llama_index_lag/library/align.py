@@ -36,17 +36,15 @@ def spectral_align(
     qa, ra = torch.linalg.qr(A64.transpose(1, 2))  # [N, n, r], [N, r, r]
     core = scaling.double()[:, None, None] * (rb @ ra.transpose(1, 2))  # [N, r, r]
     uc, s, vch = torch.linalg.svd(core)  # [N, r, r], [N, r], [N, r, r]
+    if ranks is not None:  # singular pairs beyond an adapter's rank are zeroed
+        keep = torch.arange(A.shape[1])[None, :] < ranks[:, None]  # [N, r]
+        s = s * keep
+        vch = vch * keep[..., None]
     a_star = vch @ qa.transpose(1, 2)  # [N, r, n]  = V^T
-    b_star = (qb @ uc) * s[:, None, :]  # [N, m, r]  = U S
     # Canonical signs: flip pair j so that argmax_k |A*[j, k]| is positive (B* column flips with it).
     pivot = a_star.abs().argmax(dim=-1, keepdim=True)  # [N, r, 1]
     sign = torch.sign(a_star.gather(-1, pivot)).squeeze(-1)  # [N, r]
     sign[sign == 0] = 1
-    a_star = a_star * sign[..., None]
-    b_star = b_star * sign[:, None, :]
-    if ranks is not None:
-        keep = torch.arange(A.shape[1])[None, :] < ranks[:, None]  # [N, r]
-        a_star = a_star * keep[..., None]
-        b_star = b_star * keep[:, None, :]
-        s = s * keep
+    a_star.mul_(sign[..., None])
+    b_star = qb @ (uc * (s * sign)[:, None, :])  # [N, m, r]  = U S (signs folded into the r x r factor)
     return a_star, b_star, s

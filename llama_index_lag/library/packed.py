@@ -67,7 +67,7 @@ class PackedWriter:
         start, nbytes, shape = self._slots[key]
         return torch.from_numpy(self._mm[start:start + nbytes]).view(self.dtype).view(shape)
 
-    def write_rows(self, module: str, rows: torch.Tensor, a_star: torch.Tensor, b_star: torch.Tensor,
+    def write_rows(self, module: str, rows: torch.Tensor | slice, a_star: torch.Tensor, b_star: torch.Tensor,
                    proto: torch.Tensor) -> None:
         """Write adapter rows ``rows`` [K] of one module: A* [K, r, n], B* [K, m, r], proto [K, n].
 
@@ -75,6 +75,8 @@ class PackedWriter:
         """
         ka, kb, kp = tensor_names(module)
         r = a_star.shape[1]
+        if rows.numel() and bool((rows == torch.arange(int(rows[0]), int(rows[0]) + rows.numel())).all()):
+            rows = slice(int(rows[0]), int(rows[0]) + rows.numel())  # consecutive rows: plain slice writes
         a_view, b_view = self.view(ka), self.view(kb)
         a_view[rows, :r] = a_star.to(self.dtype)
         a_view[rows, r:] = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -214,15 +215,15 @@ def _load_pickle(weights: Path, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(header: AdapterHeader) -> dict[str, LoraModuleWeights]:
-    """Load an adapter's LoRA factors (float32), checking they are finite."""
+def load_weights(header: AdapterHeader, check_finite: bool = True) -> dict[str, LoraModuleWeights]:
+    """Load an adapter's LoRA factors (float32), checking they are finite (unless the caller checks them,
+    as the library compiler does, batched over many adapters)."""
     weights = header.weights_file
     try:
         if weights.suffix == ".bin":
             tensors = _load_pickle(weights, header.name)
         else:
-            with safe_open(str(weights), framework="pt") as f:
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = safetensors.torch.load(weights.read_bytes())  # one read; no pickle
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"corrupt or truncated safetensors file: {exc}", adapter=header.name,
                                  path=weights) from None
@@ -234,7 +235,7 @@ def load_weights(header: AdapterHeader) -> dict[str, LoraModuleWeights]:
     out = {}
     for module in header.shapes:
         pair = found[module]
-        for which in ("A", "B"):
+        for which in ("A", "B") if check_finite else ():
             if not torch.isfinite(pair[which]).all():
                 raise AdapterFormatError("weights contain NaN or Inf", adapter=header.name, module=module,
                                          field=f"lora_{which}", path=weights)

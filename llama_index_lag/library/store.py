@@ -34,6 +34,7 @@ from .. import __version__
 from .._fs import atomic_write_json, replace_dir, sha256_file
 from ..errors import (
     AdapterError,
+    AdapterFormatError,
     ConfigError,
     IncompatibleAdapterError,
     LAGError,
@@ -672,7 +673,8 @@ def _resume_point(partial: Path, digest: str) -> int:
 def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
                 old: AdapterLibrary | None) -> None:
     """Align new adapters (batched per module) and copy kept ones, for rows ``start:start+len(chunk)``."""
-    new = [(start + i, row, load_weights(row.header)) for i, row in enumerate(chunk) if row.header is not None]
+    new = [(start + i, row, load_weights(row.header, check_finite=False)) for i, row in enumerate(chunk)
+           if row.header is not None]
     kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
     made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None], dtype=torch.long)
     for module in modules:
@@ -688,26 +690,45 @@ def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: di
             for j, (_, w) in enumerate(with_module):
                 A[j, : w.rank] = w.A
                 B[j, :, : w.rank] = w.B
+            _check_finite(A, B, module, [chunk[idx - start] for idx, _ in with_module])
             scaling = torch.tensor([w.scaling for _, w in with_module])
             a_star, b_star, _ = spectral_align(A, B, scaling, ranks)
             rows = torch.tensor([idx for idx, _ in with_module])
             writer.write_rows(module, rows, a_star, b_star, a_star[:, 0])
+            _check_cast(writer, module, rows, [chunk[idx - start] for idx, _ in with_module])
         if kept and old is not None and module in old.manifest["modules"]:
             src = old.tensors(module)
             rows = torch.tensor([idx for idx, _ in kept])
             old_idx = torch.tensor([o for _, o in kept])
             writer.write_rows(module, rows, src.A[old_idx], src.B[old_idx], src.proto[old_idx])
-    for idx, row, _ in new:
-        if row.header is not None:
-            _check_finite_rows(writer, idx, modules, row)
 
 
-def _check_finite_rows(writer: PackedWriter, idx: int, modules: dict[str, Any], row: _Row) -> None:
-    """After the cast to the library dtype, weights must still be finite (float16 can overflow)."""
-    for module in modules:
-        ka, kb, _ = tensor_names(module)
-        if not torch.isfinite(writer.view(kb)[idx]).all():
-            raise IncompatibleAdapterError(
-                f"aligned B* overflows {writer.dtype} (singular values too large); compile with dtype float32",
-                adapter=row.entry["name"], module=module, field="dtype",
-            )
+def _first_bad(tensors: list[torch.Tensor]) -> int | None:
+    """Index of the first adapter (dim 0) with a NaN / Inf in any of ``tensors``, or None.
+
+    Sums per adapter first (NaN / Inf propagate; no mask as large as the weights), then confirms on the
+    suspects, so a sum that merely overflows is not an error."""
+    sums = torch.stack([t.flatten(1).sum(dim=1, dtype=torch.float32) for t in tensors])  # [len, K]
+    for j in (~torch.isfinite(sums).all(dim=0)).nonzero().flatten().tolist():
+        if not all(bool(torch.isfinite(t[j]).all()) for t in tensors):
+            return j
+    return None
+
+
+def _check_finite(A: torch.Tensor, B: torch.Tensor, module: str, rows: list[_Row]) -> None:
+    """LoRA factors [K, r, n] / [K, m, r] of K adapters at one module must be finite."""
+    j = _first_bad([A, B])
+    if j is not None:
+        which = "lora_A" if _first_bad([A[j:j + 1]]) is not None else "lora_B"
+        raise AdapterFormatError("weights contain NaN or Inf", adapter=rows[j].header.name, module=module,
+                                 field=which, path=rows[j].header.weights_file)
+
+
+def _check_cast(writer: PackedWriter, module: str, rows: torch.Tensor, chunk_rows: list[_Row]) -> None:
+    """After the cast to the library dtype, B* must still be finite (float16 can overflow)."""
+    j = _first_bad([writer.view(tensor_names(module)[1])[rows]])
+    if j is not None:
+        raise IncompatibleAdapterError(
+            f"aligned B* overflows {writer.dtype} (singular values too large); compile with dtype float32",
+            adapter=chunk_rows[j].entry["name"], module=module, field="dtype",
+        )
