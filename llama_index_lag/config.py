@@ -45,8 +45,9 @@ class LAGConfig:
         score is at least ``dynamic_k x`` the best score (a margin in (0, 1]); ``k`` is then the maximum.
     arrow_backend:
         Arrow retrieval: ``exact`` scans all N prototypes; ``faiss`` uses the library's approximate index
-        (``arrow_index/``, built at compile time for large libraries); ``auto`` uses the index when the
-        library has a current one. ``nprobe``: IVF lists searched (default 64; recall vs speed).
+        (``arrow_index/``, built at compile time for large libraries) for every forward; ``auto`` uses a
+        current index where a cost model expects it to beat the exact scan (decoding with large libraries;
+        long prompts scan exactly). ``nprobe``: IVF lists searched (default 64; recall vs speed).
     dispatch:
         kernel strategy for the candidate products (``auto`` picks by a cost model).
     """

@@ -32,6 +32,7 @@ from .routing.engine import PoolTensors, apply_fixed, route_tokens, sequence_sco
 from .trace import RoutingTrace
 
 _ids = itertools.count()
+APPROXIMATE = {"exact": False, "faiss": True, "auto": None}  # arrow_backend -> route_tokens(approximate=...)
 logger = logging.getLogger(__name__)
 
 
@@ -87,8 +88,9 @@ class Pool:
                                            adapter=dup, path=libraries[0].path)
         self.modules = list(dict.fromkeys(m for lib in libraries for m in lib.modules))
 
-    def tensors(self, module: str) -> PoolTensors:
-        """A*/B* stay memory-mapped (one library); prototypes are copied into RAM."""
+    def tensors(self, module: str, device: torch.device | None = None) -> PoolTensors:
+        """A*/B* stay memory-mapped (one library); prototypes are copied into RAM. For a module on an
+        accelerator (``device``), everything is copied to it (the FAISS index stays on the CPU)."""
         parts = []
         for lib in self.libraries:
             if module in lib.modules:
@@ -115,7 +117,11 @@ class Pool:
             A = torch.cat([nn.functional.pad(p[1].to(dtype), (0, 0, 0, r - p[1].shape[1])) for p in parts])
             B = torch.cat([nn.functional.pad(p[2].to(dtype), (0, r - p[2].shape[2])) for p in parts])
             valid = torch.cat([p[3] for p in parts])
-        return PoolTensors(proto, A, B, None if bool(valid.all()) else valid, index)
+        valid = None if bool(valid.all()) else valid
+        if device is not None and device.type != "cpu":
+            proto, A, B = proto.to(device), A.to(device), B.to(device)
+            valid = valid.to(device) if valid is not None else None
+        return PoolTensors(proto, A, B, valid, index)
 
 
 class LAGLinear(nn.Module):
@@ -183,7 +189,9 @@ class LAGRouter:
                 raise IncompatibleLibraryError("module is already routed by another LAG router; detach it first",
                                                module=name)
             shape = linear_shape(original)
-            pools = {kind: pool.tensors(name) for kind, pool in self.pools.items() if name in pool.modules}
+            device = next(original.parameters(), torch.empty(0)).device
+            pools = {kind: pool.tensors(name, device) for kind, pool in self.pools.items()
+                     if name in pool.modules}
             for kind, t in pools.items():
                 if shape is None or (t.B.shape[1], t.A.shape[2]) != shape[:2]:
                     raise IncompatibleLibraryError(
@@ -364,7 +372,7 @@ class LAGRouter:
         focus = fwd.focus if fwd is not None else None
         if focus is None or x.dim() != 3 or tuple(focus.shape) != tuple(x.shape[:2]):
             return None
-        mask = self._token_mask(x)
+        focus, mask = focus.to(x.device), self._token_mask(x)
         return focus if mask is None else focus & mask
 
     def _route(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,
@@ -372,9 +380,9 @@ class LAGRouter:
         cfg = state.config
         if cfg.libraries is not None and kind not in cfg.libraries:
             return None
-        flat = x.reshape(-1, x.shape[-1]).to(t.A.dtype)  # [T, n]
+        flat = x.reshape(-1, x.shape[-1])  # [T, n]
         if kind in state.fixed_idx:
-            idx, weights = state.fixed_idx[kind]
+            idx, weights = (v.to(flat.device) for v in state.fixed_idx[kind])
             delta = apply_fixed(flat, t, idx, weights)
             if state.traces:
                 chosen = idx[weights.argmax()].expand(flat.shape[0])
@@ -391,7 +399,7 @@ class LAGRouter:
             return self._route_sequence(module, kind, t, x, flat, state)
         out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
                            spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
-                           approximate=cfg.arrow_backend != "exact", nprobe=cfg.nprobe)
+                           approximate=APPROXIMATE[cfg.arrow_backend], nprobe=cfg.nprobe)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
@@ -402,9 +410,9 @@ class LAGRouter:
         mask = self._focus_mask(x)
         if mask is None or not bool(mask.any(dim=1).all()):  # no focus: every real token counts
             mask = self._token_mask(x)
-            mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+            mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
-                               strategy=cfg.dispatch, approximate=cfg.arrow_backend != "exact",
+                               strategy=cfg.dispatch, approximate=APPROXIMATE[cfg.arrow_backend],
                                nprobe=cfg.nprobe)
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
@@ -423,8 +431,8 @@ class LAGRouter:
             fwd.winners[key] = winners
         chosen = winners.repeat_interleave(x.shape[1])  # [T]
         xs = flat.view(*x.shape[:2], -1)  # [B, S, n]
-        proj = xs @ t.A[winners].transpose(1, 2)  # [B, S, r]
-        delta = (proj @ t.B[winners].transpose(1, 2)).reshape(flat.shape[0], -1)  # [T, m]
+        proj = xs @ t.A[winners].to(xs.dtype).transpose(1, 2)  # [B, S, r]
+        delta = (proj @ t.B[winners].to(xs.dtype).transpose(1, 2)).reshape(flat.shape[0], -1)  # [T, m]
         if state.traces:
             state.record(kind, module, chosen, mask)
         return delta

@@ -36,7 +36,9 @@ class RoutingTrace:
                candidates: torch.Tensor | None = None) -> None:
         """chosen [T] adapter indices; mask [T] bool (False for padding tokens, not counted); candidates [T]
         reranked per token (dynamic k)."""
-        chosen = chosen.reshape(-1)
+        chosen = chosen.reshape(-1).cpu()
+        mask = mask.cpu() if mask is not None else None
+        candidates = candidates.cpu() if candidates is not None else None
         kept = chosen[mask.reshape(-1)] if mask is not None else chosen
         counts = torch.bincount(kept, minlength=len(self.names[kind]))
         with self._lock:

@@ -40,9 +40,10 @@ def test_spectral_align_matches_dense_svd() -> None:
         assert a_star[i, rr:].abs().max() == 0 if rr < r else True
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [True, False])  # without autograd, small gathers reuse a per-thread buffer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,k", [(1, 3), (5, 2), (40, 4)])
-def test_dispatch_strategies_agree_with_loop(T: int, k: int, dtype: torch.dtype) -> None:
+def test_dispatch_strategies_agree_with_loop(T: int, k: int, dtype: torch.dtype, grad: bool) -> None:
     g = torch.Generator().manual_seed(T)
     N, r, n, m = 9, 4, 32, 24
     A, B = torch.randn(N, r, n, generator=g).to(dtype), torch.randn(N, m, r, generator=g).to(dtype)
@@ -51,13 +52,16 @@ def test_dispatch_strategies_agree_with_loop(T: int, k: int, dtype: torch.dtype)
     w = torch.rand(T, k, generator=g).to(dtype)
     ref_p = torch.stack([torch.stack([A[idx[t, j]].float() @ x[t].float() for j in range(k)]) for t in range(T)])
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.3, rtol=0.05)
-    for strategy in ("gather", "dense", "grouped", "auto"):
-        assert torch.allclose(project_pairs(x, A, idx, strategy).float(), ref_p, **tol), strategy
     v = ref_p.to(dtype)
     ref_e = torch.stack([sum(w[t, j].float() * (B[idx[t, j]].float() @ v[t, j].float()) for j in range(k))
                          for t in range(T)])
-    for strategy in ("gather", "dense", "auto"):
-        assert torch.allclose(expand_pairs(v, B, idx, w, strategy).float(), ref_e, **tol), strategy
+    with torch.set_grad_enabled(grad):
+        results = {s: project_pairs(x, A, idx, s) for s in ("gather", "dense", "union", "grouped", "auto")}
+        expanded = {s: expand_pairs(v, B, idx, w, s) for s in ("gather", "dense", "auto")}
+    for strategy, out in results.items():  # compared after all ran: no result aliases a reused buffer
+        assert out.dtype == dtype and torch.allclose(out.float(), ref_p, **tol), strategy
+    for strategy, out in expanded.items():
+        assert out.dtype == dtype and torch.allclose(out.float(), ref_e, **tol), strategy
 
 
 def test_arrow_spectr_lag_select_against_loops() -> None:

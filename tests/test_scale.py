@@ -97,10 +97,33 @@ def test_approximate_routing_equals_exact_when_all_lists_probed(big, tmp_path):
     with torch.no_grad():
         with router.using(arrow_backend="exact"):
             ref = model(IDS).logits
-        with router.using(nprobe=10_000):
+        with router.using(arrow_backend="faiss", nprobe=10_000):
             got = model(IDS).logits
     router.detach()
     assert torch.allclose(got, ref, atol=1e-2)
+
+
+def test_auto_backend_searches_the_index_only_where_it_beats_the_exact_scan():
+    from llama_index_lag.library.arrow_index import FaissArrow, build_module_index
+    from llama_index_lag.routing.engine import PoolTensors
+
+    g = torch.Generator().manual_seed(11)
+    N, n = 4000, 32
+    protos = torch.nn.functional.normalize(torch.randn(N, n, generator=g), dim=-1)
+    A = torch.cat([protos[:, None], torch.randn(N, 1, n, generator=g) * 0.1], dim=1)  # [N, 2, n]
+    index = FaissArrow(build_module_index(protos.numpy(), np.arange(N)), np.arange(N), nprobe=2)
+    t = PoolTensors(protos, A, torch.randn(N, 8, 2, generator=g), index=index)
+    assert index.index.nlist == 100  # 2 x 2 of 100 lists read per token: 4 % of the exact scan's reads
+    assert t.approximates(None, 1) and not t.approximates(None, 64)  # decode: index; long prompt: exact
+    assert t.approximates(True, 64) and not t.approximates(False, 1)
+    assert not t.approximates(None, 1, nprobe=100)  # probing every list costs more than the scan
+    x1, x64 = _x(n, T=1, seed=1), _x(n, T=64, seed=2)
+    assert torch.equal(route_tokens(x1, t, "lag", k=5, approximate=None).delta,
+                       route_tokens(x1, t, "lag", k=5, approximate=True).delta)
+    assert torch.equal(route_tokens(x64, t, "lag", k=5, approximate=None).delta,
+                       route_tokens(x64, t, "lag", k=5, approximate=False).delta)
+    few = route_tokens(x64, t, "lag", k=5, approximate=True, nprobe=1).chosen  # the index does differ here
+    assert not torch.equal(few, route_tokens(x64, t, "lag", k=5, approximate=False).chosen)
 
 
 def test_stale_or_missing_index_is_never_used_silently(big, tmp_path, caplog):

@@ -123,9 +123,20 @@ class FaissArrow:
         self.uid_to_row = uid_to_row
         self.nprobe = nprobe
 
+    def beats_exact(self, tokens: int, nprobe: int | None = None) -> bool:
+        """Whether searching ``tokens`` queries should cost less than the exact scan of all N prototypes.
+
+        Cost model fitted on a 2-core x86 CPU (``lag bench scale``, BENCHMARKS.md), per prototype element:
+        the search reads 2 nprobe / nlist of the library per token (queries x and -x), ~5e-7 ms each; the
+        exact scan reads all of it once per call (~1.4e-7 ms) plus a GEMM term per token (~1.2e-8 ms).
+        So the index pays off for decoding large libraries, while long prompts scan exactly.
+        """
+        scanned = 2 * (nprobe or self.nprobe) / self.index.nlist  # share of the library read per token
+        return tokens * scanned * 5e-7 < 1.4e-7 + 1.2e-8 * tokens
+
     def search(self, x: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         faiss = _faiss()
-        xq = x.detach().float().numpy()  # [T, n]
+        xq = x.detach().float().cpu().numpy()  # [T, n]
         T = xq.shape[0]
         params = faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
         scores, uids = self.index.search(np.concatenate([xq, -xq]), k, params=params)  # [2T, k]

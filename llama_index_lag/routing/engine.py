@@ -28,11 +28,20 @@ class PoolTensors:
     def n_adapters(self) -> int:
         return self.A.shape[0]
 
-    def arrow(self, x: torch.Tensor, k: int, approximate: bool = False,
+    def approximates(self, approximate: bool | None, tokens: int, nprobe: int | None = None) -> bool:
+        """Whether Arrow for ``tokens`` tokens uses the index: ``approximate`` True / False forces it (when
+        there is one); None lets the index's cost model choose (decode yes, long prompts no)."""
+        if self.index is None or approximate is False:
+            return False
+        return approximate is True or self.index.beats_exact(tokens, nprobe)
+
+    def arrow(self, x: torch.Tensor, k: int, approximate: bool | None = False,
               nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Arrow retrieval (scores [T, k], rows [T, k]): from the index when asked and present, else exact."""
-        if approximate and self.index is not None:
-            return self.index.search(x, min(k, self.n_adapters), nprobe)
+        """Arrow retrieval (scores [T, k], rows [T, k]): from the index (see :meth:`approximates`), else
+        exact."""
+        if self.approximates(approximate, x.shape[0], nprobe):
+            top, rows = self.index.search(x, min(k, self.n_adapters), nprobe)  # on the CPU (FAISS)
+            return top.to(x.device), rows.to(x.device)
         return arrow_topk(x, self.protos, k, self.valid)
 
 
@@ -45,16 +54,17 @@ class Routed(NamedTuple):
 def route_tokens(
     x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
     temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
-    approximate: bool = False, nprobe: int | None = None,
+    approximate: bool | None = False, nprobe: int | None = None,
 ) -> Routed:
     """Per-token routing of x [T, n] through one library at one module.
 
     ``approximate``: Arrow candidates come from the library's FAISS index (``t.index``) instead of an
-    exact scan of all N prototypes.
+    exact scan of all N prototypes; None: when the index's cost model expects it to be faster.
     """
     if mode == "lag":
         top, cand = t.arrow(x, k, approximate, nprobe)  # [T, k]
-        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin)  # [T], [T, r], [T]
+        padded = t.approximates(approximate, x.shape[0], nprobe)
+        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, padded)  # [T], [T, r], [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
         top, idx = t.arrow(x, arrow_top_k, approximate, nprobe)  # [T, k]
@@ -67,7 +77,7 @@ def route_tokens(
             return Routed(expand_pairs(proj, t.B, idx), idx[:, 0])
         # SpectR's merge: (mean_j B*_j)(mean_j A*_j) x, i.e. every B*_j applied to the mean projection.
         mean = proj.mean(dim=1, keepdim=True).expand_as(proj)  # [T, k, r]
-        w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype)
+        w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype, device=x.device)
         return Routed(expand_pairs(mean, t.B, idx, w), idx[:, 0])
     raise ValueError(f"route_tokens cannot route mode {mode!r}")
 
@@ -81,7 +91,7 @@ def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: tor
 
 def sequence_scores(
     x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, mode: str, how: str, *, k: int = 20,
-    strategy: str = "auto", approximate: bool = False, nprobe: int | None = None,
+    strategy: str = "auto", approximate: bool | None = False, nprobe: int | None = None,
 ) -> torch.Tensor:
     """Aggregate per-token scores over each sequence. x [B, S, n], mask [B, S] -> [B, N].
 
@@ -95,9 +105,9 @@ def sequence_scores(
     if how == "vote":
         chosen = route_tokens(flat, t, mode, k=k, strategy=strategy, approximate=approximate,
                               nprobe=nprobe).chosen  # [T]
-        cand, score = chosen[:, None], torch.ones(flat.shape[0], 1)
+        cand, score = chosen[:, None], flat.new_ones(flat.shape[0], 1, dtype=torch.float32)
     else:
-        everyone = torch.arange(N).expand(flat.shape[0], N)  # [T, N]
+        everyone = torch.arange(N, device=x.device).expand(flat.shape[0], N)  # [T, N]
         if mode == "spectr":
             cand, score = everyone, project_all(flat, t.A).float().norm(dim=-1)  # [T, N]
         elif mode == "lag":
@@ -109,7 +119,7 @@ def sequence_scores(
     if t.valid is not None:
         score = score * t.valid[cand]
     score = score * mask.reshape(-1, 1).to(score.dtype)  # pads contribute nothing
-    seq = torch.arange(Bsz).repeat_interleave(S)[:, None].expand_as(cand)  # [T, k]
-    totals = torch.zeros(Bsz, N)
+    seq = torch.arange(Bsz, device=x.device).repeat_interleave(S)[:, None].expand_as(cand)  # [T, k]
+    totals = torch.zeros(Bsz, N, device=x.device)
     totals.index_put_((seq.reshape(-1), cand.reshape(-1)), score.reshape(-1).float(), accumulate=True)
     return totals

@@ -20,7 +20,7 @@ def arrow_scores(x: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor | No
     x [T, n], protos [N, n], valid [N] bool or None -> [T, N]; invalid adapters score -1 (never chosen
     before a valid one, since valid scores are >= 0).
     """
-    scores = (x @ protos.T).abs_()  # [T, N]
+    scores = (x.to(protos.dtype) @ protos.T).abs_()  # [T, N]
     if valid is not None:
         scores.masked_fill_(~valid, -1.0)
     return scores
@@ -68,22 +68,25 @@ def spectr_select(
 
 def lag_rerank(
     x: torch.Tensor, A: torch.Tensor, top: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor | None = None,
-    strategy: str = "auto", margin: float | None = None,
+    strategy: str = "auto", margin: float | None = None, padded: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """SpectR among Arrow's candidates: the candidate with the largest ||A*_i x|| wins.
 
     x [T, n], A [N, r, n], Arrow's (top, cand) [T, k] -> (winner [T], proj [T, r] = A*_winner x (reused by
     the caller to apply the adapter), candidates kept per token [T] or None).
 
+    ``padded``: ``cand`` may hold missing candidates (score < 0), as approximate search returns when it finds
+    fewer than k; exact retrieval (``padded=False``) never does.
     ``margin`` (dynamic k): keep only candidates whose Arrow score is at least ``margin x`` the token's best
     score, so confident tokens rerank few adapters and ambiguous ones many.
     """
     proj = project_pairs(x, A, cand, strategy)  # [T, k, r]
     norms = proj.float().norm(dim=-1)  # [T, k]
-    invalid = top < 0  # padded / missing candidates (approximate search)
-    if valid is not None:
-        invalid |= ~valid[cand]
-    norms.masked_fill_(invalid, -1.0)
+    if padded or valid is not None:  # missing candidates (approximate search: score -1), adapters not here
+        invalid = top < 0
+        if valid is not None:
+            invalid |= ~valid[cand]
+        norms.masked_fill_(invalid, -1.0)
     kept = None
     if margin is not None:
         keep = top >= margin * top[:, :1]  # [T, k]; the best candidate is always kept
@@ -101,4 +104,4 @@ def lag_select(
     """LAG with exact Arrow retrieval: Arrow keeps the top-k, SpectR picks one. k=1 is Arrow top-1; k=N is
     SpectR top-1. See :func:`lag_rerank` for the outputs."""
     top, cand = arrow_topk(x, protos, k, valid)  # [T, k]
-    return lag_rerank(x, A, top, cand, valid, strategy, margin)
+    return lag_rerank(x, A, top, cand, valid, strategy, margin, padded=False)
