@@ -162,3 +162,17 @@ def test_dynamic_k_margin_against_loop() -> None:
     assert 1 <= float(kept.float().mean()) < 5
     full, _, none = lag_select(x, t.protos, t.A, k=5)
     assert none is None and torch.equal(lag_select(x, t.protos, t.A, k=5, margin=1e-9)[0], full)
+
+
+def test_auto_dispatch_choices_follow_the_shape_of_the_work():
+    from llama_index_lag.routing.dispatch import projection_costs
+
+    def pick(T: int, N: int, unique: int | None, grouped: bool = True, half: bool = False) -> str:
+        costs = projection_costs(T, 20, N, 6, 1536, grouped, unique, half)
+        return min(costs, key=costs.__getitem__)
+
+    assert pick(1, 1000, None) == "gather"  # decoding: copy the 20 candidates, never scan all N
+    assert pick(256, 1000, 1000) in ("grouped", "union")  # long prompt: no per-token copies
+    assert pick(256, 1000, 1000, grouped=False, half=True) in ("union", "dense")
+    assert pick(32, 1000, 300, grouped=False, half=True) == "union"  # short prompt sharing candidates
+    assert pick(64, 20, 20) in ("dense", "union")  # tiny library: one GEMM over all of it

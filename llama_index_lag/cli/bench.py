@@ -1,4 +1,4 @@
-"""``lag bench routing`` / ``lag bench scale``: benchmarks that print a table and write JSON."""
+"""``lag bench routing`` / ``scale`` / ``dispatch``: benchmarks that print a table and write JSON."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also measure the approximate Arrow stage with these nprobe values, e.g. 64,128,256")
     s.set_defaults(func=_scale)
 
+    d = bench.add_parser("dispatch", help="candidate-product strategies vs the auto cost model's choice")
+    d.add_argument("--out", default="bench-dispatch.json", help="JSON results file")
+    d.add_argument("--tokens", type=_ints, default=(1, 8, 32, 128, 256), help="token counts, e.g. 1,32,256")
+    d.add_argument("--n", type=_ints, default=(100, 1000), help="library sizes")
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=_dispatch)
+
 
 def _routing(args: argparse.Namespace) -> int:
     from ..bench.routing import run
@@ -50,4 +57,15 @@ def _scale(args: argparse.Namespace) -> int:
 
     run(args.out, ns=args.n, layers=args.layers, dtype=args.dtype, work=args.work, threads=args.threads,
         nprobes=tuple(args.nprobe))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench.dispatch import run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args.out, tokens=args.tokens, ns=args.n)
     return 0

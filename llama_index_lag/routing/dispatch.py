@@ -75,22 +75,22 @@ def _grouped_ok(x: torch.Tensor, A: torch.Tensor) -> bool:
 
 
 def projection_costs(T: int, k: int, N: int, r: int, n: int, grouped_ok: bool,
-                     unique: int | None = None) -> dict[str, float]:
-    """Estimated milliseconds per strategy (fitted on a 2-core x86 CPU, float32; see BENCHMARKS.md).
+                     unique: int | None = None, half: bool = False) -> dict[str, float]:
+    """Estimated milliseconds per strategy (fitted on a 2-core x86 CPU; see BENCHMARKS.md).
 
-    dense reads all N adapters and computes T N r n MACs; gather copies T k r n elements (slower per
-    element once it spills out of cache); union copies the ``unique`` candidates' r n elements once, then
-    is dense over those; grouped copies T k n input rows and pays a small cost per adapter.
+    dense reads all N adapters and computes T N r n MACs; gather copies T k r n elements (slower per element
+    from half precision, and much slower once the copy outgrows the caches); union copies the ``unique``
+    candidates once, then is dense over those; grouped pays a small cost per adapter and per pair element.
     """
     gathered = T * k * r * n
     costs = {
-        "dense": N * r * n * (0.1 + 0.011 * T) * 1e-6,
-        "gather": gathered * (0.5e-6 if gathered < (1 << 22) else 2e-6),
+        "dense": N * r * n * (9e-8 + 9e-9 * T),
+        "gather": gathered * ((5e-7 if half else 3.5e-7) if gathered <= (1 << 23) else 1.5e-6),
     }
     if unique is not None:
-        costs["union"] = unique * r * n * (1.1 + 0.011 * T) * 1e-6
+        costs["union"] = 0.03 + unique * r * n * (1.5e-7 + 1e-8 * T)
     if grouped_ok:
-        costs["grouped"] = 1.4e-3 * N + T * k * n * 1.5e-6
+        costs["grouped"] = 1.45e-3 * N + T * k * n * 8.8e-7
     return costs
 
 
@@ -102,7 +102,8 @@ def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, strategy:
     if strategy == "union" or (strategy == "auto" and T > 1):
         used, inverse = torch.unique(idx, return_inverse=True)  # [U] adapters, [T, k] their positions in used
     if strategy == "auto":
-        costs = projection_costs(T, k, N, r, n, _grouped_ok(x, A), None if used is None else used.numel())
+        costs = projection_costs(T, k, N, r, n, _grouped_ok(x, A), None if used is None else used.numel(),
+                                 half=A.element_size() < 4)
         strategy = min(costs, key=costs.__getitem__)
     if strategy == "grouped" and not _grouped_ok(x, A):
         strategy = "gather"
