@@ -51,7 +51,8 @@ def _run(model: torch.nn.Module, libs: list[AdapterLibrary], cfg: LAGConfig, dev
     mask = (torch.arange(ids.shape[1], device=device) >= torch.tensor([[0], [4]], device=device)).long()
     with torch.no_grad(), router.trace() as trace:
         logits = model(ids).logits
-        generated = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        generated = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)
     router.detach()
     return logits, generated, trace
 

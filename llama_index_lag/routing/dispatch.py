@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 STRATEGIES = ("auto", "gather", "dense", "union", "grouped")
 _HAS_GROUPED = hasattr(F, "grouped_mm")
-WORKSPACE_MAX = 1 << 21  # elements: gathers up to this size reuse a per-thread buffer (decoding, small batches)
+WORKSPACE_MAX = 1 << 21  # elements: gathers up to this size reuse a per-thread buffer (decoding)
 _workspace = threading.local()
 
 

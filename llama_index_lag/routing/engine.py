@@ -64,7 +64,7 @@ def route_tokens(
     if mode == "lag":
         top, cand = t.arrow(x, k, approximate, nprobe)  # [T, k]
         padded = t.approximates(approximate, x.shape[0], nprobe)
-        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, padded)  # [T], [T, r], [T]
+        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, padded)  # [T], [T, r]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
         top, idx = t.arrow(x, arrow_top_k, approximate, nprobe)  # [T, k]
