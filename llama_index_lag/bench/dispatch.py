@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..routing.dispatch import _grouped_ok, project_pairs, projection_costs
+from ..routing.dispatch import _grouped_ok, choose_strategy, project_pairs
 from .common import machine, print_table, save_results
 
 RANK, K = 6, 20
@@ -44,12 +44,10 @@ def run(out: str | Path = "bench-dispatch.json", *, tokens: tuple[int, ...] = (1
         x = torch.randn(T, n, generator=g)
         pool = torch.randperm(N, generator=g)[: max(K, N // 2)]
         idx = pool[torch.stack([torch.randperm(len(pool), generator=g)[:K] for _ in range(T)])]  # [T, k]
-        grouped = _grouped_ok(x, A)
         times = {s: _ms(functools.partial(project_pairs, x, A, idx, s))
-                 for s in ("gather", "dense", "union", "grouped") if s != "grouped" or grouped}
-        unique = idx.unique().numel() if T > 1 else None  # what auto sees (no union for one token)
-        costs = projection_costs(T, K, N, RANK, n, grouped, unique, half=A.element_size() < 4)
-        best, pick = min(times, key=times.get), min(costs, key=costs.get)
+                 for s in ("gather", "dense", "union", "grouped") if s != "grouped" or _grouped_ok(x, A)}
+        pick = choose_strategy(x, A, idx, idx.unique().numel() if T > 1 else None)  # what auto runs
+        best = min(times, key=times.get)
         rows.append({"dtype": dtype, "N": N, "n": n, "T": T, "distinct": idx.unique().numel(),
                      **{f"{s}_ms": v for s, v in times.items()}, "best": best, "auto": pick,
                      "auto_x_best": times[pick] / times[best]})

@@ -94,6 +94,14 @@ def projection_costs(T: int, k: int, N: int, r: int, n: int, grouped_ok: bool,
     return costs
 
 
+def choose_strategy(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, unique: int | None) -> str:
+    """What ``auto`` runs for x [T, n], A [N, r, n], idx [T, k] with ``unique`` distinct candidates (None:
+    not counted, as for one token): the cheapest strategy by :func:`projection_costs`."""
+    (T, k), (N, r, n) = idx.shape, A.shape
+    costs = projection_costs(T, k, N, r, n, _grouped_ok(x, A), unique, half=A.element_size() < 4)
+    return min(costs, key=costs.__getitem__)
+
+
 def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, strategy: str = "auto") -> torch.Tensor:
     """A*_{idx[t, j]} x_t: x [T, n], A [N, r, n], idx [T, k] -> [T, k, r]."""
     T, k = idx.shape
@@ -102,9 +110,7 @@ def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, strategy:
     if strategy == "union" or (strategy == "auto" and T > 1):
         used, inverse = torch.unique(idx, return_inverse=True)  # [U] adapters, [T, k] their positions in used
     if strategy == "auto":
-        costs = projection_costs(T, k, N, r, n, _grouped_ok(x, A), None if used is None else used.numel(),
-                                 half=A.element_size() < 4)
-        strategy = min(costs, key=costs.__getitem__)
+        strategy = choose_strategy(x, A, idx, None if used is None else used.numel())
     if strategy == "grouped" and not _grouped_ok(x, A):
         strategy = "gather"
     if strategy == "gather":
