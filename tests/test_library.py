@@ -157,6 +157,20 @@ def test_failed_add_leaves_library_intact(tmp_path, llama, dirs):
     assert _digest(tmp_path / "lib") == before and AdapterLibrary.load(tmp_path / "lib").names == lib.names
 
 
+def test_float16_overflow_names_the_adapter_and_keeps_nothing(tmp_path, llama, dirs):
+    bad = shutil.copytree(dirs[2], tmp_path / "huge")
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in weights if "layers.0.mlp.down_proj.lora_B" in k)
+    weights[key] = weights[key] * 1e9  # finite in float32, beyond float16's range once aligned
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(IncompatibleAdapterError, match="overflows") as err:
+        _compile([dirs[0], bad], llama, tmp_path / "lib", dtype="float16")
+    assert err.value.adapter == "huge" and err.value.module == "model.layers.0.mlp.down_proj"
+    assert err.value.field == "dtype" and not (tmp_path / "lib").exists()
+    assert not any(p.name.startswith(".lib.partial") for p in tmp_path.iterdir())
+    assert len(_compile([dirs[0], bad], llama, tmp_path / "lib32", dtype="float32")) == 2
+
+
 def test_interrupted_compile_resumes(tmp_path, llama, dirs, monkeypatch):
     calls = []
     real = store._fill_chunk

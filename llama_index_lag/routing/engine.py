@@ -62,9 +62,9 @@ def route_tokens(
     exact scan of all N prototypes; None: when the index's cost model expects it to be faster.
     """
     if mode == "lag":
+        approximate = t.approximates(approximate, x.shape[0], nprobe)  # decided once: it also means padding
         top, cand = t.arrow(x, k, approximate, nprobe)  # [T, k]
-        padded = t.approximates(approximate, x.shape[0], nprobe)
-        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, padded)  # [T], [T, r]
+        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, approximate)  # [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
         top, idx = t.arrow(x, arrow_top_k, approximate, nprobe)  # [T, k]
