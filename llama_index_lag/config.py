@@ -47,7 +47,8 @@ class LAGConfig:
         Arrow retrieval: ``exact`` scans all N prototypes; ``faiss`` uses the library's approximate index
         (``arrow_index/``, built at compile time for large libraries) for every forward; ``auto`` uses a
         current index where a cost model expects it to beat the exact scan (decoding with large libraries;
-        long prompts scan exactly). ``nprobe``: IVF lists searched (default 64; recall vs speed).
+        long prompts scan exactly). Search breadth of the index (recall vs speed): ``ef_search`` for HNSW
+        indexes (default 512), ``nprobe`` (IVF lists searched) for IVF ones (default 64).
     dispatch:
         kernel strategy for the candidate products (``auto`` picks by a cost model).
     """
@@ -65,6 +66,7 @@ class LAGConfig:
     dynamic_k: float | None = None
     arrow_backend: Literal["auto", "exact", "faiss"] = "auto"
     nprobe: int | None = None
+    ef_search: int | None = None
     dispatch: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -87,8 +89,10 @@ class LAGConfig:
             raise ConfigError(f"dynamic_k is a score margin in (0, 1], got {self.dynamic_k!r}", field="dynamic_k")
         if self.arrow_backend not in ("auto", "exact", "faiss"):
             raise ConfigError("arrow_backend must be auto, exact or faiss", field="arrow_backend")
-        if self.nprobe is not None and (not isinstance(self.nprobe, int) or self.nprobe <= 0):
-            raise ConfigError(f"nprobe must be a positive integer, got {self.nprobe!r}", field="nprobe")
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
         if self.dispatch not in STRATEGIES:
             raise ConfigError(f"dispatch must be one of {STRATEGIES}", field="dispatch")
         if self.mode == "fixed" and not self.fixed:

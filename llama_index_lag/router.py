@@ -33,6 +33,13 @@ from .trace import RoutingTrace
 
 _ids = itertools.count()
 APPROXIMATE = {"exact": False, "faiss": True, "auto": None}  # arrow_backend -> route_tokens(approximate=...)
+
+
+def _effort(cfg: LAGConfig, t: PoolTensors) -> int | None:
+    """The configured search breadth for ``t``'s approximate index (HNSW efSearch / IVF nprobe)."""
+    if t.index is None:
+        return None
+    return cfg.ef_search if t.index.kind == "hnsw" else cfg.nprobe
 logger = logging.getLogger(__name__)
 
 
@@ -399,7 +406,7 @@ class LAGRouter:
             return self._route_sequence(module, kind, t, x, flat, state)
         out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
                            spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
-                           approximate=APPROXIMATE[cfg.arrow_backend], nprobe=cfg.nprobe)
+                           approximate=APPROXIMATE[cfg.arrow_backend], effort=_effort(cfg, t))
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
@@ -413,7 +420,7 @@ class LAGRouter:
             mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
                                strategy=cfg.dispatch, approximate=APPROXIMATE[cfg.arrow_backend],
-                               nprobe=cfg.nprobe)
+                               effort=_effort(cfg, t))
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                         state: RequestState) -> torch.Tensor:

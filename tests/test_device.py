@@ -90,7 +90,7 @@ def test_faiss_backend_on_the_accelerator(tiny_model, tmp_path, device):
     dirs = make_lora_adapters(tiny_model, tmp_path / "ad", 150, rank=2, target_modules=MLP, seed=5)
     lib = AdapterLibrary.compile(dirs, kind="knowledge", base_model=tiny_model, out=tmp_path / "lib",
                                  progress=False, arrow_index=True)
-    cfg = LAGConfig(mode="lag", k=8, arrow_backend="faiss", nprobe=10_000)
+    cfg = LAGConfig(mode="lag", k=8, arrow_backend="faiss", nprobe=10_000, ef_search=10_000)
     ref_logits, ref_gen, _ = _run(tiny_model, [lib], cfg, "cpu")
     logits, generated, _ = _run(copy.deepcopy(tiny_model).to(device), [lib], cfg, device)
     assert torch.allclose(logits.cpu(), ref_logits, atol=1e-3)

@@ -40,6 +40,22 @@ def test_spectral_align_matches_dense_svd() -> None:
         assert a_star[i, rr:].abs().max() == 0 if rr < r else True
 
 
+def test_spectral_align_in_float32_matches_float64() -> None:
+    g = torch.Generator().manual_seed(1)
+    N, r, n, m = 6, 6, 96, 80
+    A = torch.randn(N, r, n, generator=g) * 0.05
+    B = torch.randn(N, m, r, generator=g) * torch.logspace(0, -3, r)  # decaying spectrum, cond ~1e3
+    scaling = torch.full((N,), 2.0)
+    a64, b64, s64 = spectral_align(A, B, scaling)
+    a32, b32, s32 = spectral_align(A, B, scaling, dtype=torch.float32)
+    assert a32.dtype == b32.dtype == torch.float32
+    dense = scaling[:, None, None].double() * B.double() @ A.double()
+    err = (b32.double() @ a32.double() - dense).abs().amax(dim=(1, 2)) / dense.abs().amax(dim=(1, 2))
+    assert float(err.max()) < 1e-5
+    assert torch.allclose(s32.double(), s64, rtol=1e-5)
+    assert torch.allclose(a32[:, 0].double(), a64[:, 0], atol=1e-5)  # prototypes, same canonical sign
+
+
 @pytest.mark.parametrize("grad", [True, False])  # without autograd, small gathers reuse a per-thread buffer
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,k", [(1, 3), (5, 2), (40, 4)])

@@ -35,50 +35,65 @@ def _x(n: int, T: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(T, n, generator=torch.Generator().manual_seed(seed))
 
 
-def test_index_built_at_compile_and_exact_when_all_lists_probed(big, tmp_path):
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_index_built_at_compile_and_exact_at_full_search_breadth(big, tmp_path, kind):
     model, dirs, _ = big
     lib = AdapterLibrary.compile(dirs[:120], kind="knowledge", base_model=model, out=tmp_path / "lib",
-                                 progress=False, arrow_index=True)
-    assert lib.has_arrow_index() and lib.info()["arrow_index"]
+                                 progress=False, arrow_index=kind)
+    assert lib.has_arrow_index() and lib.info()["arrow_index"] == kind == lib.arrow_index_type()
     module = lib.modules[0]
     search = lib.arrow_search(module)
-    nlist = lib.arrow_indexes()[module].nlist
+    assert search.kind == kind
     x = _x(lib.module_shape(module)[1])
     t = lib.tensors(module)
     exact_top, exact_rows = (x @ t.proto.T).abs().topk(10, dim=-1)
-    top, rows = search.search(x, 10, nprobe=nlist)  # every list probed: exact up to float16 storage
+    top, rows = search.search(x, 10, effort=10_000)  # every list probed / whole graph: exact up to float16
     assert torch.allclose(top, exact_top, atol=2e-3)
     agree = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(rows, exact_rows)])
     assert agree >= 0.95
-    top_few, _ = search.search(x, 10, nprobe=1)  # one list: approximate, never better than exact
+    top_few, _ = search.search(x, 10, effort=1)  # narrowest search: approximate, never better than exact
     assert (top_few <= exact_top + 2e-3).all()
 
 
-def test_add_and_remove_update_the_index_incrementally(big, tmp_path):
+def _exact_over_library(lib: AdapterLibrary, module: str, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    return (x @ lib.tensors(module).proto.T).abs().topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_add_and_remove_update_the_index_incrementally(big, tmp_path, kind):
+    from llama_index_lag.library.arrow_index import read_arrow_meta
+
     model, dirs, _ = big
     lib = AdapterLibrary.compile(dirs[:100], kind="knowledge", base_model=model, out=tmp_path / "lib",
-                                 progress=False, arrow_index=True)
+                                 progress=False, arrow_index=kind)
     before = lib.revision
     lib.add(dirs[100:130])
-    assert lib.revision != before and lib.has_arrow_index()
+    assert lib.revision != before and lib.has_arrow_index() and lib.arrow_index_type() == kind
     index = lib.arrow_indexes()[lib.modules[0]]
     assert index.ntotal == 130
     lib.remove([d.name for d in dirs[10:40]])
     assert len(lib) == 100 and lib.has_arrow_index()
     module = lib.modules[1]
     index = lib.arrow_indexes()[module]
-    assert index.ntotal == 100
+    removed_uids = read_arrow_meta(lib.path)["removed"]
+    if kind == "hnsw":  # a graph keeps removed nodes as tombstones that searches skip
+        assert index.ntotal == 130 and len(removed_uids) == 30
+    else:
+        assert index.ntotal == 100 and removed_uids == []
     x = _x(lib.module_shape(module)[1], seed=3)
-    t = lib.tensors(module)
-    exact_top, exact_rows = (x @ t.proto.T).abs().topk(5, dim=-1)
-    top, rows = lib.arrow_search(module).search(x, 5, nprobe=index.nlist)
+    exact_top, exact_rows = _exact_over_library(lib, module, x, 5)
+    top, rows = lib.arrow_search(module).search(x, 5, effort=10_000)
     assert torch.allclose(top, exact_top, atol=2e-3)
-    removed = {lib.index(d.name) for d in dirs[:5]}  # rows are valid positions of the current library
-    assert rows.max() < len(lib) and removed <= set(range(len(lib)))
+    assert torch.equal(rows.sort(dim=-1).values, exact_rows.sort(dim=-1).values)  # no removed adapter returned
     fresh = AdapterLibrary.compile([*dirs[:10], *dirs[40:130]], kind="knowledge", base_model=model,
                                    out=tmp_path / "fresh", progress=False)
     assert fresh.names == lib.names
     assert torch.equal(fresh.tensors(module).proto, lib.tensors(module).proto)
+    if kind == "hnsw":  # past a quarter of tombstones the graph is rebuilt without them
+        lib.remove([d.name for d in dirs[40:50]])
+        assert lib.arrow_indexes()[module].ntotal == 90 and read_arrow_meta(lib.path)["removed"] == []
+        exact_top, _ = _exact_over_library(lib, module, x, 5)
+        assert torch.allclose(lib.arrow_search(module).search(x, 5, effort=10_000)[0], exact_top, atol=2e-3)
 
 
 def test_approximate_routing_equals_exact_when_all_lists_probed(big, tmp_path):
@@ -92,18 +107,19 @@ def test_approximate_routing_equals_exact_when_all_lists_probed(big, tmp_path):
     assert t.index is not None
     x = _x(lib.module_shape(module)[1], seed=7)
     exact = route_tokens(x, t, "lag", k=8)
-    approx = route_tokens(x, t, "lag", k=8, approximate=True, nprobe=10_000)
+    approx = route_tokens(x, t, "lag", k=8, approximate=True, effort=10_000)
     assert (exact.chosen == approx.chosen).float().mean() >= 0.95
     with torch.no_grad():
         with router.using(arrow_backend="exact"):
             ref = model(IDS).logits
-        with router.using(arrow_backend="faiss", nprobe=10_000):
+        with router.using(arrow_backend="faiss", ef_search=10_000):
             got = model(IDS).logits
     router.detach()
     assert torch.allclose(got, ref, atol=1e-2)
 
 
-def test_auto_backend_searches_the_index_only_where_it_beats_the_exact_scan():
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_auto_backend_searches_the_index_only_where_it_beats_the_exact_scan(kind):
     from llama_index_lag.library.arrow_index import FaissArrow, build_module_index
     from llama_index_lag.routing.engine import PoolTensors
 
@@ -111,18 +127,20 @@ def test_auto_backend_searches_the_index_only_where_it_beats_the_exact_scan():
     N, n = 4000, 32
     protos = torch.nn.functional.normalize(torch.randn(N, n, generator=g), dim=-1)
     A = torch.cat([protos[:, None], torch.randn(N, 1, n, generator=g) * 0.1], dim=1)  # [N, 2, n]
-    index = FaissArrow(build_module_index(protos.numpy(), np.arange(N)), np.arange(N), nprobe=2)
+    effort, wide = (2, 100) if kind == "ivf" else (8, 4000)
+    index = FaissArrow(build_module_index(protos.numpy(), np.arange(N), kind), np.arange(N), effort=effort)
     t = PoolTensors(protos, A, torch.randn(N, 8, 2, generator=g), index=index)
-    assert index.index.nlist == 100  # 2 x 2 of 100 lists read per token: 4 % of the exact scan's reads
+    if kind == "ivf":
+        assert index.index.nlist == 100  # 2 x 2 of 100 lists read per token: 4 % of the exact scan's reads
     assert t.approximates(None, 1) and not t.approximates(None, 64)  # decode: index; long prompt: exact
     assert t.approximates(True, 64) and not t.approximates(False, 1)
-    assert not t.approximates(None, 1, nprobe=100)  # probing every list costs more than the scan
+    assert not t.approximates(None, 1, effort=wide)  # searching everything costs more than the scan
     x1, x64 = _x(n, T=1, seed=1), _x(n, T=64, seed=2)
     assert torch.equal(route_tokens(x1, t, "lag", k=5, approximate=None).delta,
                        route_tokens(x1, t, "lag", k=5, approximate=True).delta)
     assert torch.equal(route_tokens(x64, t, "lag", k=5, approximate=None).delta,
                        route_tokens(x64, t, "lag", k=5, approximate=False).delta)
-    few = route_tokens(x64, t, "lag", k=5, approximate=True, nprobe=1).chosen  # the index does differ here
+    few = route_tokens(x64, t, "lag", k=5, approximate=True, effort=1).chosen  # the index does differ here
     assert not torch.equal(few, route_tokens(x64, t, "lag", k=5, approximate=False).chosen)
 
 

@@ -96,19 +96,23 @@ def make_generator(acts: dict[str, torch.Tensor], shapes: dict[str, tuple[int, i
 
 
 def build_library(work: Path, n: int, layers: int, dtype: str, model: torch.nn.Module,
-                  acts: dict[str, torch.Tensor], seed: int = 0) -> AdapterLibrary:
-    """Synthesise (or reuse) the library for (n, layers, dtype)."""
+                  acts: dict[str, torch.Tensor], seed: int = 0, index: str = "hnsw") -> AdapterLibrary:
+    """Synthesise (or reuse) the library for (n, layers, dtype); from 4096 adapters up it carries an
+    approximate Arrow index of type ``index`` (rebuilt when a reused library has another type)."""
     out = work / f"lib-{n}-L{layers}-{dtype}"
     marker = out / "bench.json"
     if marker.is_file():
-        return AdapterLibrary.load(out)
+        lib = AdapterLibrary.load(out)
+        if n >= 4096 and lib.arrow_index_type() != index:
+            lib.build_arrow_index(kind=index)
+        return lib
     modules = [m for m in acts if int(m.split(".")[2]) < layers]
     shapes = {m: (model.get_submodule(m).out_features, model.get_submodule(m).in_features) for m in modules}
     gen = make_generator({m: acts[m] for m in modules}, shapes, seed)
     names = [f"a{i:06d}" for i in range(n)]
     lib = AdapterLibrary.from_aligned(names, gen, kind="knowledge", base_model=model, modules=modules, rank=RANK,
                                       out=out, dtype=dtype, source="synthetic (lag bench scale)",
-                                      arrow_index=n >= 4096, chunk_size=2048)
+                                      arrow_index=index if n >= 4096 else False, chunk_size=2048)
     marker.write_text(json.dumps({"n": n, "layers": layers, "dtype": dtype, "seed": seed}))
     return lib
 
@@ -128,8 +132,8 @@ def _disk(path: Path) -> int:
 
 @torch.no_grad()
 def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor], ids: torch.Tensor,
-            bare: dict[str, float], decode_tokens: int, nprobes: tuple[int, ...] = ()) -> dict[str, Any]:
-    """One library: load, routing cost per module, approximate-stage quality (also for each of ``nprobes``),
+            bare: dict[str, float], decode_tokens: int, efforts: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One library: load, routing cost per module, approximate-stage quality (also for each of ``efforts``),
     end-to-end prefill / decode vs the bare model, resident memory."""
     rss0 = _rss()
     start = time.perf_counter()
@@ -142,7 +146,7 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     row: dict[str, Any] = {"N": len(lib), "layers": len({m.split(".")[2] for m in lib.modules}),
                            "modules": len(lib.modules), "dtype": lib.manifest["dtype"],
                            "disk_gib": _disk(lib_path) / 2**30, "load_s": load_s, "load_attach_s": attach_s,
-                           "arrow": "faiss" if indexed else "exact"}
+                           "arrow": "faiss" if indexed else "exact", "index": lib.arrow_index_type()}
     # routing cost of one module (the first down_proj: n=1536) and approximate-stage quality
     module = next(m for m in lib.modules if m.endswith("down_proj"))
     t = router.pools["knowledge"].tensors(module)
@@ -154,10 +158,10 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
             row[f"{label}_module_ms_faiss"] = 1e3 * timeit(
                 lambda: route_tokens(xs, t, "lag", k=K, approximate=True), repeat=3, min_time=0.2)
     if indexed:
-        default = _approx_quality(router, acts, t.index.nprobe)
-        row.update(nprobe=default["nprobe"], recall_at_k=default["recall_at_k"],
+        default = _approx_quality(router, acts, t.index.effort)
+        row.update(effort=default["effort"], recall_at_k=default["recall_at_k"],
                    choice_agreement=default["choice_agreement"])
-        row["nprobe_sweep"] = [_approx_quality(router, acts, nprobe) for nprobe in nprobes]
+        row["effort_sweep"] = [_approx_quality(router, acts, effort) for effort in efforts]
     # end to end
     row["prefill_s"] = timeit(lambda: model(ids, use_cache=False), repeat=2)
     row["prefill_x_bare"] = row["prefill_s"] / bare["prefill_s"]
@@ -175,35 +179,36 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     return row
 
 
-def _approx_quality(router: Any, acts: dict[str, torch.Tensor], nprobe: int) -> dict[str, float]:
+def _approx_quality(router: Any, acts: dict[str, torch.Tensor], effort: int) -> dict[str, float]:
     """Recall@k of the approximate Arrow stage, agreement of the final LAG choice with exact routing, and the
-    decode cost of one module, when ``nprobe`` IVF lists are searched."""
+    decode cost of one module, at search breadth ``effort`` (HNSW efSearch / IVF nprobe)."""
     pool = router.pools["knowledge"]
     recalls, agree = [], []
     for m in pool.modules:
         tm = pool.tensors(m)
         xm = acts[m][:256].to(tm.A.dtype)
         _, exact = tm.arrow(xm, K)
-        _, approx = tm.arrow(xm, K, approximate=True, nprobe=nprobe)
+        _, approx = tm.arrow(xm, K, approximate=True, effort=effort)
         recalls.append(np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(exact, approx)]))
         w_exact = route_tokens(xm, tm, "lag", k=K).chosen
-        w_approx = route_tokens(xm, tm, "lag", k=K, approximate=True, nprobe=nprobe).chosen
+        w_approx = route_tokens(xm, tm, "lag", k=K, approximate=True, effort=effort).chosen
         agree.append(float((w_exact == w_approx).float().mean()))
     module = next(m for m in pool.modules if m.endswith("down_proj"))
     t = pool.tensors(module)
     x1 = acts[module][:1].to(t.A.dtype)
-    ms = 1e3 * timeit(lambda: route_tokens(x1, t, "lag", k=K, approximate=True, nprobe=nprobe), repeat=3,
+    ms = 1e3 * timeit(lambda: route_tokens(x1, t, "lag", k=K, approximate=True, effort=effort), repeat=3,
                       min_time=0.2)
-    return {"nprobe": nprobe, "recall_at_k": float(np.mean(recalls)), "choice_agreement": float(np.mean(agree)),
+    return {"effort": effort, "recall_at_k": float(np.mean(recalls)), "choice_agreement": float(np.mean(agree)),
             "decode_module_ms_faiss": ms}
 
 
 def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10_000, 100_000),
         layers: int | None = None, dtype: str = "float16", work: str | Path | None = None,
         threads: int | None = None, decode_tokens: int = 16, keep: bool = True,
-        nprobes: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Build (or reuse) a synthetic library per N in ``ns`` and measure it; ``nprobes`` adds a recall / speed
-    sweep of the approximate Arrow stage for indexed libraries."""
+        efforts: tuple[int, ...] = (), index: str = "hnsw") -> dict[str, Any]:
+    """Build (or reuse) a synthetic library per N in ``ns`` and measure it; ``index``: the approximate Arrow
+    index type of libraries from 4096 adapters up; ``efforts`` adds a recall / speed sweep of its search
+    breadth (HNSW efSearch / IVF nprobe)."""
     if threads:
         torch.set_num_threads(threads)
     work = Path(work) if work else Path.cwd() / "lag-bench-scale"
@@ -232,25 +237,26 @@ def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10
             print(f"skipping N={n}: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
             continue
         start = time.perf_counter()
-        build_library(work, n, n_layers, dtype, model, acts)
+        build_library(work, n, n_layers, dtype, model, acts, index=index)
         build_s = time.perf_counter() - start
-        row = measure(work / f"lib-{n}-L{n_layers}-{dtype}", model, acts, ids, bare, decode_tokens, nprobes)
+        row = measure(work / f"lib-{n}-L{n_layers}-{dtype}", model, acts, ids, bare, decode_tokens, efforts)
         row["build_s"] = build_s
         payload["rows"].append(row)
         print(json.dumps(row), flush=True)
         if not keep:
             shutil.rmtree(work / f"lib-{n}-L{n_layers}-{dtype}", ignore_errors=True)
         free = shutil.disk_usage(work).free
-    print_table(payload["rows"], ["N", "layers", "arrow", "disk_gib", "load_attach_s", "anon_after_run_mib",
+    print_table(payload["rows"], ["N", "layers", "index", "arrow", "disk_gib", "load_attach_s", "anon_after_run_mib",
                                   "file_after_run_mib", "decode_module_ms_exact", "decode_module_ms_faiss",
                                   "recall_at_k", "choice_agreement", "prefill_x_bare", "decode_tok_s",
                                   "decode_x_bare"],
                 title=f"{model_name}: rank-{RANK} MLP adapters, k={K}, {dtype}; bare decode "
                 f"{bare['decode_tok_s']:.1f} tok/s, prefill(256) {bare['prefill_s']:.2f} s")
-    sweep = [{"N": r["N"], **q} for r in payload["rows"] for q in r.get("nprobe_sweep", [])]
+    sweep = [{"N": r["N"], "index": r["index"], **q} for r in payload["rows"] for q in r.get("effort_sweep", [])]
     if sweep:
-        print_table(sweep, ["N", "nprobe", "recall_at_k", "choice_agreement", "decode_module_ms_faiss"],
-                    title="Approximate Arrow: IVF lists searched (nprobe) vs quality and decode cost per module")
+        print_table(sweep, ["N", "index", "effort", "recall_at_k", "choice_agreement", "decode_module_ms_faiss"],
+                    title="Approximate Arrow: search breadth (HNSW efSearch / IVF nprobe) vs quality and decode "
+                    "cost per module")
     payload["targets"] = _targets(payload["rows"])
     print_table([{"target": k, **v} for k, v in payload["targets"].items()], ["target", "measured", "goal", "met"],
                 title="Targets")

@@ -32,8 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--work", default=None, help="folder for the generated libraries (kept for reuse)")
-    s.add_argument("--nprobe", type=_ints, default=(), metavar="LIST",
-                   help="also measure the approximate Arrow stage with these nprobe values, e.g. 64,128,256")
+    s.add_argument("--index", default="hnsw", choices=["hnsw", "ivf"],
+                   help="approximate Arrow index of the libraries from 4096 adapters up (default hnsw)")
+    s.add_argument("--effort", type=_ints, default=(), metavar="LIST",
+                   help="also measure the approximate Arrow stage at these search breadths (HNSW efSearch / "
+                   "IVF nprobe), e.g. 128,256,512")
     s.set_defaults(func=_scale)
 
     d = bench.add_parser("dispatch", help="candidate-product strategies vs the auto cost model's choice")
@@ -56,7 +59,7 @@ def _scale(args: argparse.Namespace) -> int:
     from ..bench.scale import run
 
     run(args.out, ns=args.n, layers=args.layers, dtype=args.dtype, work=args.work, threads=args.threads,
-        nprobes=tuple(args.nprobe))
+        efforts=tuple(args.effort), index=args.index)
     return 0
 
 

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="LIB_DIR", help="library folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--add", action="store_true", help="add the adapters to the existing library at --out")
+    p.add_argument("--arrow-index", default="auto", choices=["auto", "hnsw", "ivf", "none"],
+                   help="approximate Arrow index (FAISS) stored with the library: auto = an HNSW index from "
+                   "4096 adapters up (with --add: keep the library's); hnsw / ivf = build that type; none = no index")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept adapter_model.bin (pickle) files; only for adapters you trust")
     p.set_defaults(func=_compile)
@@ -47,11 +50,15 @@ def _compile(args: argparse.Namespace) -> int:
             print(f"lag compile: --kind {args.kind} but {args.out} is a {lib.kind} library", file=sys.stderr)
             return 2
         lib.add(args.adapters, allow_pickle=args.allow_pickle)
+        if args.arrow_index in ("hnsw", "ivf") and lib.arrow_index_type() != args.arrow_index:
+            lib.build_arrow_index(kind=args.arrow_index)
     else:
         from ..models import resolve_model_dir
 
+        wanted = {"auto": None, "none": False}.get(args.arrow_index, args.arrow_index)
         lib = AdapterLibrary.compile(args.adapters, kind=args.kind, base_model=resolve_model_dir(args.base),
-                                     out=args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+                                     out=args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                     arrow_index=wanted)
     seconds = time.perf_counter() - start
     print(f"{lib.path}: {len(lib)} {lib.kind} adapters, {len(lib.modules)} modules, r_max {lib.r_max}, "
           f"{lib.manifest['dtype']} ({len(args.adapters) / max(seconds, 1e-9):.1f} adapters/s)")
@@ -71,6 +78,7 @@ def _inspect(args: argparse.Namespace) -> int:
           f"r_max {info['ranks']['r_max']})")
     print(f"dtype     {info['dtype']}")
     print(f"size      {info['size_bytes'] / 2**20:.1f} MiB")
+    print(f"arrow     {info['arrow_index'] or 'exact scan (no approximate index)'}")
     base = info["base_model"]
     print(f"base      {base.get('architecture')} hidden {base.get('hidden_size')} "
           f"layers {base.get('num_hidden_layers')}")

@@ -16,7 +16,8 @@ import torch
 
 @torch.no_grad()
 def spectral_align(
-    A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor | None = None
+    A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align a batch of adapters of one module.
 
@@ -25,17 +26,19 @@ def spectral_align(
         B: [N, m, r] lora_B, zero-padded likewise.
         scaling: [N] LoRA scaling s_i.
         ranks: [N] true ranks (rows/columns beyond are zeroed in the output); default all r.
+        dtype: precision of the QRs and the factors (the r x r core is always float64). The library
+            compiler uses float32 (what it stores at most): half the memory traffic of float64.
 
     Returns:
-        (A_star [N, r, n], B_star [N, m, r], S [N, r]) in float64, singular values descending. Each
+        (A_star [N, r, n], B_star [N, m, r], S [N, r]) in ``dtype``, singular values descending. Each
         singular pair's sign is fixed so the largest-magnitude entry of its A* row is positive
         (deterministic output).
     """
-    A64, B64 = A.double(), B.double()
-    qb, rb = torch.linalg.qr(B64)  # [N, m, r], [N, r, r]
-    qa, ra = torch.linalg.qr(A64.transpose(1, 2))  # [N, n, r], [N, r, r]
-    core = scaling.double()[:, None, None] * (rb @ ra.transpose(1, 2))  # [N, r, r]
+    qb, rb = torch.linalg.qr(B.to(dtype))  # [N, m, r], [N, r, r]
+    qa, ra = torch.linalg.qr(A.to(dtype).transpose(1, 2))  # [N, n, r], [N, r, r]
+    core = scaling.double()[:, None, None] * (rb.double() @ ra.double().transpose(1, 2))  # [N, r, r]
     uc, s, vch = torch.linalg.svd(core)  # [N, r, r], [N, r], [N, r, r]
+    uc, s, vch = uc.to(dtype), s.to(dtype), vch.to(dtype)
     if ranks is not None:  # singular pairs beyond an adapter's rank are zeroed
         keep = torch.arange(A.shape[1])[None, :] < ranks[:, None]  # [N, r]
         s = s * keep

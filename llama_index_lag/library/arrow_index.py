@@ -1,13 +1,25 @@
-"""Approximate Arrow retrieval for large libraries: one FAISS IVF (float16 vectors) index per adapted module over the prototypes.
+"""Approximate Arrow retrieval for large libraries: one FAISS index per adapted module over the prototypes.
+
+Two index types (float16 vectors, the size of float16 prototypes):
+
+* ``hnsw`` (default): a graph (``IndexHNSWSQ``, M = 32). At the default ``efSearch`` 512 it finds ~98 % of
+  the exact top-20 of 100k synthetic prototypes for 3-10 ms per token and module on 2 CPU cores, where the
+  exact scan takes ~21 ms for n = 1536 (``lag bench scale``, BENCHMARKS.md). Graphs
+  cannot delete nodes: removed adapters become *tombstones* that searches skip (an ``IDSelector``), and the
+  index is rebuilt once they pass a quarter of it.
+* ``ivf``: an inverted file (``IndexIVFScalarQuantizer``, ~4 sqrt(N) lists), searched in ``nprobe`` lists.
+  Cheaper to build and update (ids are removed in place) but needs ~4x the reads of ``hnsw`` for the same
+  recall on spread-out prototypes.
 
 Arrow needs the top-k of ``|a_i . x|`` (singular vectors have no sign). The index holds ``a_i`` once (inner
 product metric) and is queried with both ``x`` and ``-x``; the merged top-k by score is the top-k by
 absolute score. Index ids are the adapters' stable ``uid`` (manifest), so adding adapters only adds
-vectors and removing them only removes ids: no retraining, no renumbering.
+vectors and removing them only removes (or hides) ids: no renumbering.
 
 Stored in ``LIB_DIR/arrow_index/``: ``{i}.faiss`` per module (i = position in the manifest's modules) and
-``meta.json`` with the library ``revision`` it was built for. A missing or stale index is never used
-silently: :func:`load_arrow_index` raises :class:`LibraryFormatError` (``rebuild=True`` rebuilds it).
+``meta.json`` with the index ``type``, the library ``revision`` it was built for and the tombstones
+(``removed`` uids). Indexes are memory-mapped. A missing or stale index is never used silently:
+:func:`load_module_indexes` raises :class:`LibraryFormatError` (``build_arrow_index()`` rebuilds it).
 """
 
 from __future__ import annotations
@@ -22,10 +34,16 @@ import numpy as np
 import torch
 
 from .._fs import atomic_write_json
-from ..errors import LibraryFormatError
+from ..errors import ConfigError, LibraryFormatError
 
 ARROW_DIR = "arrow_index"
-DEFAULT_NPROBE = 64
+INDEX_TYPES = ("hnsw", "ivf")
+DEFAULT_TYPE = "hnsw"
+DEFAULT_EFFORT = {"hnsw": 512, "ivf": 64}  # efSearch / nprobe
+DEFAULT_NPROBE = DEFAULT_EFFORT["ivf"]
+HNSW_M = 32  # graph degree
+HNSW_EF_CONSTRUCTION = 40
+COMPACT_AT = 0.25  # rebuild an HNSW index once this share of its nodes are tombstones
 
 
 def _faiss() -> Any:
@@ -34,78 +52,116 @@ def _faiss() -> Any:
     return faiss
 
 
+def check_index_type(kind: str) -> str:
+    if kind not in INDEX_TYPES:
+        raise ConfigError(f"arrow index type must be one of {INDEX_TYPES}, got {kind!r}", field="arrow_index")
+    return kind
+
+
 def default_nlist(n: int) -> int:
     """About 4 sqrt(N) lists, with >= 40 training points per list (FAISS' k-means minimum)."""
     return int(max(1, min(65536, 4 * math.sqrt(n), n // 40)))
 
 
-def build_module_index(protos: np.ndarray, uids: np.ndarray, nlist: int | None = None, seed: int = 0) -> Any:
-    """IVF inner-product index (vectors stored as float16: the size of float16 prototypes) over prototypes
-    [N, n], ids = uids [N] (int64)."""
+def build_module_index(protos: np.ndarray, uids: np.ndarray, kind: str = DEFAULT_TYPE, nlist: int | None = None,
+                       seed: int = 0) -> Any:
+    """Inner-product index of type ``kind`` over prototypes [N, n] with ids = uids [N] (int64)."""
     faiss = _faiss()
+    check_index_type(kind)
     n_vec, dim = protos.shape
-    nlist = min(nlist or default_nlist(n_vec), n_vec)
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = 10
-    index.cp.seed = seed
-    rng = np.random.default_rng(seed)
-    sample = protos if n_vec <= 64 * nlist else protos[np.sort(rng.choice(n_vec, 64 * nlist, replace=False))]
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    index.add_with_ids(np.ascontiguousarray(protos, dtype=np.float32), uids.astype(np.int64))
+    vectors = np.ascontiguousarray(protos, dtype=np.float32)
+    if kind == "hnsw":
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        graph.train(vectors[:1])  # float16 storage learns nothing; marks the index trained
+        index = faiss.IndexIDMap(graph)
+    else:
+        nlist = min(nlist or default_nlist(n_vec), n_vec)
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        index.cp.seed = seed
+        rng = np.random.default_rng(seed)
+        sample = vectors if n_vec <= 64 * nlist else vectors[np.sort(rng.choice(n_vec, 64 * nlist, replace=False))]
+        index.train(sample)
+    index.add_with_ids(vectors, uids.astype(np.int64))
     return index
+
+
+def index_type(index: Any) -> str:
+    """``hnsw`` or ``ivf``, from a FAISS index built by :func:`build_module_index`."""
+    return "hnsw" if isinstance(index, _faiss().IndexIDMap) else "ivf"
 
 
 def index_path(lib_dir: Path, position: int) -> Path:
     return lib_dir / ARROW_DIR / f"{position}.faiss"
 
 
-def save_arrow_index(lib_dir: Path, modules: list[str], indexes: dict[str, Any], revision: str) -> None:
+def save_arrow_index(lib_dir: Path, modules: list[str], indexes: dict[str, Any], revision: str,
+                     removed: Iterable[int] = ()) -> None:
     faiss = _faiss()
     folder = lib_dir / ARROW_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for position, module in enumerate(modules):
         faiss.write_index(indexes[module], str(index_path(lib_dir, position)))
-    nlist = {m: int(indexes[m].nlist) for m in modules}
-    atomic_write_json(folder / "meta.json", {"revision": revision, "modules": modules, "nlist": nlist,
-                                             "ntotal": {m: int(indexes[m].ntotal) for m in modules},
-                                             "nprobe": DEFAULT_NPROBE, "kind": "IVF,SQfp16/inner-product"})
+    kind = index_type(indexes[modules[0]])
+    meta = {"revision": revision, "modules": modules, "type": kind, "removed": sorted(int(u) for u in removed),
+            "ntotal": {m: int(indexes[m].ntotal) for m in modules}}
+    if kind == "ivf":
+        meta.update(nlist={m: int(indexes[m].nlist) for m in modules}, nprobe=DEFAULT_EFFORT["ivf"],
+                    kind="IVF,SQfp16/inner-product")
+    else:
+        meta.update(M=HNSW_M, efConstruction=HNSW_EF_CONSTRUCTION, efSearch=DEFAULT_EFFORT["hnsw"],
+                    kind="IDMap,HNSW,SQfp16/inner-product")
+    atomic_write_json(folder / "meta.json", meta)
 
 
 def read_arrow_meta(lib_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((lib_dir / ARROW_DIR / "meta.json").read_text())
+        meta = json.loads((lib_dir / ARROW_DIR / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    meta.setdefault("type", "ivf")  # indexes written before HNSW existed
+    meta.setdefault("removed", [])
+    return meta
 
 
-def load_module_indexes(lib_dir: Path, modules: list[str], revision: str) -> dict[str, Any]:
-    """Read every module's index; raise LibraryFormatError if missing or built for another revision."""
+def load_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> dict[str, Any]:
+    """Read every module's index (memory-mapped unless ``mmap=False``: for updating it); raise
+    LibraryFormatError if missing or built for another revision."""
     meta = read_arrow_meta(lib_dir)
     if meta is None:
         raise LibraryFormatError("approximate Arrow index missing (arrow_index/meta.json); rebuild it with "
-                                 "AdapterLibrary.build_arrow_index() or `lag compile --arrow-index`",
+                                 "AdapterLibrary.build_arrow_index() or `lag compile --arrow-index hnsw`",
                                  path=lib_dir / ARROW_DIR)
     if meta.get("revision") != revision or meta.get("modules") != modules:
         raise LibraryFormatError("approximate Arrow index is stale (built for another revision of this library); "
                                  "rebuild it with AdapterLibrary.build_arrow_index()", path=lib_dir / ARROW_DIR)
     faiss = _faiss()
+    # IVF lists are memory-mapped by IO_FLAG_MMAP, flat codes and HNSW graphs by IO_FLAG_MMAP_IFC.
+    flags = (faiss.IO_FLAG_MMAP if meta["type"] == "ivf" else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
     out = {}
     for position, module in enumerate(modules):
         path = index_path(lib_dir, position)
         try:
-            out[module] = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(path), flags) if mmap else faiss.read_index(str(path))
         except RuntimeError as exc:
             raise LibraryFormatError(f"cannot read approximate Arrow index: {exc}", module=module,
                                      path=path) from None
+        if index_type(index) != meta["type"] or index.ntotal != meta["ntotal"].get(module):
+            raise LibraryFormatError(f"approximate Arrow index does not match meta.json (type {meta['type']}, "
+                                     f"{meta['ntotal'].get(module)} vectors); rebuild it with "
+                                     "AdapterLibrary.build_arrow_index()", module=module, path=path)
+        out[module] = index
     return out
 
 
 def update_index(index: Any, add: tuple[np.ndarray, np.ndarray] | None, remove: Iterable[int]) -> Any:
-    """Incremental update: add (protos [K, n], uids [K]) and remove uids, without retraining."""
+    """Incremental update: add (protos [K, n], uids [K]) and remove uids (IVF: in place; HNSW: the caller
+    keeps them as tombstones), without retraining."""
     remove = np.fromiter(remove, dtype=np.int64)
-    if remove.size:
+    if remove.size and index_type(index) == "ivf":
         index.remove_ids(remove)
     if add is not None and add[0].shape[0]:
         index.add_with_ids(np.ascontiguousarray(add[0], dtype=np.float32), add[1].astype(np.int64))
@@ -116,30 +172,47 @@ class FaissArrow:
     """Approximate Arrow top-k for one module: ``search(x [T, n], k) -> (scores [T, k], rows [T, k])``.
 
     Rows are library row indices (uids mapped through ``uid_to_row``); missing results have score -1.
+    ``effort``: search breadth (HNSW ``efSearch`` / IVF ``nprobe``); ``removed``: tombstone uids to skip.
     """
 
-    def __init__(self, index: Any, uid_to_row: np.ndarray, nprobe: int = DEFAULT_NPROBE) -> None:
+    def __init__(self, index: Any, uid_to_row: np.ndarray, effort: int | None = None,
+                 removed: Iterable[int] = ()) -> None:
+        faiss = _faiss()
         self.index = index
+        self.kind = index_type(index)
         self.uid_to_row = uid_to_row
-        self.nprobe = nprobe
+        self.effort = effort or DEFAULT_EFFORT[self.kind]
+        removed = np.fromiter(removed, dtype=np.int64)
+        # Keep the inner selector referenced: IDSelectorNot holds a raw pointer to it.
+        self._removed = faiss.IDSelectorBatch(removed) if removed.size else None
+        self._select = faiss.IDSelectorNot(self._removed) if removed.size else None
 
-    def beats_exact(self, tokens: int, nprobe: int | None = None) -> bool:
+    def beats_exact(self, tokens: int, effort: int | None = None) -> bool:
         """Whether searching ``tokens`` queries should cost less than the exact scan of all N prototypes.
 
-        Cost model fitted on a 2-core x86 CPU (``lag bench scale``, BENCHMARKS.md), per prototype element:
-        the search reads 2 nprobe / nlist of the library per token (queries x and -x), ~5e-7 ms each; the
-        exact scan reads all of it once per call (~1.4e-7 ms) plus a GEMM term per token (~1.2e-8 ms).
+        Cost model fitted on a 2-core x86 CPU (``lag bench scale``, BENCHMARKS.md), in ms per prototype
+        element of the library: the exact scan reads all of it once per call (~1.4e-7) plus a GEMM term per
+        token (~1.2e-8); a search (queries x and -x) reads 2 nprobe / nlist of it per token for IVF
+        (~5e-7 each), and ~2 efSearch vectors per token for HNSW (~5.5e-6 per vector dimension).
         So the index pays off for decoding large libraries, while long prompts scan exactly.
         """
-        scanned = 2 * (nprobe or self.nprobe) / self.index.nlist  # share of the library read per token
-        return tokens * scanned * 5e-7 < 1.4e-7 + 1.2e-8 * tokens
+        effort = effort or self.effort
+        if self.kind == "hnsw":
+            per_token = 2 * effort * 5.5e-6 / max(self.index.ntotal, 1)
+        else:
+            per_token = 2 * effort / self.index.nlist * 5e-7
+        return tokens * per_token < 1.4e-7 + 1.2e-8 * tokens
 
-    def search(self, x: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _params(self, effort: int) -> Any:
         faiss = _faiss()
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(efSearch=effort, sel=self._select)
+        return faiss.SearchParametersIVF(nprobe=effort)
+
+    def search(self, x: torch.Tensor, k: int, effort: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xq = x.detach().float().cpu().numpy()  # [T, n]
         T = xq.shape[0]
-        params = faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
-        scores, uids = self.index.search(np.concatenate([xq, -xq]), k, params=params)  # [2T, k]
+        scores, uids = self.index.search(np.concatenate([xq, -xq]), k, params=self._params(effort or self.effort))
         scores = np.concatenate([scores[:T], scores[T:]], axis=1)  # [T, 2k]
         uids = np.concatenate([uids[:T], uids[T:]], axis=1)
         scores[uids < 0] = -1.0

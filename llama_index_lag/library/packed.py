@@ -62,6 +62,8 @@ class PackedWriter:
                 f.truncate(self.nbytes)  # sparse zeros: padded ranks / absent modules stay 0
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self._data_start,
                              shape=(max(offset, 1),))
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._itemsize = itemsize
 
     def view(self, key: str) -> torch.Tensor:
         start, nbytes, shape = self._slots[key]
@@ -72,11 +74,19 @@ class PackedWriter:
         """Write adapter rows ``rows`` [K] of one module: A* [K, r, n], B* [K, m, r], proto [K, n].
 
         Ranks beyond the given r are written as zeros (they may hold an older, larger rank on resume).
+        Consecutive rows are one contiguous byte range per tensor, written with ``pwrite`` (no page fault
+        per 4 KB page, as writing a fresh file through the memory map costs); others through the map.
         """
         ka, kb, kp = tensor_names(module)
-        r = a_star.shape[1]
+        r, r_max = a_star.shape[1], self._slots[ka][2][1]
         if rows.numel() and bool((rows == torch.arange(int(rows[0]), int(rows[0]) + rows.numel())).all()):
-            rows = slice(int(rows[0]), int(rows[0]) + rows.numel())  # consecutive rows: plain slice writes
+            first = int(rows[0])
+            if r < r_max:  # zero-pad the rank to the packed width
+                a_star = torch.nn.functional.pad(a_star, (0, 0, 0, r_max - r))
+                b_star = torch.nn.functional.pad(b_star, (0, r_max - r))
+            for key, value in ((ka, a_star), (kb, b_star), (kp, proto)):
+                self._pwrite(key, first, value)
+            return
         a_view, b_view = self.view(ka), self.view(kb)
         a_view[rows, :r] = a_star.to(self.dtype)
         a_view[rows, r:] = 0
@@ -84,14 +94,23 @@ class PackedWriter:
         b_view[rows, :, r:] = 0
         self.view(kp)[rows] = proto.to(self.dtype)
 
+    def _pwrite(self, key: str, first: int, value: torch.Tensor) -> None:
+        """Write rows ``first:first+len(value)`` of tensor ``key`` (full rows) at their file offset."""
+        start, _, shape = self._slots[key]
+        row_bytes = int(np.prod(shape[1:])) * self._itemsize
+        data = value.to(self.dtype).contiguous().view(torch.uint8).numpy()
+        offset = self._data_start + start + first * row_bytes
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
     def flush(self) -> None:
+        """Make everything written so far durable (safe to call from another thread)."""
         self._mm.flush()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(self._fd)
 
     def close(self) -> None:
         self.flush()
+        os.close(self._fd)
         del self._mm

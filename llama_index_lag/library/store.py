@@ -13,6 +13,7 @@ resumes from the last finished chunk of adapters.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +46,11 @@ from ..errors import (
 from .align import spectral_align
 from .arrow_index import (
     ARROW_DIR,
-    DEFAULT_NPROBE,
+    COMPACT_AT,
+    DEFAULT_TYPE,
     FaissArrow,
     build_module_index,
+    check_index_type,
     load_module_indexes,
     read_arrow_meta,
     save_arrow_index,
@@ -63,6 +67,8 @@ TENSORS = "adapters.safetensors"
 KINDS = ("task", "knowledge")
 _DERIVED = ("adapters", "modules", "r_max", "revision", "created_by")
 ARROW_INDEX_MIN = 4096  # libraries this large get an approximate Arrow index by default
+IO_THREADS = 4  # threads hashing adapter files
+WORKERS = 2  # chunks aligned and written concurrently
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Kind = Literal["task", "knowledge"]
 
@@ -275,13 +281,14 @@ class AdapterLibrary:
         names: Sequence[str] | None = None,
         allow_pickle: bool = False,
         progress: bool = True,
-        chunk_size: int = 64,
-        arrow_index: bool | None = None,
+        chunk_size: int = 16,
+        arrow_index: bool | str | None = None,
     ) -> AdapterLibrary:
         """Validate PEFT LoRA folders against ``base_model`` (a model, config or model folder), align them
         and write a library to ``out`` (atomically; an interrupted compile resumes when re-run).
 
-        ``arrow_index``: build the approximate (FAISS) Arrow index; None = only for >= 4096 adapters."""
+        ``arrow_index``: build the approximate (FAISS) Arrow index: True (type ``hnsw``), ``"hnsw"`` or
+        ``"ivf"``; None = only for >= 4096 adapters."""
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
         torch_dtype = parse_dtype(dtype)
@@ -313,7 +320,7 @@ class AdapterLibrary:
         source: str = "generated",
         progress: bool = True,
         chunk_size: int = 1024,
-        arrow_index: bool | None = None,
+        arrow_index: bool | str | None = None,
     ) -> AdapterLibrary:
         """Write a library from factors that are already aligned (A* with orthonormal rows, B* = U S).
 
@@ -397,24 +404,33 @@ class AdapterLibrary:
         return bool(meta) and meta.get("revision") == self.revision and meta.get("modules") == self.modules
 
     def arrow_indexes(self, mmap: bool = True) -> dict[str, Any]:
-        """FAISS index per module (raises LibraryFormatError when missing or stale)."""
+        """FAISS index per module (raises LibraryFormatError when missing or stale); ``mmap=False`` reads
+        a private, writable copy."""
         if not mmap:
-            import faiss
-
-            self.arrow_indexes(mmap=True)  # validates revision first
-            return {m: faiss.read_index(str(self.path / ARROW_DIR / f"{i}.faiss"))
-                    for i, m in enumerate(self.modules)}
+            return load_module_indexes(self.path, self.modules, str(self.revision), mmap=False)
         if self._arrow is None:
             self._arrow = load_module_indexes(self.path, self.modules, str(self.revision))
         return self._arrow
 
-    def arrow_search(self, module: str, nprobe: int = DEFAULT_NPROBE) -> FaissArrow:
-        return FaissArrow(self.arrow_indexes()[module], self.uid_to_row(), nprobe)
+    def arrow_search(self, module: str, effort: int | None = None) -> FaissArrow:
+        """Approximate Arrow for ``module``; ``effort``: HNSW efSearch / IVF nprobe (None: the default)."""
+        index = self.arrow_indexes()[module]
+        meta = read_arrow_meta(self.path) or {}
+        return FaissArrow(index, self.uid_to_row(), effort, removed=meta.get("removed", ()))
 
-    def build_arrow_index(self, nlist: int | None = None) -> AdapterLibrary:
-        """(Re)build the approximate Arrow index for the current revision, atomically. Returns self."""
+    def arrow_index_type(self) -> str | None:
+        """``hnsw`` / ``ivf`` of the current index, None without one."""
+        return read_arrow_meta(self.path)["type"] if self.has_arrow_index() else None
+
+    def build_arrow_index(self, nlist: int | None = None, kind: str | None = None) -> AdapterLibrary:
+        """(Re)build the approximate Arrow index for the current revision, atomically. Returns self.
+
+        ``kind``: ``hnsw`` / ``ivf`` (None: the type of the existing index, else ``hnsw``); ``nlist``: IVF
+        lists (None: ~4 sqrt(N))."""
+        meta = read_arrow_meta(self.path)
+        kind = check_index_type(kind or (meta["type"] if meta else DEFAULT_TYPE))
         uids = self.uids()
-        indexes = {m: build_module_index(self.tensors(m).proto.float().numpy(), uids, nlist)
+        indexes = {m: build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
                    for m in self.modules}
         staging = self.path / f".staging-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
@@ -460,7 +476,7 @@ class AdapterLibrary:
             "module_patterns": module_patterns(self.modules),
             "dtype": self.manifest["dtype"],
             "size_bytes": size,
-            "arrow_index": self.has_arrow_index(),
+            "arrow_index": self.arrow_index_type() or False,
             "base_model": self.fingerprint,
         }
 
@@ -510,7 +526,7 @@ def _new_rows(
         raise LibraryError("no adapters given: a library needs at least one adapter")
     if names is not None and len(names) != len(dirs):
         raise ConfigError(f"{len(names)} names for {len(dirs)} adapter folders", field="names")
-    rows = []
+    headers = []
     for i, path in enumerate(dirs):
         name = check_adapter_name(names[i] if names is not None else path.name)
         if name in taken:
@@ -518,13 +534,18 @@ def _new_rows(
         taken.add(name)
         header = read_header(path, name, allow_pickle=allow_pickle)
         spec.check_adapter(header)
+        headers.append((path, header))
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(sha256_file, [header.weights_file for _, header in headers]))
+    rows = []
+    for (path, header), digest in zip(headers, digests):
         meta = _builder_metadata(path)
         cfg = header.config
         entry = {
-            "name": name,
-            "doc_id": meta.get("doc_id", name),
+            "name": header.name,
+            "doc_id": meta.get("doc_id", header.name),
             "source": str(path.resolve()),
-            "sha256": sha256_file(header.weights_file),
+            "sha256": digest,
             "rank": header.rank,
             "lora_alpha": cfg.get("lora_alpha"),
             "use_rslora": bool(cfg.get("use_rslora", False)),
@@ -572,7 +593,7 @@ def _lock(out: Path) -> Iterator[None]:
 
 
 def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLibrary | None, progress: bool,
-           chunk_size: int, arrow_index: bool | None = None) -> AdapterLibrary:
+           chunk_size: int, arrow_index: bool | str | None = None) -> AdapterLibrary:
     """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename."""
     old_modules = set(old.modules) if old is not None else set()
     next_uid = int(base.get("next_uid", 0))
@@ -612,12 +633,23 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
                    disable=not progress)
         try:
-            for start in range(done, len(rows), chunk_size):
-                chunk = rows[start:start + chunk_size]
-                _fill_chunk(writer, start, chunk, modules, old)
-                writer.flush()
-                atomic_write_json(partial / "progress.json", {"plan": digest, "done": start + len(chunk)})
-                bar.update(len(chunk))
+            # Pipelined: WORKERS threads each read, align and write whole chunks (file reads, hashing-free
+            # parsing, torch ops and pwrite release the GIL); chunks are committed in order by another
+            # thread, which makes them durable before recording them as done.
+            with ThreadPoolExecutor(WORKERS) as workers, ThreadPoolExecutor(1) as syncer:
+                in_flight: collections.deque = collections.deque()
+                commits = []
+                for start in range(done, len(rows), chunk_size):
+                    chunk = rows[start:start + chunk_size]
+                    in_flight.append((start + len(chunk), workers.submit(
+                        _process_chunk, writer, start, chunk, modules, old)))
+                    while len(in_flight) > WORKERS or (in_flight and start + chunk_size >= len(rows)):
+                        end, job = in_flight.popleft()
+                        job.result()  # the first failing chunk in row order raises
+                        commits.append(syncer.submit(_commit, writer, partial, digest, end))
+                        bar.update(end - bar.n)
+                for commit in commits:
+                    commit.result()
         except LAGError:
             # A bad adapter will fail again: drop the partial build. Anything else (Ctrl-C, disk full)
             # keeps it so that re-running the same command resumes.
@@ -637,27 +669,41 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
 
 
 def _write_arrow_index(folder: Path, manifest: dict[str, Any], rows: list[_Row], old: AdapterLibrary | None,
-                       wanted: bool | None) -> None:
+                       wanted: bool | str | None) -> None:
     """Keep the approximate Arrow index consistent: update the old one incrementally, or build one when
-    asked (``wanted=True``) or when the library is large (``None`` and N >= ARROW_INDEX_MIN)."""
+    asked (``wanted`` True or a type) or when the library is large (``None`` and N >= ARROW_INDEX_MIN).
+
+    Removing adapters from an HNSW index leaves tombstones (searches skip them); once they pass
+    ``COMPACT_AT`` of its nodes the index is rebuilt."""
     modules = list(manifest["modules"])
     n = len(rows)
     old_ok = old is not None and old.has_arrow_index() and old.modules == modules
     if wanted is False or (wanted is None and not old_ok and n < ARROW_INDEX_MIN):
         return
+    old_type = old.arrow_index_type() if old_ok else None
+    kind = check_index_type(wanted if isinstance(wanted, str) else old_type or DEFAULT_TYPE)
     lib = AdapterLibrary(folder, manifest)  # read the freshly written prototypes
     uids = np.array([int(r.entry["uid"]) for r in rows], dtype=np.int64)
-    if old_ok and wanted is not False:
+    removed: set[int] = set()
+    if old_ok and kind == old_type:
         new_rows = [i for i, r in enumerate(rows) if r.old_index is None]
         removed = set(old.uids().tolist()) - set(uids.tolist())
+        if kind == "hnsw":
+            removed |= set((read_arrow_meta(old.path) or {}).get("removed", []))
         indexes = {}
         for module, index in old.arrow_indexes(mmap=False).items():
             protos = lib.tensors(module).proto[new_rows].float().numpy() if new_rows else None
             indexes[module] = update_index(index, (protos, uids[new_rows]) if new_rows else None, removed)
+        if kind == "ivf":
+            removed = set()
+        elif len(removed) > COMPACT_AT * indexes[modules[0]].ntotal:
+            indexes, removed = {}, set()  # too many tombstones: rebuild below
     else:
-        indexes = {m: build_module_index(lib.tensors(m).proto.float().numpy(), uids) for m in modules}
+        indexes = {}
+    if not indexes:
+        indexes = {m: build_module_index(lib.tensors(m).proto.float().numpy(), uids, kind) for m in modules}
     lib.close()
-    save_arrow_index(folder, modules, indexes, manifest["revision"])
+    save_arrow_index(folder, modules, indexes, manifest["revision"], removed)
 
 
 def _resume_point(partial: Path, digest: str) -> int:
@@ -670,11 +716,24 @@ def _resume_point(partial: Path, digest: str) -> int:
     return int(progress.get("done", 0))
 
 
+def _commit(writer: PackedWriter, partial: Path, digest: str, done: int) -> None:
+    """Rows ``:done`` are written: make them durable, then record them (a resumed build skips them)."""
+    writer.flush()
+    atomic_write_json(partial / "progress.json", {"plan": digest, "done": done})
+
+
+def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
+                   old: AdapterLibrary | None) -> None:
+    """Read the chunk's new adapters (NaN / Inf are checked batched, in :func:`_fill_chunk`) and write
+    rows ``start:start+len(chunk)``."""
+    weights = [load_weights(row.header, check_finite=False) if row.header is not None else None for row in chunk]
+    _fill_chunk(writer, start, chunk, modules, old, weights)
+
+
 def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
-                old: AdapterLibrary | None) -> None:
+                old: AdapterLibrary | None, weights: list[dict[str, Any] | None]) -> None:
     """Align new adapters (batched per module) and copy kept ones, for rows ``start:start+len(chunk)``."""
-    new = [(start + i, row, load_weights(row.header, check_finite=False)) for i, row in enumerate(chunk)
-           if row.header is not None]
+    new = [(start + i, row, w) for i, (row, w) in enumerate(zip(chunk, weights)) if w is not None]
     kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
     made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None], dtype=torch.long)
     for module in modules:
@@ -682,20 +741,22 @@ def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: di
             a_star, b_star = chunk[0].generate(module, made)
             writer.write_rows(module, made, a_star, b_star, a_star[:, 0])
         with_module = [(idx, w[module]) for idx, _, w in new if module in w]
-        if with_module:
-            ranks = torch.tensor([w.rank for _, w in with_module])
-            r = int(ranks.max())
-            A = torch.zeros(len(with_module), r, with_module[0][1].A.shape[1])
-            B = torch.zeros(len(with_module), with_module[0][1].B.shape[0], r)
-            for j, (_, w) in enumerate(with_module):
-                A[j, : w.rank] = w.A
-                B[j, :, : w.rank] = w.B
-            _check_finite(A, B, module, [chunk[idx - start] for idx, _ in with_module])
-            scaling = torch.tensor([w.scaling for _, w in with_module])
-            a_star, b_star, _ = spectral_align(A, B, scaling, ranks)
-            rows = torch.tensor([idx for idx, _ in with_module])
+        for rank in sorted({w.rank for _, w in with_module}):
+            # One batch per rank: no padding, so an adapter's factors do not depend on its batch-mates
+            # (adding adapters to a library gives the bytes of a fresh compile).
+            group = [(idx, w) for idx, w in with_module if w.rank == rank]
+            A = torch.stack([w.A for _, w in group])  # [K, r, n]
+            B = torch.stack([w.B for _, w in group])  # [K, m, r]
+            named = [chunk[idx - start] for idx, _ in group]
+            _check_finite(A, B, module, named)
+            scaling = torch.tensor([w.scaling for _, w in group])
+            a_star, b_star, s = spectral_align(A, B, scaling, dtype=torch.float32)
+            rows = torch.tensor([idx for idx, _ in group])
             writer.write_rows(module, rows, a_star, b_star, a_star[:, 0])
-            _check_cast(writer, module, rows, [chunk[idx - start] for idx, _ in with_module])
+            # |B*_ij| <= s_j (B* = U S, U orthonormal): only a singular value past the dtype's range can
+            # overflow the cast; then read the written rows back to name the adapter.
+            if bool((s > torch.finfo(writer.dtype).max / 2).any()):
+                _check_cast(writer, module, rows, named)
         if kept and old is not None and module in old.manifest["modules"]:
             src = old.tensors(module)
             rows = torch.tensor([idx for idx, _ in kept])

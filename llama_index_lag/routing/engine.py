@@ -22,25 +22,25 @@ class PoolTensors:
     A: torch.Tensor  # [N, r, n] A* (may be memory-mapped)
     B: torch.Tensor  # [N, m, r] B* (may be memory-mapped)
     valid: torch.Tensor | None = None  # [N] bool: adapters that adapt this module (None: all)
-    index: Any = None  # approximate Arrow search: .search(x, k, nprobe) -> (top [T, k], rows [T, k])
+    index: Any = None  # approximate Arrow (FaissArrow): .search(x, k, effort) -> (top [T, k], rows [T, k])
 
     @property
     def n_adapters(self) -> int:
         return self.A.shape[0]
 
-    def approximates(self, approximate: bool | None, tokens: int, nprobe: int | None = None) -> bool:
+    def approximates(self, approximate: bool | None, tokens: int, effort: int | None = None) -> bool:
         """Whether Arrow for ``tokens`` tokens uses the index: ``approximate`` True / False forces it (when
         there is one); None lets the index's cost model choose (decode yes, long prompts no)."""
         if self.index is None or approximate is False:
             return False
-        return approximate is True or self.index.beats_exact(tokens, nprobe)
+        return approximate is True or self.index.beats_exact(tokens, effort)
 
     def arrow(self, x: torch.Tensor, k: int, approximate: bool | None = False,
-              nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              effort: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Arrow retrieval (scores [T, k], rows [T, k]): from the index (see :meth:`approximates`), else
         exact."""
-        if self.approximates(approximate, x.shape[0], nprobe):
-            top, rows = self.index.search(x, min(k, self.n_adapters), nprobe)  # on the CPU (FAISS)
+        if self.approximates(approximate, x.shape[0], effort):
+            top, rows = self.index.search(x, min(k, self.n_adapters), effort)  # on the CPU (FAISS)
             return top.to(x.device), rows.to(x.device)
         return arrow_topk(x, self.protos, k, self.valid)
 
@@ -54,20 +54,21 @@ class Routed(NamedTuple):
 def route_tokens(
     x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
     temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
-    approximate: bool | None = False, nprobe: int | None = None,
+    approximate: bool | None = False, effort: int | None = None,
 ) -> Routed:
     """Per-token routing of x [T, n] through one library at one module.
 
     ``approximate``: Arrow candidates come from the library's FAISS index (``t.index``) instead of an
-    exact scan of all N prototypes; None: when the index's cost model expects it to be faster.
+    exact scan of all N prototypes; None: when the index's cost model expects it to be faster. ``effort``:
+    the index's search breadth (HNSW efSearch / IVF nprobe; None: its default).
     """
     if mode == "lag":
-        approximate = t.approximates(approximate, x.shape[0], nprobe)  # decided once: it also means padding
-        top, cand = t.arrow(x, k, approximate, nprobe)  # [T, k]
+        approximate = t.approximates(approximate, x.shape[0], effort)  # decided once: it also means padding
+        top, cand = t.arrow(x, k, approximate, effort)  # [T, k]
         winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, approximate)  # [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
-        top, idx = t.arrow(x, arrow_top_k, approximate, nprobe)  # [T, k]
+        top, idx = t.arrow(x, arrow_top_k, approximate, effort)  # [T, k]
         proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
         w = None if idx.shape[1] == 1 else arrow_weights(top, temperature).to(x.dtype)
         return Routed(expand_pairs(proj, t.B, idx, w), idx[:, 0])
@@ -91,7 +92,7 @@ def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: tor
 
 def sequence_scores(
     x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, mode: str, how: str, *, k: int = 20,
-    strategy: str = "auto", approximate: bool | None = False, nprobe: int | None = None,
+    strategy: str = "auto", approximate: bool | None = False, effort: int | None = None,
 ) -> torch.Tensor:
     """Aggregate per-token scores over each sequence. x [B, S, n], mask [B, S] -> [B, N].
 
@@ -104,14 +105,14 @@ def sequence_scores(
     N = t.n_adapters
     if how == "vote":
         chosen = route_tokens(flat, t, mode, k=k, strategy=strategy, approximate=approximate,
-                              nprobe=nprobe).chosen  # [T]
+                              effort=effort).chosen  # [T]
         cand, score = chosen[:, None], flat.new_ones(flat.shape[0], 1, dtype=torch.float32)
     else:
         everyone = torch.arange(N, device=x.device).expand(flat.shape[0], N)  # [T, N]
         if mode == "spectr":
             cand, score = everyone, project_all(flat, t.A).float().norm(dim=-1)  # [T, N]
         elif mode == "lag":
-            cand = t.arrow(flat, k, approximate, nprobe)[1]  # [T, k]
+            cand = t.arrow(flat, k, approximate, effort)[1]  # [T, k]
             score = project_pairs(flat, t.A, cand, strategy).float().norm(dim=-1)  # [T, k]
         else:  # arrow
             cand, score = everyone, arrow_scores(flat, t.protos, t.valid).float().clamp_min(0)
