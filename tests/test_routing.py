@@ -101,6 +101,30 @@ def test_arrow_spectr_lag_select_against_loops() -> None:
             assert torch.allclose(proj[i], t.A[expected] @ x[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_token_decode_path_against_loop(dtype: torch.dtype) -> None:
+    """route_tokens on one token (the decode fast path: Python-int indices, library views) equals a loop
+    over dense deltas, and the batched path on the same tokens."""
+    t32 = _aligned(N=12)
+    t = PoolTensors(t32.protos.to(dtype), t32.A.to(dtype), t32.B.to(dtype))
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    P, A, B = t.protos.float(), t.A.float(), t.B.float()
+    loose = dict(atol=1e-4) if dtype == torch.float32 else dict(atol=0.2, rtol=1e-2)  # dense GEMMs in float16
+    for mode, k in (("lag", 5), ("lag", 1), ("arrow", 1)):
+        batched = route_tokens(x, t, mode, k=k)
+        for i in range(x.shape[0]):
+            with torch.no_grad():  # the fast path is for inference
+                one = route_tokens(x[i:i + 1], t, mode, k=k)
+            arrow = torch.tensor([abs(float(P[a] @ x[i])) for a in range(12)])
+            cands = torch.argsort(arrow, descending=True)[:k]
+            norms = torch.tensor([float((A[a] @ x[i]).norm()) for a in cands])
+            w = int(cands[norms.argmax()])
+            assert int(one.chosen[0]) == int(batched.chosen[i]) == w, (mode, k, i)
+            expected = B[w] @ (A[w] @ x[i])  # the winner's dense delta
+            assert torch.allclose(one.delta[0], expected, atol=1e-4, rtol=1e-5), (mode, k, i)
+            assert torch.allclose(one.delta[0], batched.delta[i], **loose), (mode, k, i)
+
+
 def test_lag_limits_are_arrow_and_spectr() -> None:
     t = _aligned(N=8)
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))

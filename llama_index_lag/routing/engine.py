@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .dispatch import expand_pairs, project_all, project_pairs
+from .dispatch import expand_pairs, gather_rows, project_all, project_pairs
 from .scores import arrow_scores, arrow_topk, arrow_weights, lag_rerank, spectr_select
 
 
@@ -65,10 +65,14 @@ def route_tokens(
     if mode == "lag":
         approximate = t.approximates(approximate, x.shape[0], effort)  # decided once: it also means padding
         top, cand = t.arrow(x, k, approximate, effort)  # [T, k]
+        if margin is None and _one_token(x, t, top if approximate else None):
+            return _apply_one(x, t, cand[0])
         winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, approximate)  # [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
         top, idx = t.arrow(x, arrow_top_k, approximate, effort)  # [T, k]
+        if arrow_top_k == 1 and _one_token(x, t, top if t.approximates(approximate, 1, effort) else None):
+            return _apply_one(x, t, idx[0])
         proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
         w = None if idx.shape[1] == 1 else arrow_weights(top, temperature).to(x.dtype)
         return Routed(expand_pairs(proj, t.B, idx, w), idx[:, 0])
@@ -81,6 +85,31 @@ def route_tokens(
         w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype, device=x.device)
         return Routed(expand_pairs(mean, t.B, idx, w), idx[:, 0])
     raise ValueError(f"route_tokens cannot route mode {mode!r}")
+
+
+def _one_token(x: torch.Tensor, t: PoolTensors, top: torch.Tensor | None) -> bool:
+    """Whether the decode fast path applies: one token on the CPU, no autograd, every adapter valid here
+    and, for approximate search (``top`` given), every candidate found (it may return fewer than k)."""
+    return (x.shape[0] == 1 and x.device.type == "cpu" and t.valid is None and not torch.is_grad_enabled()
+            and (top is None or bool((top >= 0).all())))
+
+
+def _apply_one(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor) -> Routed:
+    """Decode fast path (one token, candidates cand [k]): SpectR among them, then the winner's B* A* x.
+
+    The same result as the batched path with fewer, smaller ops: indices are Python ints, so the winner's
+    B* is a view of the library, not a gather (a decode step routes ~90 modules; each op costs microseconds).
+    """
+    k, (_, r, n) = cand.numel(), t.A.shape
+    if k == 1:
+        best, proj = 0, t.A[int(cand[0])].float() @ x[0].float()  # [r]
+    else:
+        projs = (gather_rows(t.A, cand, "A").view(k * r, n) @ x[0].float()).view(k, r)  # [k, r]
+        best = int(projs.norm(dim=1).argmax())
+        proj = projs[best]
+    winner = cand[best:best + 1]  # [1]
+    delta = t.B[int(winner)].float() @ proj  # [m]
+    return Routed(delta[None].to(x.dtype), winner)
 
 
 def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
