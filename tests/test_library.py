@@ -193,10 +193,40 @@ def test_interrupted_compile_resumes(tmp_path, llama, dirs, monkeypatch):
     calls.clear()
     lib = _compile(dirs, llama, tmp_path / "lib", chunk_size=2)
     assert 0 in first and sorted(calls) == [2, 4]  # resumed at the chunk that was interrupted
+    for entry, d in zip(lib.adapters, dirs):  # hashes of the rows written before the interruption kept
+        assert entry["sha256"] == hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest()
     fresh = _compile(dirs, llama, tmp_path / "fresh", chunk_size=2)
     for m in fresh.modules:
         assert torch.equal(lib.tensors(m).A, fresh.tensors(m).A)
     assert not (tmp_path / ".lib.partial").exists()
+
+
+def test_interrupted_compile_restarts_when_an_input_changed(tmp_path, llama, dirs, monkeypatch):
+    calls: list[int] = []
+    interrupted: list[int] = []
+    real = store._fill_chunk
+
+    def flaky(writer, start, chunk, modules, old, weights):
+        calls.append(start)
+        if start == 2 and not interrupted:
+            interrupted.append(start)
+            raise KeyboardInterrupt
+        return real(writer, start, chunk, modules, old, weights)
+
+    monkeypatch.setattr(store, "_fill_chunk", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _compile(dirs, llama, tmp_path / "lib", chunk_size=2)
+    weights = dirs[0] / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors = {k: v * 2 for k, v in tensors.items()}
+    save_file(tensors, str(weights))  # a new file: the rows written before no longer match it
+    calls.clear()
+    lib = _compile(dirs, llama, tmp_path / "lib", chunk_size=2)
+    assert 0 in calls  # started over
+    assert lib.adapters[0]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    fresh = _compile(dirs, llama, tmp_path / "fresh", chunk_size=2)
+    for m in fresh.modules:
+        assert torch.equal(lib.tensors(m).B, fresh.tensors(m).B)
 
 
 def test_cli_compile_and_inspect(tmp_path, llama, dirs, capsys):

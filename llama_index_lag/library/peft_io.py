@@ -215,15 +215,17 @@ def _load_pickle(weights: Path, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(header: AdapterHeader, check_finite: bool = True) -> dict[str, LoraModuleWeights]:
+def load_weights(header: AdapterHeader, check_finite: bool = True,
+                 data: bytes | None = None) -> dict[str, LoraModuleWeights]:
     """Load an adapter's LoRA factors (float32), checking they are finite (unless the caller checks them,
-    as the library compiler does, batched over many adapters)."""
+    as the library compiler does, batched over many adapters). ``data``: the weights file's bytes, if the
+    caller has read them already."""
     weights = header.weights_file
     try:
         if weights.suffix == ".bin":
             tensors = _load_pickle(weights, header.name)
         else:
-            tensors = safetensors.torch.load(weights.read_bytes())  # one read; no pickle
+            tensors = safetensors.torch.load(data if data is not None else weights.read_bytes())  # no pickle
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"corrupt or truncated safetensors file: {exc}", adapter=header.name,
                                  path=weights) from None

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import shutil
 import time
 import uuid
@@ -33,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._fs import atomic_write_json, replace_dir, sha256_file
+from .._fs import atomic_write_json, replace_dir
 from ..errors import (
     AdapterError,
     AdapterFormatError,
@@ -67,8 +68,7 @@ TENSORS = "adapters.safetensors"
 KINDS = ("task", "knowledge")
 _DERIVED = ("adapters", "modules", "r_max", "revision", "created_by")
 ARROW_INDEX_MIN = 4096  # libraries this large get an approximate Arrow index by default
-IO_THREADS = 4  # threads hashing adapter files
-WORKERS = 2  # chunks aligned and written concurrently
+WORKERS = 2  # chunks read, hashed, aligned and written concurrently
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Kind = Literal["task", "knowledge"]
 
@@ -281,7 +281,7 @@ class AdapterLibrary:
         names: Sequence[str] | None = None,
         allow_pickle: bool = False,
         progress: bool = True,
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         arrow_index: bool | str | None = None,
     ) -> AdapterLibrary:
         """Validate PEFT LoRA folders against ``base_model`` (a model, config or model folder), align them
@@ -355,7 +355,7 @@ class AdapterLibrary:
         names: Sequence[str] | None = None,
         allow_pickle: bool = False,
         progress: bool = True,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
     ) -> AdapterLibrary:
         """Add adapters (aligning only the new ones) and rewrite the library atomically. Returns self."""
         spec = self._spec()
@@ -535,17 +535,15 @@ def _new_rows(
         header = read_header(path, name, allow_pickle=allow_pickle)
         spec.check_adapter(header)
         headers.append((path, header))
-    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(sha256_file, [header.weights_file for _, header in headers]))
     rows = []
-    for (path, header), digest in zip(headers, digests):
+    for path, header in headers:
         meta = _builder_metadata(path)
         cfg = header.config
         entry = {
             "name": header.name,
             "doc_id": meta.get("doc_id", header.name),
             "source": str(path.resolve()),
-            "sha256": digest,
+            "sha256": None,  # of the weights file: computed from the bytes read to align it (_process_chunk)
             "rank": header.rank,
             "lora_alpha": cfg.get("lora_alpha"),
             "use_rslora": bool(cfg.get("use_rslora", False)),
@@ -593,8 +591,13 @@ def _lock(out: Path) -> Iterator[None]:
 
 
 def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLibrary | None, progress: bool,
-           chunk_size: int, arrow_index: bool | str | None = None) -> AdapterLibrary:
-    """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename."""
+           chunk_size: int | None, arrow_index: bool | str | None = None) -> AdapterLibrary:
+    """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename.
+
+    ``chunk_size``: rows per batch (None: two batches per worker, 8 to 64 rows: batched alignment amortises
+    per-call costs, several batches keep the workers busy)."""
+    if chunk_size is None:
+        chunk_size = max(8, min(64, math.ceil(len(rows) / (2 * WORKERS))))
     old_modules = set(old.modules) if old is not None else set()
     next_uid = int(base.get("next_uid", 0))
     for row in rows:  # stable ids (approximate Arrow index ids survive add / remove)
@@ -614,7 +617,10 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
     manifest = {**base, "created_by": f"llama-index-lag {__version__}", "r_max": r_max, "modules": modules,
                 "adapters": [row.entry for row in rows]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None},
+    # A resumed build must read the same input files: they are named by path, size and mtime (their sha256
+    # is computed while they are read, and kept in progress.json for the rows already written).
+    inputs = [_identity(row.header.weights_file) if row.header is not None else None for row in rows]
+    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None, "inputs": inputs},
                       sort_keys=True, default=str)
     digest = hashlib.sha256(plan.encode()).hexdigest()
     # The revision names this content; it is also stamped in the tensor file's header, so a reader can
@@ -622,11 +628,11 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
     manifest["revision"] = digest[:32]
     partial = out.parent / f".{out.name}.partial"
     with _lock(out):
-        done = _resume_point(partial, digest)
+        done, hashes = _resume_point(partial, digest)
         if done == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0})
+            atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0, "sha256": {}})
         shapes = {m: (v["out_features"], v["in_features"]) for m, v in modules.items()}
         writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, DTYPES[manifest["dtype"]],
                               create=done == 0, metadata={"revision": manifest["revision"]})
@@ -645,8 +651,8 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
                         _process_chunk, writer, start, chunk, modules, old)))
                     while len(in_flight) > WORKERS or (in_flight and start + chunk_size >= len(rows)):
                         end, job = in_flight.popleft()
-                        job.result()  # the first failing chunk in row order raises
-                        commits.append(syncer.submit(_commit, writer, partial, digest, end))
+                        hashes.update(job.result())  # the first failing chunk in row order raises
+                        commits.append(syncer.submit(_commit, writer, partial, digest, end, dict(hashes)))
                         bar.update(end - bar.n)
                 for commit in commits:
                     commit.result()
@@ -659,6 +665,9 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         finally:
             bar.close()
         writer.close()
+        for i, row in enumerate(rows):
+            if row.header is not None:
+                row.entry["sha256"] = hashes[str(i)]
         _write_arrow_index(partial, manifest, rows, old, arrow_index)
         atomic_write_json(partial / MANIFEST, manifest)
         (partial / "progress.json").unlink()
@@ -706,28 +715,46 @@ def _write_arrow_index(folder: Path, manifest: dict[str, Any], rows: list[_Row],
     save_arrow_index(folder, modules, indexes, manifest["revision"], removed)
 
 
-def _resume_point(partial: Path, digest: str) -> int:
+def _identity(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _resume_point(partial: Path, digest: str) -> tuple[int, dict[str, str]]:
+    """(rows already written, sha256 of their files by row) of a matching partial build, else (0, {})."""
     try:
         progress = json.loads((partial / "progress.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return 0
+        return 0, {}
     if progress.get("plan") != digest or not (partial / TENSORS).is_file():
-        return 0
-    return int(progress.get("done", 0))
+        return 0, {}
+    return int(progress.get("done", 0)), dict(progress.get("sha256", {}))
 
 
-def _commit(writer: PackedWriter, partial: Path, digest: str, done: int) -> None:
+def _commit(writer: PackedWriter, partial: Path, digest: str, done: int, hashes: dict[str, str]) -> None:
     """Rows ``:done`` are written: make them durable, then record them (a resumed build skips them)."""
     writer.flush()
-    atomic_write_json(partial / "progress.json", {"plan": digest, "done": done})
+    atomic_write_json(partial / "progress.json", {"plan": digest, "done": done, "sha256": hashes})
 
 
 def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
-                   old: AdapterLibrary | None) -> None:
-    """Read the chunk's new adapters (NaN / Inf are checked batched, in :func:`_fill_chunk`) and write
-    rows ``start:start+len(chunk)``."""
-    weights = [load_weights(row.header, check_finite=False) if row.header is not None else None for row in chunk]
+                   old: AdapterLibrary | None) -> dict[str, str]:
+    """Read the chunk's new adapters once (sha256 and tensors from the same bytes; NaN / Inf are checked
+    batched, in :func:`_fill_chunk`), write rows ``start:start+len(chunk)``; return {row: sha256}."""
+    weights, hashes = [], {}
+    for i, row in enumerate(chunk):
+        if row.header is None:
+            weights.append(None)
+            continue
+        path = row.header.weights_file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AdapterFormatError(f"cannot read weights: {exc}", adapter=row.header.name, path=path) from None
+        hashes[str(start + i)] = hashlib.sha256(data).hexdigest()
+        weights.append(load_weights(row.header, check_finite=False, data=data))
     _fill_chunk(writer, start, chunk, modules, old, weights)
+    return hashes
 
 
 def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
