@@ -243,7 +243,17 @@ def test_cli_compile_and_inspect(tmp_path, llama, dirs, capsys):
     assert info["module_patterns"] == {"model.layers.*.mlp.gate_proj": 2, "model.layers.*.mlp.up_proj": 2,
                                        "model.layers.*.mlp.down_proj": 2}
     assert cli_main(["inspect", str(tmp_path / "lib")]) == 0
-    assert "ranks 4..4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ranks 4..4" in out and "exact scan" in out and not info["arrow_index"]
+    assert cli_main(["compile", *map(str, dirs[:3]), "--kind", "task", "--base", str(base), "--out",
+                     str(tmp_path / "indexed"), "--arrow-index", "ivf"]) == 0
+    assert AdapterLibrary.load(tmp_path / "indexed").arrow_index_type() == "ivf"
+    assert cli_main(["compile", *map(str, dirs[3:]), "--kind", "task", "--add", "--out", str(tmp_path / "indexed"),
+                     "--arrow-index", "hnsw"]) == 0  # added, and the index rebuilt as HNSW
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "indexed"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["adapters"] == 5 and info["arrow_index"] == "hnsw"
     del model
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,19 +98,24 @@ def index_path(lib_dir: Path, position: int) -> Path:
     return lib_dir / ARROW_DIR / f"{position}.faiss"
 
 
-def save_arrow_index(lib_dir: Path, modules: list[str], indexes: dict[str, Any], revision: str,
+def save_arrow_index(lib_dir: Path, modules: list[str], indexes: Iterable[Any], revision: str,
                      removed: Iterable[int] = ()) -> None:
+    """Write one index per module (``indexes``: in ``modules`` order; may be a generator, so only one
+    index is in memory at a time), then ``meta.json``."""
     faiss = _faiss()
     folder = lib_dir / ARROW_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    for position, module in enumerate(modules):
-        faiss.write_index(indexes[module], str(index_path(lib_dir, position)))
-    kind = index_type(indexes[modules[0]])
+    ntotal, nlist, kind = {}, {}, DEFAULT_TYPE
+    for position, (module, index) in enumerate(zip(modules, indexes, strict=True)):
+        faiss.write_index(index, str(index_path(lib_dir, position)))
+        kind, ntotal[module] = index_type(index), int(index.ntotal)
+        if kind == "ivf":
+            nlist[module] = int(index.nlist)
+        del index
     meta = {"revision": revision, "modules": modules, "type": kind, "removed": sorted(int(u) for u in removed),
-            "ntotal": {m: int(indexes[m].ntotal) for m in modules}}
+            "ntotal": ntotal}
     if kind == "ivf":
-        meta.update(nlist={m: int(indexes[m].nlist) for m in modules}, nprobe=DEFAULT_EFFORT["ivf"],
-                    kind="IVF,SQfp16/inner-product")
+        meta.update(nlist=nlist, nprobe=DEFAULT_EFFORT["ivf"], kind="IVF,SQfp16/inner-product")
     else:
         meta.update(M=HNSW_M, efConstruction=HNSW_EF_CONSTRUCTION, efSearch=DEFAULT_EFFORT["hnsw"],
                     kind="IDMap,HNSW,SQfp16/inner-product")
@@ -128,8 +133,14 @@ def read_arrow_meta(lib_dir: Path) -> dict[str, Any] | None:
 
 
 def load_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> dict[str, Any]:
-    """Read every module's index (memory-mapped unless ``mmap=False``: for updating it); raise
-    LibraryFormatError if missing or built for another revision."""
+    """Read every module's index (memory-mapped); raise LibraryFormatError if missing or built for another
+    revision."""
+    return dict(zip(modules, iter_module_indexes(lib_dir, modules, revision, mmap)))
+
+
+def iter_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> Iterator[Any]:
+    """Each module's index in turn (``mmap=False``: a private, writable copy, for updating it), after
+    checking ``meta.json`` (LibraryFormatError if missing or stale)."""
     meta = read_arrow_meta(lib_dir)
     if meta is None:
         raise LibraryFormatError("approximate Arrow index missing (arrow_index/meta.json); rebuild it with "
@@ -138,10 +149,13 @@ def load_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: 
     if meta.get("revision") != revision or meta.get("modules") != modules:
         raise LibraryFormatError("approximate Arrow index is stale (built for another revision of this library); "
                                  "rebuild it with AdapterLibrary.build_arrow_index()", path=lib_dir / ARROW_DIR)
+    return _read_indexes(lib_dir, modules, meta, mmap)
+
+
+def _read_indexes(lib_dir: Path, modules: list[str], meta: dict[str, Any], mmap: bool) -> Iterator[Any]:
     faiss = _faiss()
     # IVF lists are memory-mapped by IO_FLAG_MMAP, flat codes and HNSW graphs by IO_FLAG_MMAP_IFC.
     flags = (faiss.IO_FLAG_MMAP if meta["type"] == "ivf" else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
-    out = {}
     for position, module in enumerate(modules):
         path = index_path(lib_dir, position)
         try:
@@ -153,8 +167,7 @@ def load_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: 
             raise LibraryFormatError(f"approximate Arrow index does not match meta.json (type {meta['type']}, "
                                      f"{meta['ntotal'].get(module)} vectors); rebuild it with "
                                      "AdapterLibrary.build_arrow_index()", module=module, path=path)
-        out[module] = index
-    return out
+        yield index
 
 
 def update_index(index: Any, add: tuple[np.ndarray, np.ndarray] | None, remove: Iterable[int]) -> Any:

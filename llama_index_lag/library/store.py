@@ -52,6 +52,7 @@ from .arrow_index import (
     FaissArrow,
     build_module_index,
     check_index_type,
+    iter_module_indexes,
     load_module_indexes,
     read_arrow_meta,
     save_arrow_index,
@@ -403,11 +404,8 @@ class AdapterLibrary:
         meta = read_arrow_meta(self.path)
         return bool(meta) and meta.get("revision") == self.revision and meta.get("modules") == self.modules
 
-    def arrow_indexes(self, mmap: bool = True) -> dict[str, Any]:
-        """FAISS index per module (raises LibraryFormatError when missing or stale); ``mmap=False`` reads
-        a private, writable copy."""
-        if not mmap:
-            return load_module_indexes(self.path, self.modules, str(self.revision), mmap=False)
+    def arrow_indexes(self) -> dict[str, Any]:
+        """FAISS index per module, memory-mapped (raises LibraryFormatError when missing or stale)."""
         if self._arrow is None:
             self._arrow = load_module_indexes(self.path, self.modules, str(self.revision))
         return self._arrow
@@ -430,8 +428,8 @@ class AdapterLibrary:
         meta = read_arrow_meta(self.path)
         kind = check_index_type(kind or (meta["type"] if meta else DEFAULT_TYPE))
         uids = self.uids()
-        indexes = {m: build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
-                   for m in self.modules}
+        indexes = (build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
+                   for m in self.modules)  # one at a time
         staging = self.path / f".staging-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
@@ -694,28 +692,34 @@ def _write_arrow_index(folder: Path, manifest: dict[str, Any], rows: list[_Row],
     lib = AdapterLibrary(folder, manifest)  # read the freshly written prototypes
     uids = np.array([int(r.entry["uid"]) for r in rows], dtype=np.int64)
     removed: set[int] = set()
-    if old_ok and kind == old_type:
+    update = old_ok and kind == old_type
+    if update:
         new_rows = [i for i, r in enumerate(rows) if r.old_index is None]
         removed = set(old.uids().tolist()) - set(uids.tolist())
+        meta = read_arrow_meta(old.path) or {}
         if kind == "hnsw":
-            removed |= set((read_arrow_meta(old.path) or {}).get("removed", []))
-        indexes = {}
-        for module, index in old.arrow_indexes(mmap=False).items():
-            protos = lib.tensors(module).proto[new_rows].float().numpy() if new_rows else None
-            indexes[module] = update_index(index, (protos, uids[new_rows]) if new_rows else None, removed)
-        if kind == "ivf":
-            removed = set()
-        elif len(removed) > COMPACT_AT * indexes[modules[0]].ntotal:
-            indexes, removed = {}, set()  # too many tombstones: rebuild below
+            removed |= set(meta.get("removed", []))
+            ntotal = int(meta["ntotal"][modules[0]]) + len(new_rows)
+            update = len(removed) <= COMPACT_AT * ntotal  # else too many tombstones: rebuild
+    if update:
+        def updated(drop: frozenset[int]) -> Iterator[Any]:  # one module's index in memory at a time
+            for module, index in zip(modules, iter_module_indexes(old.path, modules, str(old.revision), mmap=False)):
+                protos = lib.tensors(module).proto[new_rows].float().numpy() if new_rows else None
+                yield update_index(index, (protos, uids[new_rows]) if new_rows else None, drop)
+
+        indexes: Iterable[Any] = updated(frozenset(removed))
+        removed = removed if kind == "hnsw" else set()  # IVF removes them; HNSW keeps tombstones
     else:
-        indexes = {}
-    if not indexes:
-        indexes = {m: build_module_index(lib.tensors(m).proto.float().numpy(), uids, kind) for m in modules}
-    lib.close()
-    save_arrow_index(folder, modules, indexes, manifest["revision"], removed)
+        removed = set()
+        indexes = (build_module_index(lib.tensors(m).proto.float().numpy(), uids, kind) for m in modules)
+    try:
+        save_arrow_index(folder, modules, indexes, manifest["revision"], removed)
+    finally:
+        lib.close()
 
 
 def _identity(path: Path) -> list[Any]:
+    """What names an input file for a resumed build: resolved path, size, modification time (ns)."""
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
