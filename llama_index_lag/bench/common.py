@@ -63,6 +63,24 @@ def timeit(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, min_time:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 15, inner: int = 1,
+                       warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, timed round-robin: every round times ``inner`` calls of
+    each function in turn, so a slow phase of a shared machine hits all of them alike (ratios between them
+    are what the benchmarks report)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def write_random_peft_lora(
     path: Path, modules: dict[str, tuple[int, int]], *, rank: int = 6, alpha: float = 12.0,
     generator: torch.Generator, decay: float = 0.5, scale: float = 0.05,

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,16 @@ import torch
 from ..config import LAGConfig
 from ..library import AdapterLibrary
 from ..router import attach_lag
-from .common import SMOLLM2_SHAPES, machine, mlp_modules, print_table, save_results, timeit, write_random_peft_lora
+from .common import (
+    SMOLLM2_SHAPES,
+    machine,
+    mlp_modules,
+    print_table,
+    save_results,
+    timeit,
+    timeit_interleaved,
+    write_random_peft_lora,
+)
 
 MODES: dict[str, dict[str, Any]] = {
     "arrow": dict(mode="arrow"),
@@ -64,15 +74,27 @@ def bench_modules(ns: list[int], work: Path, *, tokens: int = 256, rank: int = 6
         dirs = [write_random_peft_lora(folder / f"a{i:05d}", shapes, rank=rank, alpha=2 * rank, generator=gen)
                 for i in range(N)]
         lib = AdapterLibrary.compile(dirs, kind="task", base_model=model, out=folder / "lib", progress=False)
-        mlp = model.model.layers[0].mlp
-        bare = {"prefill": timeit(lambda: mlp(x_pre), repeat=repeat),
-                "decode": timeit(lambda: mlp(x_dec), repeat=repeat, min_time=0.3)}
-        times: dict[str, dict[str, float]] = {}
+        bare_mlp = copy.deepcopy(model.model.layers[0].mlp)  # the same weights, never wrapped
         router = attach_lag(model, lib, LAGConfig(mode="lag"))
-        for name, cfg in MODES.items():
-            with router.using(**cfg):
-                times[name] = {"prefill": timeit(lambda: mlp(x_pre), repeat=repeat),
-                               "decode": timeit(lambda: mlp(x_dec), repeat=repeat, min_time=0.3)}
+        mlp = model.model.layers[0].mlp
+
+        def run(name: str, x: torch.Tensor, calls: int) -> Callable[[], None]:
+            def call() -> None:
+                block = bare_mlp if name == "bare" else mlp
+                if name != "bare":
+                    router.set(LAGConfig(**MODES[name]))
+                for _ in range(calls):
+                    block(x)
+            return call
+
+        # Every mode is timed round-robin with the bare block and the other modes, so the slow phases of a
+        # shared machine hit all of them alike (their ratios are the result).
+        names = ["bare", *MODES]
+        pre = timeit_interleaved({k: run(k, x_pre, 1) for k in names}, rounds=repeat)
+        dec = timeit_interleaved({k: run(k, x_dec, 20) for k in names}, rounds=3 * repeat)
+        dec = {k: v / 20 for k, v in dec.items()}
+        bare = {"prefill": pre.pop("bare"), "decode": dec.pop("bare")}
+        times: dict[str, dict[str, float]] = {name: {"prefill": pre[name], "decode": dec[name]} for name in MODES}
         router.detach()
         if peft and N <= peft_max_n:
             start = time.perf_counter()
