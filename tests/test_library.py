@@ -171,20 +171,27 @@ def test_float16_overflow_names_the_adapter_and_keeps_nothing(tmp_path, llama, d
     assert len(_compile([dirs[0], bad], llama, tmp_path / "lib32", dtype="float32")) == 2
 
 
-def test_interrupted_compile_resumes(tmp_path, llama, dirs, monkeypatch):
+def _interrupt_once_at(monkeypatch, start_row: int) -> list[int]:
+    """Make the compiler raise KeyboardInterrupt (once) when it reaches the chunk starting at ``start_row``;
+    returns the list of chunk starts it processes."""
     calls: list[int] = []
-    interrupted: list[int] = []
+    pending = [start_row]
     real = store._fill_chunk
 
     def flaky(writer, start, chunk, modules, old, weights):
         calls.append(start)
-        if start == 2 and not interrupted:
-            interrupted.append(start)
+        if start in pending:
+            pending.remove(start)
             raise KeyboardInterrupt
         return real(writer, start, chunk, modules, old, weights)
 
-    old = _compile(dirs[:1], llama, tmp_path / "lib")
     monkeypatch.setattr(store, "_fill_chunk", flaky)
+    return calls
+
+
+def test_interrupted_compile_resumes(tmp_path, llama, dirs, monkeypatch):
+    old = _compile(dirs[:1], llama, tmp_path / "lib")
+    calls = _interrupt_once_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _compile(dirs, llama, tmp_path / "lib", chunk_size=2)
     assert AdapterLibrary.load(tmp_path / "lib").names == old.names  # previous library intact
@@ -202,18 +209,7 @@ def test_interrupted_compile_resumes(tmp_path, llama, dirs, monkeypatch):
 
 
 def test_interrupted_compile_restarts_when_an_input_changed(tmp_path, llama, dirs, monkeypatch):
-    calls: list[int] = []
-    interrupted: list[int] = []
-    real = store._fill_chunk
-
-    def flaky(writer, start, chunk, modules, old, weights):
-        calls.append(start)
-        if start == 2 and not interrupted:
-            interrupted.append(start)
-            raise KeyboardInterrupt
-        return real(writer, start, chunk, modules, old, weights)
-
-    monkeypatch.setattr(store, "_fill_chunk", flaky)
+    calls = _interrupt_once_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _compile(dirs, llama, tmp_path / "lib", chunk_size=2)
     weights = dirs[0] / "adapter_model.safetensors"
