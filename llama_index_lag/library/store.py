@@ -637,9 +637,9 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
                    disable=not progress)
         try:
-            # Pipelined: WORKERS threads each read, align and write whole chunks (file reads, hashing-free
-            # parsing, torch ops and pwrite release the GIL); chunks are committed in order by another
-            # thread, which makes them durable before recording them as done.
+            # Pipelined: WORKERS threads each read, hash, align and write whole chunks (file reads, hashing,
+            # torch ops and pwrite release the GIL); chunks are committed in order by another thread, which
+            # makes them durable before recording them as done.
             with ThreadPoolExecutor(WORKERS) as workers, ThreadPoolExecutor(1) as syncer:
                 in_flight: collections.deque = collections.deque()
                 commits = []
