@@ -167,6 +167,23 @@ def test_stale_or_missing_index_is_never_used_silently(big, tmp_path, caplog):
         attach_lag(model, AdapterLibrary.load(tmp_path / "lib"), LAGConfig(arrow_backend="faiss"))
 
 
+def test_index_file_that_disagrees_with_its_meta_is_refused(big, tmp_path):
+    import faiss
+
+    from llama_index_lag.library.arrow_index import build_module_index, index_path
+
+    model, dirs, _ = big
+    lib = AdapterLibrary.compile(dirs[:40], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False, arrow_index="hnsw")
+    module = lib.modules[1]
+    protos = lib.tensors(module).proto.float().numpy()
+    # another index (30 of the 40 adapters) planted under the same name, meta.json untouched
+    faiss.write_index(build_module_index(protos[:30], lib.uids()[:30]), str(index_path(lib.path, 1)))
+    with pytest.raises(LibraryFormatError, match="does not match meta.json") as err:
+        attach_lag(model, AdapterLibrary.load(tmp_path / "lib"), LAGConfig(arrow_backend="faiss"))
+    assert err.value.module == module
+
+
 def test_indexed_pool_keeps_prototypes_memory_mapped(big, tmp_path):
     model, dirs, _ = big
     lib = AdapterLibrary.compile(dirs[:50], kind="knowledge", base_model=model, out=tmp_path / "lib",
