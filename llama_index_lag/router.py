@@ -32,6 +32,7 @@ from .routing.engine import PoolTensors, apply_fixed, route_tokens, sequence_sco
 from .trace import RoutingTrace
 
 _ids = itertools.count()
+logger = logging.getLogger(__name__)
 APPROXIMATE = {"exact": False, "faiss": True, "auto": None}  # arrow_backend -> route_tokens(approximate=...)
 
 
@@ -40,7 +41,6 @@ def _effort(cfg: LAGConfig, t: PoolTensors) -> int | None:
     if t.index is None:
         return None
     return cfg.ef_search if t.index.kind == "hnsw" else cfg.nprobe
-logger = logging.getLogger(__name__)
 
 
 @dataclass

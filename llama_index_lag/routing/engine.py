@@ -70,8 +70,9 @@ def route_tokens(
         winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, approximate)  # [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
+        approximate = t.approximates(approximate, x.shape[0], effort)
         top, idx = t.arrow(x, arrow_top_k, approximate, effort)  # [T, k]
-        if arrow_top_k == 1 and _one_token(x, t, top if t.approximates(approximate, 1, effort) else None):
+        if arrow_top_k == 1 and _one_token(x, t, top if approximate else None):
             return _apply_one(x, t, idx[0])
         proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
         w = None if idx.shape[1] == 1 else arrow_weights(top, temperature).to(x.dtype)
