@@ -45,14 +45,14 @@ def run(out: str | Path = "bench-dispatch.json", *, tokens: tuple[int, ...] = (1
         pool = torch.randperm(N, generator=g)[: max(K, N // 2)]
         idx = pool[torch.stack([torch.randperm(len(pool), generator=g)[:K] for _ in range(T)])]  # [T, k]
         times = {s: _ms(functools.partial(project_pairs, x, A, idx, s))
-                 for s in ("gather", "dense", "union", "grouped") if s != "grouped" or _grouped_ok(x, A)}
+                 for s in ("gather", "dense", "union", "grouped", "bucketed") if s != "grouped" or _grouped_ok(x, A)}
         pick = choose_strategy(x, A, idx, idx.unique().numel() if T > 1 else None)  # what auto runs
         best = min(times, key=times.get)
         rows.append({"dtype": dtype, "N": N, "n": n, "T": T, "distinct": idx.unique().numel(),
                      **{f"{s}_ms": v for s, v in times.items()}, "best": best, "auto": pick,
                      "auto_x_best": times[pick] / times[best]})
     print_table(rows, ["dtype", "N", "n", "T", "distinct", "gather_ms", "dense_ms", "union_ms", "grouped_ms",
-                       "best", "auto", "auto_x_best"],
+                       "bucketed_ms", "best", "auto", "auto_x_best"],
                 title=f"Candidate products A*_(idx) x: k={K}, rank {RANK}; auto = the cost model's pick")
     worst = max(r["auto_x_best"] for r in rows)
     print(f"auto picks the fastest strategy in {sum(r['best'] == r['auto'] for r in rows)} of {len(rows)} "

@@ -3,14 +3,17 @@
 ``project_pairs``: A*_{idx[t,j]} x_t  for every token t and candidate j        -> [T, k, r]
 ``expand_pairs``:  sum_j w[t,j] B*_{idx[t,j]} v[t,j]                            -> [T, m]
 
-Four strategies with the same result:
+Five strategies with the same result:
 
 * ``gather``  copy the k candidates' matrices per token (T k r n): best when T k is small (decoding).
 * ``dense``   one GEMM against all N adapters, then pick (T N r n flops): best when N is small.
 * ``union``   copy the U distinct candidates of all tokens once, one GEMM against those (T U r n flops):
   best for short prompts, whose tokens share many candidates.
 * ``grouped`` sort the T k pairs by adapter and run one grouped GEMM (``torch.nn.functional.grouped_mm``):
-  every pair costs r n, no per-token copies of A*. Best at prefill with many adapters (float32).
+  every pair costs r n, no per-token copies of A*. Its CPU kernel runs one small GEMM per adapter.
+* ``bucketed`` sort the pairs by adapter, batch the adapters that have the same number of pairs, and run one
+  BMM per batch: copies each pair's token (n) and each used adapter once (r n), never an adapter per pair,
+  and runs a few dozen BMMs instead of one GEMM per adapter. Best at prefill with many adapters, any dtype.
 
 ``auto`` picks by a cost estimate; all four are checked against each other in the tests.
 
@@ -22,44 +25,19 @@ matmuls are slow on CPUs); results come back in the activations' dtype.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
 
-STRATEGIES = ("auto", "gather", "dense", "union", "grouped")
+STRATEGIES = ("auto", "gather", "dense", "union", "grouped", "bucketed")
 _HAS_GROUPED = hasattr(F, "grouped_mm")
-WORKSPACE_MAX = 1 << 21  # elements: gathers up to this size reuse a per-thread buffer (decoding)
-_workspace = threading.local()
+BUCKET_PAIRS = 256  # bucketed: pairs per BMM (keeps each batch's copies within the caches)
 
 
-def gather_rows(src: torch.Tensor, idx: torch.Tensor, slot: str) -> torch.Tensor:
-    """src[idx] along dim 0, in float32: src [N, ...], idx [P] -> [P, ...].
-
-    float32 because small half-precision matmuls are several times slower than float32 ones on CPUs. Small
-    gathers (every decode step gathers the same sizes) go to a per-thread buffer that is reused: a fresh
-    allocation of a few hundred KB is mapped anew by the C allocator and page-faults on every step, which
-    costs more than the copy. The result aliases that buffer until the next gather into ``slot`` from this
-    thread, so it must be consumed at once; with autograd recording, nothing is shared.
-    """
-    shape = (idx.numel(), *src.shape[1:])
-    size = math.prod(shape)
-    if size > WORKSPACE_MAX or torch.is_grad_enabled():
-        return src.index_select(0, idx).float()
-    rows = torch.index_select(src, 0, idx, out=_buffer(slot, src.dtype, src.device, size).view(shape))
-    if src.dtype == torch.float32:
-        return rows
-    return _buffer(slot, torch.float32, src.device, size).view(shape).copy_(rows)
-
-
-def _buffer(slot: str, dtype: torch.dtype, device: torch.device, size: int) -> torch.Tensor:
-    bufs = getattr(_workspace, "bufs", None)
-    if bufs is None:
-        bufs = _workspace.bufs = {}
-    buf = bufs.get((slot, dtype, device))
-    if buf is None or buf.numel() < size:
-        buf = bufs[(slot, dtype, device)] = torch.empty(max(size, 1 << 16), dtype=dtype, device=device)
-    return buf[:size]
+def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """src[idx] along dim 0, in float32 (small half-precision matmuls are several times slower than float32
+    ones on CPUs): src [N, ...], idx [P] -> [P, ...]."""
+    return src.index_select(0, idx).float()
 
 
 def project_all(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -80,7 +58,8 @@ def projection_costs(T: int, k: int, N: int, r: int, n: int, grouped_ok: bool,
 
     dense reads all N adapters and computes T N r n MACs; gather copies T k r n elements (slower per element
     from half precision, and much slower once the copy outgrows the caches); union copies the ``unique``
-    candidates once, then is dense over those; grouped pays a small cost per adapter and per pair element.
+    candidates once, then is dense over those; grouped pays a small cost per adapter and per pair element;
+    bucketed copies each pair's token and each used adapter once and pays a fixed cost per BMM.
     """
     gathered = T * k * r * n
     costs = {
@@ -90,7 +69,10 @@ def projection_costs(T: int, k: int, N: int, r: int, n: int, grouped_ok: bool,
     if unique is not None:
         costs["union"] = 0.03 + unique * r * n * (1.5e-7 + 1e-8 * T)
     if grouped_ok:
-        costs["grouped"] = 1.45e-3 * N + T * k * n * 8.8e-7
+        costs["grouped"] = 1.45e-3 * N + T * k * n * 1.8e-6
+    batches = T * k / BUCKET_PAIRS + min(T, 10)  # BMMs: batches of pairs plus distinct pair counts
+    used = min(N, T * k) if unique is None else unique
+    costs["bucketed"] = 0.05 + 0.05 * batches + T * k * n * 9e-7 + used * r * n * 3e-7
     return costs
 
 
@@ -114,11 +96,11 @@ def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, strategy:
     if strategy == "grouped" and not _grouped_ok(x, A):
         strategy = "gather"
     if strategy == "gather":
-        sel = gather_rows(A, idx.reshape(-1), "A").view(T, k * r, n)  # [T, k r, n] float32
+        sel = gather_rows(A, idx.reshape(-1)).view(T, k * r, n)  # [T, k r, n] float32
         return torch.bmm(sel, x.float()[:, :, None]).view(T, k, r).to(x.dtype)
     if strategy in ("dense", "union"):
         if strategy == "union":
-            A, idx = gather_rows(A, used, "A"), inverse  # [U, r, n] float32
+            A, idx = gather_rows(A, used), inverse  # [U, r, n] float32
         full = project_all(x, A)  # [T, N or U, r]
         return full.gather(1, idx[..., None].expand(-1, -1, r))
     if strategy == "grouped":
@@ -129,7 +111,37 @@ def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, strategy:
         result = torch.empty_like(out)
         result[order] = out
         return result.view(T, k, r)
+    if strategy == "bucketed":
+        return _bucketed(x, A, idx)
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def _bucketed(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """project_pairs by adapter buckets: x [T, n], A [N, r, n], idx [T, k] -> [T, k, r].
+
+    The loop runs over the distinct pair counts per adapter and over batches of ~BUCKET_PAIRS pairs (a few
+    dozen BMMs for a 256-token prompt), never over tokens or single adapters.
+    """
+    T, k = idx.shape
+    N, r, n = A.shape
+    flat = idx.reshape(-1)  # [P] adapter of each (token, candidate) pair
+    order = flat.argsort(stable=True)  # [P] pairs sorted by adapter
+    counts = torch.bincount(flat, minlength=N)  # [N] pairs per adapter
+    starts = counts.cumsum(0) - counts  # [N] each adapter's first position in ``order``
+    xf = x.float()
+    out = xf.new_empty(T * k, r)
+    for c in counts.unique().tolist():
+        if c == 0:
+            continue
+        adapters = (counts == c).nonzero()[:, 0]  # [G] adapters with c pairs each
+        step = max(1, BUCKET_PAIRS // c)
+        for s in range(0, adapters.numel(), step):
+            ads = adapters[s:s + step]  # [g]
+            pairs = order[starts[ads, None] + torch.arange(c, device=idx.device)]  # [g, c]
+            xs = xf.index_select(0, (pairs // k).reshape(-1)).view(-1, c, n)  # [g, c, n] their tokens
+            As = A.index_select(0, ads).float()  # [g, r, n]
+            out[pairs.reshape(-1)] = torch.bmm(xs, As.transpose(1, 2)).reshape(-1, r)  # [g c, r]
+    return out.view(T, k, r).to(x.dtype)
 
 
 def expand_pairs(
@@ -145,6 +157,6 @@ def expand_pairs(
     if strategy == "dense":
         scattered = v.new_zeros(T, N, r).scatter_add_(1, idx[..., None].expand(-1, -1, r), v)  # [T, N, r]
         return (scattered.view(T, N * r).to(B.dtype) @ B.permute(0, 2, 1).reshape(N * r, m)).to(v.dtype)
-    sel = gather_rows(B, idx.reshape(-1), "B")  # [T k, m, r] float32
+    sel = gather_rows(B, idx.reshape(-1))  # [T k, m, r] float32
     out = torch.bmm(sel, v.reshape(T * k, r, 1).float()).view(T, k, m)  # [T, k, m]
     return (out[:, 0] if k == 1 else out.sum(dim=1)).to(v.dtype)

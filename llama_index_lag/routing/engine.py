@@ -102,15 +102,15 @@ def _apply_one(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor) -> Routed:
     B* is a view of the library, not a gather (a decode step routes ~90 modules; each op costs microseconds).
     """
     k, (_, r, n) = cand.numel(), t.A.shape
+    x0 = x[0].float()  # [n]
     if k == 1:
-        best, proj = 0, t.A[int(cand[0])].float() @ x[0].float()  # [r]
+        best, proj = 0, torch.mv(t.A[int(cand[0])].float(), x0)  # [r]
     else:
-        projs = (gather_rows(t.A, cand, "A").view(k * r, n) @ x[0].float()).view(k, r)  # [k, r]
-        best = int(projs.norm(dim=1).argmax())
+        projs = torch.mv(gather_rows(t.A, cand).view(k * r, n), x0).view(k, r)  # [k, r]
+        best = int(torch.linalg.vector_norm(projs, dim=1).argmax())
         proj = projs[best]
-    winner = cand[best:best + 1]  # [1]
-    delta = t.B[int(winner)].float() @ proj  # [m]
-    return Routed(delta[None].to(x.dtype), winner)
+    delta = torch.mv(t.B[int(cand[best])].float(), proj)  # [m]
+    return Routed(delta[None].to(x.dtype), cand[best:best + 1])
 
 
 def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
