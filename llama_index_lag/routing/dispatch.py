@@ -15,7 +15,7 @@ Five strategies with the same result:
   BMM per batch: copies each pair's token (n) and each used adapter once (r n), never an adapter per pair,
   and runs a few dozen BMMs instead of one GEMM per adapter. Best at prefill with many adapters, any dtype.
 
-``auto`` picks by a cost estimate; all four are checked against each other in the tests.
+``auto`` picks by a cost estimate; all five are checked against each other in the tests.
 
 Dtypes: the library may be stored in half precision. GEMMs over all N adapters run in the library's dtype
 (the activations are cast, not the adapters); gathered candidates are cast to float32 (small half-precision
@@ -23,8 +23,6 @@ matmuls are slow on CPUs); results come back in the activations' dtype.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
