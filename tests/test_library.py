@@ -349,3 +349,16 @@ def test_corrupt_or_stale_library_folders(tmp_path, llama, dirs):
     (future / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LibraryFormatError, match="format_version"):
         AdapterLibrary.load(future)
+    truncated = shutil.copytree(tmp_path / "lib", tmp_path / "truncated")
+    data = (truncated / "adapters.safetensors").read_bytes()
+    (truncated / "adapters.safetensors").write_bytes(data[:-100])  # cuts into the last tensor
+    last = AdapterLibrary.load(tmp_path / "lib").modules[-1]
+    with pytest.raises(LibraryFormatError, match="truncated") as err:
+        AdapterLibrary.load(truncated)
+    assert err.value.module == last and err.value.field == f"{last}.proto"
+    (truncated / "adapters.safetensors").write_bytes(data[:6])
+    with pytest.raises(LibraryFormatError, match="cannot open packed tensors"):
+        AdapterLibrary.load(truncated)
+    (truncated / "adapters.safetensors").write_bytes(b"\xff" * 8 + data[8:])  # header length past the end
+    with pytest.raises(LibraryFormatError, match="does not fit"):
+        AdapterLibrary.load(truncated)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +135,22 @@ def read_arrow_meta(lib_dir: Path) -> dict[str, Any] | None:
 
 def load_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> dict[str, Any]:
     """Read every module's index (memory-mapped); raise LibraryFormatError if missing or built for another
-    revision."""
-    return dict(zip(modules, iter_module_indexes(lib_dir, modules, revision, mmap)))
+    revision. Several are read at once (FAISS releases the GIL): on a cold page cache each read waits on
+    the disk (18 indexes of a 10k library: 0.44 s one by one, 0.18-0.22 s with 8 threads)."""
+    meta = _checked_meta(lib_dir, modules, revision)
+    with ThreadPoolExecutor(max(1, min(8, len(modules)))) as pool:
+        indexes = list(pool.map(lambda job: _read_index(lib_dir, *job, meta, mmap), enumerate(modules)))
+    return dict(zip(modules, indexes))
 
 
 def iter_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> Iterator[Any]:
     """Each module's index in turn (``mmap=False``: a private, writable copy, for updating it), after
     checking ``meta.json`` (LibraryFormatError if missing or stale)."""
+    meta = _checked_meta(lib_dir, modules, revision)
+    return (_read_index(lib_dir, position, module, meta, mmap) for position, module in enumerate(modules))
+
+
+def _checked_meta(lib_dir: Path, modules: list[str], revision: str) -> dict[str, Any]:
     meta = read_arrow_meta(lib_dir)
     if meta is None:
         raise LibraryFormatError("approximate Arrow index missing (arrow_index/meta.json); rebuild it with "
@@ -149,25 +159,23 @@ def iter_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: 
     if meta.get("revision") != revision or meta.get("modules") != modules:
         raise LibraryFormatError("approximate Arrow index is stale (built for another revision of this library); "
                                  "rebuild it with AdapterLibrary.build_arrow_index()", path=lib_dir / ARROW_DIR)
-    return _read_indexes(lib_dir, modules, meta, mmap)
+    return meta
 
 
-def _read_indexes(lib_dir: Path, modules: list[str], meta: dict[str, Any], mmap: bool) -> Iterator[Any]:
+def _read_index(lib_dir: Path, position: int, module: str, meta: dict[str, Any], mmap: bool) -> Any:
     faiss = _faiss()
     # IVF lists are memory-mapped by IO_FLAG_MMAP, flat codes and HNSW graphs by IO_FLAG_MMAP_IFC.
     flags = (faiss.IO_FLAG_MMAP if meta["type"] == "ivf" else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
-    for position, module in enumerate(modules):
-        path = index_path(lib_dir, position)
-        try:
-            index = faiss.read_index(str(path), flags) if mmap else faiss.read_index(str(path))
-        except RuntimeError as exc:
-            raise LibraryFormatError(f"cannot read approximate Arrow index: {exc}", module=module,
-                                     path=path) from None
-        if index_type(index) != meta["type"] or index.ntotal != meta["ntotal"].get(module):
-            raise LibraryFormatError(f"approximate Arrow index does not match meta.json (type {meta['type']}, "
-                                     f"{meta['ntotal'].get(module)} vectors); rebuild it with "
-                                     "AdapterLibrary.build_arrow_index()", module=module, path=path)
-        yield index
+    path = index_path(lib_dir, position)
+    try:
+        index = faiss.read_index(str(path), flags) if mmap else faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise LibraryFormatError(f"cannot read approximate Arrow index: {exc}", module=module, path=path) from None
+    if index_type(index) != meta["type"] or index.ntotal != meta["ntotal"].get(module):
+        raise LibraryFormatError(f"approximate Arrow index does not match meta.json (type {meta['type']}, "
+                                 f"{meta['ntotal'].get(module)} vectors); rebuild it with "
+                                 "AdapterLibrary.build_arrow_index()", module=module, path=path)
+    return index
 
 
 def update_index(index: Any, add: tuple[np.ndarray, np.ndarray] | None, remove: Iterable[int]) -> Any:

@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -59,7 +58,7 @@ from .arrow_index import (
     update_index,
 )
 from .base import BaseModelSpec
-from .packed import PackedWriter, tensor_names
+from .packed import PackedFormatError, PackedReader, PackedWriter, tensor_names
 from .peft_io import AdapterHeader, load_weights, read_header
 
 FORMAT = "llama-index-lag/adapter-library"
@@ -124,7 +123,7 @@ class AdapterLibrary:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = Path(path)
         self.manifest = manifest
-        self._handle: Any = None
+        self._handle: PackedReader | None = None
         self._tensors: dict[str, ModuleTensors] = {}
         self._arrow: dict[str, Any] | None = None
         self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
@@ -196,36 +195,40 @@ class AdapterLibrary:
         if module not in self._tensors:
             if module not in self.manifest["modules"]:
                 raise LibraryError("module not in this library", module=module, path=self.path)
-            handle = self._open()
-            ka, kb, kp = tensor_names(module)
-            self._tensors[module] = ModuleTensors(handle.get_tensor(ka), handle.get_tensor(kb),
-                                                  handle.get_tensor(kp))
+            reader = self._open()
+            self._tensors[module] = ModuleTensors(*(self._tensor(reader, module, key)
+                                                    for key in tensor_names(module)))
         return self._tensors[module]
 
-    def _open(self) -> Any:
+    def _open(self) -> PackedReader:
         if self._handle is None:
             file = self.path / TENSORS
             try:
-                self._handle = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as exc:
+                self._handle = PackedReader(file)
+            except (PackedFormatError, OSError, ValueError) as exc:
                 raise LibraryFormatError(f"cannot open packed tensors: {exc}", path=file) from None
         return self._handle
 
+    def _tensor(self, reader: PackedReader, module: str, key: str) -> torch.Tensor:
+        try:
+            return reader.tensor(key)
+        except PackedFormatError as exc:
+            raise LibraryFormatError(f"packed tensor: {exc} (stale or corrupt library)", module=module,
+                                     field=key, path=self.path / TENSORS) from None
+
     def _check_tensor_file(self) -> None:
-        """Shapes in the safetensors header must match the manifest (detects stale / truncated files)."""
-        handle = self._open()
-        keys = set(handle.keys())
+        """Shapes and dtypes in the packed file's header must match the manifest, and every tensor must
+        lie within the file (detects stale / truncated files)."""
+        reader = self._open()
         n, r = len(self), self.r_max
         for module in self.modules:
             m, n_in = self.module_shape(module)
             for key, shape in zip(tensor_names(module), ((n, r, n_in), (n, m, r), (n, n_in))):
-                if key not in keys:
-                    raise LibraryFormatError("packed tensor missing (stale or corrupt library)", module=module,
-                                             field=key, path=self.path / TENSORS)
-                got = tuple(handle.get_slice(key).get_shape())
-                if got != shape:
+                t = self._tensor(reader, module, key)
+                if tuple(t.shape) != shape or t.dtype != DTYPES[self.manifest["dtype"]]:
                     raise LibraryFormatError(
-                        f"packed tensor has shape {list(got)}, manifest says {list(shape)} (stale library)",
+                        f"packed tensor is {t.dtype} {list(t.shape)}, manifest says "
+                        f"{self.manifest['dtype']} {list(shape)} (stale library)",
                         module=module, field=key, path=self.path / TENSORS,
                     )
 
@@ -263,10 +266,10 @@ class AdapterLibrary:
 
     def _tensor_revision(self) -> str | None:
         try:
-            return (self._open().metadata() or {}).get("revision")
+            return self._open().metadata.get("revision")
         except LibraryFormatError:
-            if (self.path / MANIFEST).is_file() and not (self.path / TENSORS).is_file():
-                raise
+            if (self.path / MANIFEST).is_file() or (self.path / TENSORS).is_file():
+                raise  # missing beside its manifest, or corrupt (folders are swapped whole, never half-written)
             return None  # the folder is being swapped: retry
 
     # ---- compile / add / remove -----------------------------------------------------------------
