@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def _disk(path: Path) -> int:
 
 @torch.no_grad()
 def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor], ids: torch.Tensor,
-            bare: dict[str, float], decode_tokens: int, efforts: tuple[int, ...] = ()) -> dict[str, Any]:
+            decode_tokens: int, efforts: tuple[int, ...] = ()) -> dict[str, Any]:
     """One library: load, routing cost per module, approximate-stage quality (also for each of ``efforts``),
     end-to-end prefill / decode vs the bare model, resident memory."""
     rss0 = _rss()
@@ -152,23 +153,19 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     t = router.pools["knowledge"].tensors(module)
     x = acts[module].to(t.A.dtype)
     for label, xs in (("decode", x[:1]), ("prefill", x[:256])):
-        row[f"{label}_module_ms_exact"] = 1e3 * timeit(lambda: route_tokens(xs, t, "lag", k=K), repeat=3,
+        row[f"{label}_module_ms_exact"] = 1e3 * timeit(lambda xs=xs: route_tokens(xs, t, "lag", k=K), repeat=3,
                                                        min_time=0.2)
         if indexed:
             row[f"{label}_module_ms_faiss"] = 1e3 * timeit(
-                lambda: route_tokens(xs, t, "lag", k=K, approximate=True), repeat=3, min_time=0.2)
+                lambda xs=xs: route_tokens(xs, t, "lag", k=K, approximate=True), repeat=3, min_time=0.2)
     if indexed:
         default = _approx_quality(router, acts, t.index.effort)
         row.update(effort=default["effort"], recall_at_k=default["recall_at_k"],
                    choice_agreement=default["choice_agreement"])
         row["effort_sweep"] = [_approx_quality(router, acts, effort) for effort in efforts]
-    # end to end
-    row["prefill_s"] = timeit(lambda: model(ids, use_cache=False), repeat=2)
-    row["prefill_x_bare"] = row["prefill_s"] / bare["prefill_s"]
-    dec_s = timeit(lambda: model.generate(ids[:, :32], max_new_tokens=decode_tokens,
-                                          min_new_tokens=decode_tokens, do_sample=False), repeat=2)
-    row["decode_tok_s"] = decode_tokens / dec_s
-    row["decode_x_bare"] = row["decode_tok_s"] / bare["decode_tok_s"]
+    # end to end, against the bare model timed in the same rounds
+    router, e2e = _end_to_end(model, lib, router, ids, decode_tokens)
+    row.update(e2e)
     rss2 = _rss()
     row.update({"rss_attach_mib": rss1["VmRSS"] - rss0["VmRSS"],
                 "anon_after_run_mib": rss2["RssAnon"] - rss0["RssAnon"],
@@ -177,6 +174,36 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     router.detach()
     lib.close()
     return row
+
+
+def _end_to_end(model: torch.nn.Module, lib: AdapterLibrary, router: Any, ids: torch.Tensor, decode_tokens: int,
+                rounds: int = 3) -> tuple[Any, dict[str, float]]:
+    """Prefill (256 tokens) and greedy decoding of the routed model and of the bare one (detached), in
+    alternating rounds so that a slow phase of the shared machine hits both alike; ratios are medians of
+    the per-round ratios. Returns the (re-attached) router and the figures."""
+    config = router.config
+
+    def prefill() -> None:
+        model(ids, use_cache=False)
+
+    def decode() -> None:
+        model.generate(ids[:, :32], max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+
+    times: dict[str, list[float]] = {"pre_bare": [], "dec_bare": [], "pre": [], "dec": []}
+    for _ in range(rounds):
+        router.detach()
+        times["pre_bare"].append(timeit(prefill, repeat=1))
+        times["dec_bare"].append(timeit(decode, repeat=1))
+        router = attach_lag(model, lib, config)
+        times["pre"].append(timeit(prefill, repeat=1))
+        times["dec"].append(timeit(decode, repeat=1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return router, {
+        "prefill_s": med["pre"], "bare_prefill_s": med["pre_bare"],
+        "prefill_x_bare": statistics.median(a / b for a, b in zip(times["pre"], times["pre_bare"])),
+        "decode_tok_s": decode_tokens / med["dec"], "bare_decode_tok_s": decode_tokens / med["dec_bare"],
+        "decode_x_bare": statistics.median(b / a for a, b in zip(times["dec"], times["dec_bare"])),
+    }
 
 
 def _approx_quality(router: Any, acts: dict[str, torch.Tensor], effort: int) -> dict[str, float]:
@@ -239,7 +266,7 @@ def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10
         start = time.perf_counter()
         build_library(work, n, n_layers, dtype, model, acts, index=index)
         build_s = time.perf_counter() - start
-        row = measure(work / f"lib-{n}-L{n_layers}-{dtype}", model, acts, ids, bare, decode_tokens, efforts)
+        row = measure(work / f"lib-{n}-L{n_layers}-{dtype}", model, acts, ids, decode_tokens, efforts)
         row["build_s"] = build_s
         payload["rows"].append(row)
         print(json.dumps(row), flush=True)
