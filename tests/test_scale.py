@@ -229,3 +229,28 @@ def test_concurrent_readers_during_updates(big, tmp_path):
     [t.join() for t in threads]
     assert not errors, errors[0]
     assert len(AdapterLibrary.load(tmp_path / "lib")) == 32
+
+
+def test_packed_file_larger_than_ram_and_swap_is_mapped(tmp_path):
+    """A library larger than RAM + swap still opens: its packed file is mapped read-only. (A writable
+    private map, as safetensors makes, is charged in full against the commit limit: ENOMEM.)"""
+    from pathlib import Path
+
+    from llama_index_lag.library.packed import PackedReader, PackedWriter
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("needs /proc/meminfo")
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in meminfo.read_text().splitlines()
+           if line.endswith("kB")}
+    limit = (kib["MemTotal"] + kib.get("SwapTotal", 0)) * 1024
+    m = n = 4096
+    r = 8
+    N = int(1.5 * limit) // ((r * n + m * r + n) * 4) + 1
+    path = tmp_path / "big.safetensors"
+    PackedWriter(path, {"layers.0.mlp": (m, n)}, N, r, torch.float32).close()  # sparse: no disk used
+    if path.stat().st_blocks * 512 > 1 << 30:
+        pytest.skip("this filesystem has no sparse files")
+    assert path.stat().st_size > limit
+    A = PackedReader(path).tensor("layers.0.mlp.A")
+    assert A.shape == (N, r, n) and not bool(A[N - 1].any())  # the last row, past RAM + swap: paged in

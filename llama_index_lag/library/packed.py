@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,13 @@ class PackedFormatError(ValueError):
 
 
 class PackedReader:
-    """Read-only view of a packed safetensors file: one private memory map (copy-on-write), tensors wrap
-    its bytes. Opening reads the header only; nothing else is paged in until a tensor is used."""
+    """Read-only view of a packed safetensors file: one shared, read-only memory map, tensors wrap its
+    bytes. Opening reads the header only; nothing else is paged in until a tensor is used.
+
+    Read-only on purpose: a writable private map (copy-on-write, as ``safetensors`` and
+    ``UntypedStorage.from_file(shared=False)`` make) is charged in full against the commit limit, so a
+    library larger than RAM + swap could not even be mapped. The tensors must not be written to.
+    """
 
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as f:
@@ -53,7 +59,7 @@ class PackedReader:
                 raise PackedFormatError(f"header is not valid JSON: {exc}") from None
             if not isinstance(header, dict):
                 raise PackedFormatError("header is not a JSON object")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._header: dict[str, Any] = header
         self._start, self._size = 8 + length, size - 8 - length
@@ -79,7 +85,10 @@ class PackedReader:
                                     f"{self._size} bytes of data (truncated file?)", key)
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self._start + lo).view(shape)
+        with warnings.catch_warnings():  # "buffer is not writable": read-only by design (see the class)
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self._start + lo)
+        return flat.view(shape)
 
     def _info(self, key: str) -> dict[str, Any]:
         info = self._header.get(key)
