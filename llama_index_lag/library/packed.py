@@ -67,9 +67,6 @@ class PackedReader:
     def keys(self) -> list[str]:
         return list(self._header)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._info(key)["shape"])
-
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor ``key``, backed by the map (no copy, no page touched)."""
         info = self._info(key)
