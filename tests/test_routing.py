@@ -74,7 +74,7 @@ def test_dispatch_strategies_agree_with_loop(T: int, k: int, dtype: torch.dtype,
     with torch.set_grad_enabled(grad):
         results = {s: project_pairs(x, A, idx, s) for s in ("gather", "dense", "union", "grouped", "bucketed", "auto")}
         expanded = {s: expand_pairs(v, B, idx, w, s) for s in ("gather", "dense", "auto")}
-    for strategy, out in results.items():  # compared after all ran: no result aliases a reused buffer
+    for strategy, out in results.items():
         assert out.dtype == dtype and torch.allclose(out.float(), ref_p, **tol), strategy
     for strategy, out in expanded.items():
         assert out.dtype == dtype and torch.allclose(out.float(), ref_e, **tol), strategy

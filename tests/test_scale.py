@@ -248,7 +248,10 @@ def test_packed_file_larger_than_ram_and_swap_is_mapped(tmp_path):
     r = 8
     N = int(1.5 * limit) // ((r * n + m * r + n) * 4) + 1
     path = tmp_path / "big.safetensors"
-    PackedWriter(path, {"layers.0.mlp": (m, n)}, N, r, torch.float32).close()  # sparse: no disk used
+    try:
+        PackedWriter(path, {"layers.0.mlp": (m, n)}, N, r, torch.float32).close()  # sparse: no disk used
+    except OSError as exc:  # e.g. a file-size limit
+        pytest.skip(f"cannot create a {N}-row sparse file here: {exc}")
     if path.stat().st_blocks * 512 > 1 << 30:
         pytest.skip("this filesystem has no sparse files")
     assert path.stat().st_size > limit
