@@ -155,11 +155,16 @@ def bench_model(work: Path, *, n: int = 100, rank: int = 6, tokens: int = 256, d
     def decode() -> None:
         model.generate(ids[:, :32], max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
 
-    prefill_s, decode_s = {}, {}
-    for name, cfg in {"none": dict(mode="none"), **MODES}.items():
-        with router.using(**cfg):
-            prefill_s[name] = timeit(prefill, repeat=3)
-            decode_s[name] = timeit(decode, repeat=2)
+    def in_mode(cfg: dict[str, Any], fn: Callable[[], None]) -> Callable[[], None]:
+        def call() -> None:
+            router.set(LAGConfig(**cfg))
+            fn()
+        return call
+
+    # The modes are timed round-robin (as in bench_modules), so a slow phase of the machine hits all alike.
+    modes = {"none": dict(mode="none"), **MODES}
+    prefill_s = timeit_interleaved({name: in_mode(cfg, prefill) for name, cfg in modes.items()}, rounds=3)
+    decode_s = timeit_interleaved({name: in_mode(cfg, decode) for name, cfg in modes.items()}, rounds=3)
     router.detach()
     if peft:
         start = time.perf_counter()
