@@ -191,7 +191,8 @@ class AdapterLibrary:
 
     # ---- tensors --------------------------------------------------------------------------------
     def tensors(self, module: str) -> ModuleTensors:
-        """Memory-mapped A*, B*, prototypes of one module (no copy; the OS pages them in on use)."""
+        """Memory-mapped A*, B*, prototypes of one module (no copy; the OS pages them in on use). Read-only
+        views of the library file: copy before modifying (``.clone()``)."""
         if module not in self._tensors:
             if module not in self.manifest["modules"]:
                 raise LibraryError("module not in this library", module=module, path=self.path)
