@@ -64,9 +64,6 @@ class PackedReader:
         self._header: dict[str, Any] = header
         self._start, self._size = 8 + length, size - 8 - length
 
-    def keys(self) -> list[str]:
-        return list(self._header)
-
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor ``key``, backed by the map (no copy, no page touched)."""
         info = self._info(key)
