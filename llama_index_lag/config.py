@@ -51,6 +51,10 @@ class LAGConfig:
         indexes (default 512), ``nprobe`` (IVF lists searched) for IVF ones (default 64).
     dispatch:
         kernel strategy for the candidate products (``auto`` picks by a cost model).
+    decode_kernel:
+        one-token forwards (KV-cached decoding): ``auto`` routes each module in one fused numba kernel
+        (scan, top-k, rerank and apply; same choices as the PyTorch ops) where it can run; ``torch`` always
+        uses the PyTorch ops.
     """
 
     mode: Mode = "lag"
@@ -68,6 +72,7 @@ class LAGConfig:
     nprobe: int | None = None
     ef_search: int | None = None
     dispatch: str = "auto"
+    decode_kernel: Literal["auto", "torch"] = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,6 +100,8 @@ class LAGConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
         if self.dispatch not in STRATEGIES:
             raise ConfigError(f"dispatch must be one of {STRATEGIES}", field="dispatch")
+        if self.decode_kernel not in ("auto", "torch"):
+            raise ConfigError("decode_kernel must be 'auto' or 'torch'", field="decode_kernel")
         if self.mode == "fixed" and not self.fixed:
             raise ConfigError("mode 'fixed' needs fixed={library_kind: [adapter names]}", field="fixed")
         if self.fixed is not None:

@@ -406,7 +406,8 @@ class LAGRouter:
             return self._route_sequence(module, kind, t, x, flat, state)
         out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
                            spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
-                           approximate=APPROXIMATE[cfg.arrow_backend], effort=_effort(cfg, t))
+                           approximate=APPROXIMATE[cfg.arrow_backend], effort=_effort(cfg, t),
+                           kernel=cfg.decode_kernel)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta

@@ -6,10 +6,13 @@ Shapes: T tokens, N adapters, n in-features, m out-features, r rank, B sequences
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
+from . import kernels
 from .dispatch import expand_pairs, gather_rows, project_all, project_pairs
 from .scores import arrow_scores, arrow_topk, arrow_weights, lag_rerank, spectr_select
 
@@ -27,6 +30,12 @@ class PoolTensors:
     @property
     def n_adapters(self) -> int:
         return self.A.shape[0]
+
+    @cached_property
+    def bits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Zero-copy views (protos, A, B) for the fused decode kernels; None where they cannot run."""
+        views = tuple(kernels.as_bits(v) for v in (self.protos, self.A, self.B))
+        return None if not kernels.available() or any(v is None for v in views) else views  # type: ignore[return-value]
 
     def approximates(self, approximate: bool | None, tokens: int, effort: int | None = None) -> bool:
         """Whether Arrow for ``tokens`` tokens uses the index: ``approximate`` True / False forces it (when
@@ -54,30 +63,38 @@ class Routed(NamedTuple):
 def route_tokens(
     x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
     temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
-    approximate: bool | None = False, effort: int | None = None,
+    approximate: bool | None = False, effort: int | None = None, kernel: str = "auto",
 ) -> Routed:
     """Per-token routing of x [T, n] through one library at one module.
 
     ``approximate``: Arrow candidates come from the library's FAISS index (``t.index``) instead of an
     exact scan of all N prototypes; None: when the index's cost model expects it to be faster. ``effort``:
-    the index's search breadth (HNSW efSearch / IVF nprobe; None: its default).
+    the index's search breadth (HNSW efSearch / IVF nprobe; None: its default). ``kernel``: for one token
+    (decoding), ``auto`` runs the fused kernels of :mod:`.kernels` where they can, ``torch`` never does.
     """
+    fused = kernel != "torch" and x.shape[0] == 1 and t.bits is not None
     if mode == "lag":
         approximate = t.approximates(approximate, x.shape[0], effort)  # decided once: it also means padding
+        if fused and margin is None and not approximate and _one_token(x, t, None):
+            return _fused(x, t, k=k)
         top, cand = t.arrow(x, k, approximate, effort)  # [T, k]
         if margin is None and _one_token(x, t, top if approximate else None):
-            return _apply_one(x, t, cand[0])
+            return _fused(x, t, cand=cand[0]) if fused else _apply_one(x, t, cand[0])
         winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, approximate)  # [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
     if mode == "arrow":
         approximate = t.approximates(approximate, x.shape[0], effort)
+        if fused and arrow_top_k == 1 and not approximate and _one_token(x, t, None):
+            return _fused(x, t, k=1)
         top, idx = t.arrow(x, arrow_top_k, approximate, effort)  # [T, k]
         if arrow_top_k == 1 and _one_token(x, t, top if approximate else None):
-            return _apply_one(x, t, idx[0])
+            return _fused(x, t, cand=idx[0]) if fused else _apply_one(x, t, idx[0])
         proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
         w = None if idx.shape[1] == 1 else arrow_weights(top, temperature).to(x.dtype)
         return Routed(expand_pairs(proj, t.B, idx, w), idx[:, 0])
     if mode == "spectr":
+        if fused and spectr_top_k == 1 and _one_token(x, t, None):
+            return _fused(x, t, cand=torch.arange(t.n_adapters))
         idx, proj = spectr_select(x, t.A, spectr_top_k, t.valid)  # [T, k], [T, k, r]
         if idx.shape[1] == 1:
             return Routed(expand_pairs(proj, t.B, idx), idx[:, 0])
@@ -91,7 +108,7 @@ def route_tokens(
 def _one_token(x: torch.Tensor, t: PoolTensors, top: torch.Tensor | None) -> bool:
     """Whether the decode fast path applies: one token on the CPU, no autograd, every adapter valid here
     and, for approximate search (``top`` given), every candidate found (it may return fewer than k)."""
-    return (x.shape[0] == 1 and x.device.type == "cpu" and t.valid is None and not torch.is_grad_enabled()
+    return (x.shape[0] == 1 and x.is_cpu and t.valid is None and not torch.is_grad_enabled()
             and (top is None or bool((top >= 0).all())))
 
 
@@ -111,6 +128,14 @@ def _apply_one(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor) -> Routed:
         proj = projs[best]
     delta = torch.mv(t.B[int(cand[best])].float(), proj)  # [m]
     return Routed(delta[None].to(x.dtype), cand[best:best + 1])
+
+
+def _fused(x: torch.Tensor, t: PoolTensors, k: int = 1, cand: torch.Tensor | None = None) -> Routed:
+    """Decode fast path in one fused call: exact Arrow top-k over all N (or the given candidates cand [k]),
+    SpectR among them, the winner's B* A* x. Same choice as :func:`_apply_one`, float32 sums throughout."""
+    protos, A, B = t.bits  # type: ignore[misc]
+    delta, winner = kernels.lag_one(protos, A, B, x, k) if cand is None else kernels.rerank_one(A, B, x, cand)
+    return Routed(delta if x.dtype == torch.float32 else delta.to(x.dtype), winner)
 
 
 def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

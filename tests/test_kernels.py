@@ -1,0 +1,125 @@
+"""The fused one-token decode kernels against a float64 loop over the library's own values, and against the
+PyTorch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_index_lag import AdapterLibrary, LAGConfig, attach_lag
+from llama_index_lag.errors import ConfigError
+from llama_index_lag.library.align import spectral_align
+from llama_index_lag.routing import kernels
+from llama_index_lag.routing.engine import PoolTensors, route_tokens
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+
+def _library(dtype: torch.dtype, N: int = 40, r: int = 5, n: int = 96, m: int = 72, seed: int = 0) -> PoolTensors:
+    """Aligned random adapters with mixed ranks (zero-padded to r) and a decaying spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(N, r, n, generator=g)
+    B = torch.randn(N, m, r, generator=g) * torch.logspace(0, -1, r)
+    ranks = torch.randint(1, r + 1, (N,), generator=g)
+    keep = torch.arange(r) < ranks[:, None]  # [N, r]
+    A, B = A * keep[:, :, None], B * keep[:, None, :]
+    a_star, b_star, _ = spectral_align(A, B, torch.full((N,), 2.0), ranks)
+    return PoolTensors(a_star[:, 0].contiguous().to(dtype), a_star.contiguous().to(dtype),
+                       b_star.contiguous().to(dtype))
+
+
+def _loop(x: torch.Tensor, t: PoolTensors, mode: str, k: int) -> tuple[int, torch.Tensor]:
+    """The routing of one token x [n] in float64, adapter by adapter: (winner, delta [m])."""
+    P, A, B, xd = t.protos.double(), t.A.double(), t.B.double(), x.double()
+    N = P.shape[0]
+    arrow = [abs(float(P[i] @ xd)) for i in range(N)]
+    cands = sorted(range(N), key=lambda i: -arrow[i])[: min(k, N)] if mode != "spectr" else list(range(N))
+    if mode == "arrow":
+        cands = cands[:1]
+    w = max(cands, key=lambda i: float((A[i] @ xd).norm()))
+    return w, B[w] @ (A[w] @ xd)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records which fused kernel ran, so a test cannot pass on the PyTorch fallback."""
+    calls: list[str] = []
+    for name in ("lag_one", "rerank_one"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_decode_matches_float64_loop(dtype: torch.dtype, spy: list[str]) -> None:
+    t = _library(dtype)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        x = torch.randn(1, 96, generator=g) * (10.0 ** (trial % 3 - 1))
+        for mode, k in (("lag", 1), ("lag", 5), ("lag", 20), ("lag", 100), ("arrow", 1), ("spectr", 1)):
+            with torch.no_grad():
+                out = route_tokens(x, t, mode, k=k)
+            w, delta = _loop(x[0], t, mode, k)
+            assert int(out.chosen[0]) == w, (dtype, mode, k, trial)
+            assert out.delta.shape == (1, 72) and out.delta.dtype == torch.float32
+            scale = float(delta.abs().max())
+            assert torch.allclose(out.delta[0].double(), delta, atol=1e-5 * scale, rtol=1e-5), (dtype, mode, k)
+    assert spy.count("lag_one") == 30 * 5 and spy.count("rerank_one") == 30  # spectr reranks all N
+
+
+def test_fused_and_torch_paths_agree() -> None:
+    t = _library(torch.float32, N=300, n=64, m=48)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for mode, k in (("lag", 20), ("arrow", 1), ("spectr", 1)):
+            for i in range(x.shape[0]):
+                fused = route_tokens(x[i:i + 1], t, mode, k=k)
+                ops = route_tokens(x[i:i + 1], t, mode, k=k, kernel="torch")
+                assert torch.equal(fused.chosen, ops.chosen), (mode, i)
+                assert torch.allclose(fused.delta, ops.delta, atol=1e-4, rtol=1e-5), (mode, i)
+
+
+def test_rerank_of_given_candidates_matches_loop() -> None:
+    """The approximate-Arrow decode path: SpectR among an index's candidates, then apply."""
+    t = _library(torch.float16)
+    P, A, B = t.bits
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.randn(1, 96, generator=g)
+        cand = torch.randperm(40, generator=g)[:7]
+        delta, winner = kernels.rerank_one(A, B, x, cand)
+        norms = torch.stack([(t.A[c].double() @ x[0].double()).norm() for c in cand])
+        w = int(cand[norms.argmax()])
+        assert int(winner[0]) == w
+        expected = t.B[w].double() @ (t.A[w].double() @ x[0].double())
+        assert torch.allclose(delta[0].double(), expected, atol=1e-4)
+
+
+def test_bfloat16_tokens_and_unsupported_tensors() -> None:
+    t = _library(torch.bfloat16)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad():
+        out = route_tokens(x, t, "lag", k=5)
+    assert out.delta.dtype == torch.bfloat16 and int(out.chosen[0]) == _loop(x[0].float(), t, "lag", 5)[0]
+    assert kernels.as_bits(torch.zeros(3, 4).T) is None  # not contiguous
+    assert kernels.as_bits(torch.zeros(3, dtype=torch.float64)) is None
+    strided = PoolTensors(t.protos, t.A.transpose(1, 2).contiguous().transpose(1, 2), t.B)  # a strided A*
+    assert strided.bits is None
+    with torch.no_grad():  # falls back to the PyTorch ops, same routing
+        assert torch.equal(route_tokens(x, strided, "lag", k=5).chosen, out.chosen)
+
+
+def test_generation_with_fused_kernels_equals_pytorch_ops(tiny_model, knowledge_dirs, spy) -> None:
+    lib = AdapterLibrary.compile(knowledge_dirs, kind="knowledge", base_model=tiny_model,
+                                 out=knowledge_dirs[0].parent / "lib")
+    router = attach_lag(tiny_model, lib, LAGConfig(mode="lag", k=2))
+    ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        fused = tiny_model.generate(ids, **kw)
+        assert len(spy) == 9 * len(lib.modules)  # every decode step, every adapted module
+        router.set(decode_kernel="torch")
+        ops = tiny_model.generate(ids, **kw)
+    assert len(spy) == 9 * len(lib.modules) and torch.equal(fused, ops)
+    with pytest.raises(ConfigError, match="decode_kernel"):
+        LAGConfig(decode_kernel="cuda")  # type: ignore[arg-type]
