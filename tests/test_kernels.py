@@ -82,7 +82,7 @@ def test_fused_and_torch_paths_agree() -> None:
 def test_rerank_of_given_candidates_matches_loop() -> None:
     """The approximate-Arrow decode path: SpectR among an index's candidates, then apply."""
     t = _library(torch.float16)
-    P, A, B = t.bits
+    _, A, B = t.bits
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
         x = torch.randn(1, 96, generator=g)
@@ -114,7 +114,7 @@ def test_generation_with_fused_kernels_equals_pytorch_ops(tiny_model, knowledge_
                                  out=knowledge_dirs[0].parent / "lib")
     router = attach_lag(tiny_model, lib, LAGConfig(mode="lag", k=2))
     ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(6))
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         fused = tiny_model.generate(ids, **kw)
         assert len(spy) == 9 * len(lib.modules)  # every decode step, every adapted module
