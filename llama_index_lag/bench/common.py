@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import __version__
 from .._fs import atomic_write_json
@@ -64,21 +65,42 @@ def timeit(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, min_time:
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 15, inner: int = 1,
-                       warmup: int = 1) -> dict[str, float]:
+                       warmup: int = 1, self_timed: bool = False) -> dict[str, float]:
     """Median seconds per call of each of ``fns``, timed round-robin: every round times ``inner`` calls of
     each function in turn, so a slow phase of a shared machine hits all of them alike (ratios between them
-    are what the benchmarks report)."""
+    are what the benchmarks report). ``self_timed``: each call returns its own seconds (e.g.
+    :func:`decode_seconds`), used instead of the wall time of the call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, own = time.perf_counter(), 0.0
             for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
+                own += fn() if self_timed else 0.0
+            times[name].append((own if self_timed else time.perf_counter() - start) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class _StepClock(StoppingCriteria):
+    """Time stamps of every generation step; never stops the generation."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_seconds(model: Any, ids: torch.Tensor, tokens: int) -> float:
+    """Seconds per decoded token of greedy ``model.generate``: the time from the first generated token to the
+    last, over ``tokens - 1`` KV-cached steps (the prompt's prefill, timed separately, is not included)."""
+    clock = _StepClock()
+    model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                   stopping_criteria=StoppingCriteriaList([clock]))
+    return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
 
 def write_random_peft_lora(

@@ -28,7 +28,7 @@ from ..config import LAGConfig
 from ..library import AdapterLibrary
 from ..router import attach_lag
 from ..routing.engine import route_tokens
-from .common import SMOLLM2_SHAPES, machine, print_table, save_results, timeit
+from .common import SMOLLM2_SHAPES, decode_seconds, machine, print_table, save_results, timeit
 from .routing import _load_model
 
 RANK = 6
@@ -177,31 +177,33 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
 
 
 def _end_to_end(model: torch.nn.Module, lib: AdapterLibrary, router: Any, ids: torch.Tensor, decode_tokens: int,
-                rounds: int = 3) -> tuple[Any, dict[str, float]]:
-    """Prefill (256 tokens) and greedy decoding of the routed model and of the bare one (detached), in
-    alternating rounds so that a slow phase of the shared machine hits both alike; ratios are medians of
-    the per-round ratios. Returns the (re-attached) router and the figures."""
+                rounds: int = 5) -> tuple[Any, dict[str, float]]:
+    """Prefill (256 tokens) and greedy decoding (KV-cached steps after a 32-token prompt, the prompt not
+    timed) of the routed model and of the bare one (detached), in alternating rounds so that a slow phase of
+    the shared machine hits both alike; ratios are medians of the per-round ratios. Returns the (re-attached)
+    router and the figures."""
     config = router.config
 
     def prefill() -> None:
         model(ids, use_cache=False)
 
-    def decode() -> None:
-        model.generate(ids[:, :32], max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+    def decode() -> float:  # seconds per decoded token, after a warm-up generation
+        decode_seconds(model, ids[:, :32], 2)
+        return decode_seconds(model, ids[:, :32], decode_tokens)
 
     times: dict[str, list[float]] = {"pre_bare": [], "dec_bare": [], "pre": [], "dec": []}
     for _ in range(rounds):
         router.detach()
         times["pre_bare"].append(timeit(prefill, repeat=1))
-        times["dec_bare"].append(timeit(decode, repeat=1))
+        times["dec_bare"].append(decode())
         router = attach_lag(model, lib, config)
         times["pre"].append(timeit(prefill, repeat=1))
-        times["dec"].append(timeit(decode, repeat=1))
+        times["dec"].append(decode())
     med = {k: statistics.median(v) for k, v in times.items()}
     return router, {
         "prefill_s": med["pre"], "bare_prefill_s": med["pre_bare"],
         "prefill_x_bare": statistics.median(a / b for a, b in zip(times["pre"], times["pre_bare"])),
-        "decode_tok_s": decode_tokens / med["dec"], "bare_decode_tok_s": decode_tokens / med["dec_bare"],
+        "decode_tok_s": 1 / med["dec"], "bare_decode_tok_s": 1 / med["dec_bare"],
         "decode_x_bare": statistics.median(b / a for a, b in zip(times["dec"], times["dec_bare"])),
     }
 
@@ -231,7 +233,7 @@ def _approx_quality(router: Any, acts: dict[str, torch.Tensor], effort: int) -> 
 
 def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10_000, 100_000),
         layers: int | None = None, dtype: str = "float16", work: str | Path | None = None,
-        threads: int | None = None, decode_tokens: int = 16, keep: bool = True,
+        threads: int | None = None, decode_tokens: int = 32, keep: bool = True,
         efforts: tuple[int, ...] = (), index: str = "hnsw") -> dict[str, Any]:
     """Build (or reuse) a synthetic library per N in ``ns`` and measure it; ``index``: the approximate Arrow
     index type of libraries from 4096 adapters up; ``efforts`` adds a recall / speed sweep of its search
@@ -252,8 +254,8 @@ def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10
     ids = torch.randint(0, 1000, (1, 256), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         bare = {"prefill_s": timeit(lambda: model(ids, use_cache=False), repeat=2)}
-        bare["decode_tok_s"] = decode_tokens / timeit(lambda: model.generate(
-            ids[:, :32], max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False), repeat=2)
+        bare["decode_tok_s"] = 1 / statistics.median(decode_seconds(model, ids[:, :32], decode_tokens)
+                                                     for _ in range(3))
     payload: dict[str, Any] = {"benchmark": "scale", "machine": machine(), "model": model_name, "rank": RANK,
                                "k": K, "bare": bare, "rows": []}
     free = shutil.disk_usage(work).free
