@@ -3,6 +3,8 @@ PyTorch ops they replace."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -123,3 +125,31 @@ def test_generation_with_fused_kernels_equals_pytorch_ops(tiny_model, knowledge_
     assert len(spy) == 9 * len(lib.modules) and torch.equal(fused, ops)
     with pytest.raises(ConfigError, match="decode_kernel"):
         LAGConfig(decode_kernel="cuda")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_routes_with_pytorch_ops(spy: list[str]) -> None:
+    """GNU OpenMP does not survive fork: numba aborts such a child at its first parallel kernel (and torch's
+    own parallel ops hang in it unless it runs single-threaded, as DataLoader workers do). A child forked
+    after the parent used the kernels takes the PyTorch path, with the same routing."""
+    t = _library(torch.float32, N=200, n=64, m=48)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        parent = route_tokens(x, t, "lag", k=20)
+    assert spy == ["lag_one"]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the winner and whether the kernels were used, then exit at once
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                child = route_tokens(x, t, "lag", k=20)
+            os.write(write, f"{int(child.chosen[0])} {len(spy)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read, 100).decode().split()
+    os.close(read)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert report == [str(int(parent.chosen[0])), "1"]  # same winner, no kernel call in the child

@@ -35,7 +35,7 @@ class PoolTensors:
     def bits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Zero-copy views (protos, A, B) for the fused decode kernels; None where they cannot run."""
         views = tuple(kernels.as_bits(v) for v in (self.protos, self.A, self.B))
-        return None if not kernels.available() or any(v is None for v in views) else views  # type: ignore[return-value]
+        return None if any(v is None for v in views) else views  # type: ignore[return-value]
 
     def approximates(self, approximate: bool | None, tokens: int, effort: int | None = None) -> bool:
         """Whether Arrow for ``tokens`` tokens uses the index: ``approximate`` True / False forces it (when
@@ -72,7 +72,7 @@ def route_tokens(
     the index's search breadth (HNSW efSearch / IVF nprobe; None: its default). ``kernel``: for one token
     (decoding), ``auto`` runs the fused kernels of :mod:`.kernels` where they can, ``torch`` never does.
     """
-    fused = kernel != "torch" and x.shape[0] == 1 and t.bits is not None
+    fused = kernel != "torch" and x.shape[0] == 1 and t.bits is not None and kernels.available()
     if mode == "lag":
         approximate = t.approximates(approximate, x.shape[0], effort)  # decided once: it also means padding
         if fused and margin is None and not approximate and _one_token(x, t, None):

@@ -21,6 +21,7 @@ then use the PyTorch ops.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -37,11 +38,14 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 _BITS = {torch.float16: np.uint16, torch.bfloat16: np.int16, torch.float32: np.float32}
 _threads = threading.local()  # .torch: the torch thread count numba was last matched to, in this thread
+_pool_pid: int | None = None  # the process that started numba's thread pool
 
 
 def available() -> bool:
-    """Whether the fused kernels can run here."""
-    return numba is not None
+    """Whether the fused kernels can run here: numba is installed, and this is not a child forked after the
+    parent started numba's OpenMP thread pool (GNU OpenMP does not survive fork: numba would abort the
+    child), where the PyTorch ops take over."""
+    return numba is not None and _pool_pid in (None, os.getpid())
 
 
 def as_bits(t: torch.Tensor) -> np.ndarray | None:
@@ -169,6 +173,8 @@ def _vector(x: torch.Tensor) -> np.ndarray:
 
 def _match_threads() -> None:
     """Run on as many threads as torch does (``torch.set_num_threads``); numba's default is every core."""
+    global _pool_pid
+    _pool_pid = _pool_pid or os.getpid()
     want = torch.get_num_threads()
     if getattr(_threads, "torch", None) != want:
         numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS))
