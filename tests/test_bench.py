@@ -24,3 +24,17 @@ def test_timeit_interleaved_uses_the_times_functions_report() -> None:
     out = timeit_interleaved({"a": lambda: next(reported), "b": lambda: 5.0}, rounds=2, warmup=0,
                              self_timed=True)
     assert out == {"a": 2.0, "b": 5.0}  # medians of (3, 1) and (5, 5)
+
+
+def test_timeit_interleaved_times_each_call() -> None:
+    calls = {"fast": 0, "slow": 0}
+
+    def run(name: str, seconds: float):
+        def call() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return call
+
+    out = timeit_interleaved({"fast": run("fast", 0.001), "slow": run("slow", 0.02)}, rounds=3, inner=2)
+    assert calls == {"fast": 7, "slow": 7}  # one warm-up call, then 3 rounds of 2
+    assert 0.02 <= out["slow"] < 0.2 and 0.001 <= out["fast"] < out["slow"]

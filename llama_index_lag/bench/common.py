@@ -78,7 +78,8 @@ def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 15, i
         for name, fn in fns.items():
             start, own = time.perf_counter(), 0.0
             for _ in range(inner):
-                own += fn() if self_timed else 0.0
+                value = fn()
+                own += value if self_timed else 0.0
             times[name].append((own if self_timed else time.perf_counter() - start) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
 
