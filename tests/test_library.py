@@ -136,6 +136,64 @@ def test_add_and_remove_equal_a_fresh_compile(tmp_path, llama, dirs):
         assert torch.equal(reloaded.tensors(m).A[:, : fresh2.r_max], fresh2.tensors(m).A)
 
 
+def test_alignment_batches_do_not_change_the_bytes(tmp_path, llama, dirs, monkeypatch):
+    """(module, adapter) pairs are aligned in batches across modules; a batch boundary inside a module's
+    run of adapters, or one chunk per adapter, gives the same library."""
+    extra = make_lora_adapters(llama, tmp_path / "more", 2, rank=6, target_modules=("down_proj",), seed=9,
+                               prefix="more")
+    fresh = _compile(dirs + extra, llama, tmp_path / "fresh")
+    monkeypatch.setattr(store, "ALIGN_BATCH", 3)
+    small = _compile(dirs + extra, llama, tmp_path / "small", chunk_size=1)
+    for m in fresh.modules:
+        a, b = small.tensors(m), fresh.tensors(m)
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and torch.equal(a.proto, b.proto)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_adapters_stored_in_other_dtypes(tmp_path, llama, dirs, dtype):
+    """Factors are read in place from the weights file's bytes: float16 / bfloat16 / float64 files give
+    the library of the same values stored as float32 (as safetensors decodes them)."""
+    values = {k: v.to(dtype) for k, v in load_file(str(dirs[0] / "adapter_model.safetensors")).items()}
+    stored, as_f32 = shutil.copytree(dirs[0], tmp_path / "stored"), shutil.copytree(dirs[0], tmp_path / "as_f32")
+    save_file(values, str(stored / "adapter_model.safetensors"))
+    save_file({k: v.float() for k, v in values.items()}, str(as_f32 / "adapter_model.safetensors"))
+    got, ref = _compile([stored], llama, tmp_path / "got"), _compile([as_f32], llama, tmp_path / "ref")
+    for m in ref.modules:
+        assert torch.equal(got.tensors(m).A, ref.tensors(m).A) and torch.equal(got.tensors(m).B, ref.tensors(m).B)
+
+
+def test_weights_file_checked_against_its_header(tmp_path, llama, dirs):
+    """The compiler parses the bytes it hashes; they must still match the header read (and validated by
+    safetensors) before: a changed, truncated or inconsistent file is an AdapterFormatError."""
+    from llama_index_lag.library.peft_io import factor_arrays, read_header
+
+    header = read_header(dirs[0])
+    data = (dirs[0] / "adapter_model.safetensors").read_bytes()
+    assert set(factor_arrays(header, data)) == set(header.shapes)
+    size = int.from_bytes(data[:8], "little")
+    entries = json.loads(data[8:8 + size])
+    key = next(k for k in entries if k != "__metadata__")
+
+    def rewritten(**change) -> bytes:
+        head = json.dumps({**entries, key: {**entries[key], **change}}).encode()
+        head += b" " * (size - len(head))
+        return len(head).to_bytes(8, "little") + head + data[8 + size:]
+
+    other = make_lora_adapters(llama, tmp_path / "other", 1, rank=2, target_modules=MLP, seed=5)[0]
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "header length": b"\xff" * 8 + data[8:],
+        "not JSON": data[:8] + b"#" + data[9:],
+        "offsets": rewritten(data_offsets=[0, 10**9]),
+        "dtype I8": rewritten(dtype="I8"),
+        "changed": (other / "adapter_model.safetensors").read_bytes(),
+    }
+    for name, bad in cases.items():
+        with pytest.raises(AdapterFormatError) as err:
+            factor_arrays(header, bad)
+        assert err.value.adapter == header.name, name
+
+
 def test_failed_add_leaves_library_intact(tmp_path, llama, dirs):
     lib = _compile(dirs[:3], llama, tmp_path / "lib")
     before = _digest(tmp_path / "lib")

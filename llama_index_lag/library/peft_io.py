@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
@@ -213,6 +214,61 @@ def _load_pickle(weights: Path, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise AdapterFormatError(f"{weights.name} does not hold a state dict", adapter=name, path=weights)
     return state
+
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def factor_arrays(header: AdapterHeader, data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per module, (lora_A [r, n], lora_B [m, r]) as zero-copy numpy views of the weights file's bytes.
+
+    What the library compiler stacks: a numpy view costs ~1 us, a torch tensor per stored tensor ~15 us
+    (:func:`load_weights`). Float32 / float16 / float64 factors are views; bfloat16 ones, which numpy lacks,
+    are converted to float32. The file is checked against ``header`` (read and validated by safetensors
+    earlier): one that changed since, or whose offsets do not add up, is refused."""
+    if header.weights_file.suffix == ".bin":
+        return {m: (w.A.numpy(), w.B.numpy()) for m, w in load_weights(header, check_finite=False).items()}
+
+    def corrupt(why: str) -> AdapterFormatError:
+        return AdapterFormatError(f"corrupt or truncated safetensors file: {why}", adapter=header.name,
+                                  path=header.weights_file)
+
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise corrupt("bad header length")
+    try:
+        entries = json.loads(data[8:8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise corrupt(f"header is not JSON ({exc})") from None
+    base = 8 + size
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for key, info in entries.items():
+        match = _KEY.match(key)
+        if not match or not isinstance(info, dict):
+            continue
+        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+        count = math.prod(shape)
+        if info["dtype"] == "BF16":
+            itemsize, dtype = 2, np.dtype(np.uint16)
+        elif info["dtype"] in _NP_DTYPES:
+            dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+            itemsize = dtype.itemsize
+        else:
+            raise AdapterFormatError(f"unsupported dtype {info['dtype']}", adapter=header.name, field=key,
+                                     path=header.weights_file)
+        if not 0 <= begin <= end == begin + count * itemsize <= len(data) - base:
+            raise corrupt(f"{key}: data offsets out of range")
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+        if info["dtype"] == "BF16":  # bfloat16 is the upper half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        found.setdefault(match["module"], {})[match["which"]] = array
+    out = {}
+    for module, (a_shape, b_shape) in header.shapes.items():
+        pair = found.get(module, {})
+        if pair.get("A") is None or pair.get("B") is None or (pair["A"].shape, pair["B"].shape) != (a_shape, b_shape):
+            raise corrupt(f"{module}: the file changed since its header was read")
+        out[module] = (pair["A"], pair["B"])
+    return out
 
 
 def load_weights(header: AdapterHeader, check_finite: bool = True,
