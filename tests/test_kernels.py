@@ -3,6 +3,7 @@ PyTorch ops they replace."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -46,7 +47,7 @@ def _loop(x: torch.Tensor, t: PoolTensors, mode: str, k: int) -> tuple[int, torc
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records which fused kernel ran, so a test cannot pass on the PyTorch fallback."""
     calls: list[str] = []
-    for name in ("lag_one", "rerank_one"):
+    for name in ("lag_one", "rerank_one", "add_one"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
@@ -119,10 +120,39 @@ def test_generation_with_fused_kernels_equals_pytorch_ops(tiny_model, knowledge_
     kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         fused = tiny_model.generate(ids, **kw)
-        assert len(spy) == 9 * len(lib.modules)  # every decode step, every adapted module
+        # every decode step, every adapted module, added into the module's output in place
+        assert spy == ["add_one"] * 9 * len(lib.modules)
         router.set(decode_kernel="torch")
         ops = tiny_model.generate(ids, **kw)
     assert len(spy) == 9 * len(lib.modules) and torch.equal(fused, ops)
+
+
+@pytest.mark.parametrize("mode", ["lag", "arrow"])
+def test_in_place_decoding_equals_the_general_path(tiny_model, knowledge_dirs, spy, mode) -> None:
+    """The decode fast path adds the delta into the module's output; the general path (taken under a
+    trace) returns it and adds it. Same logits bit for bit, and the fast path only where it applies (not
+    for two tokens, nor with autograd on)."""
+    lib = AdapterLibrary.compile(knowledge_dirs, kind="knowledge", base_model=tiny_model,
+                                 out=knowledge_dirs[0].parent / "lib")
+    router = attach_lag(tiny_model, lib, LAGConfig(mode=mode, k=3))
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        past = tiny_model(ids[:, :5], use_cache=True).past_key_values
+        step = [tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits for _ in range(2)]
+        assert spy == ["add_one"] * 2 * len(lib.modules)
+        spy.clear()
+        with router.trace() as trace:
+            traced = tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits
+        assert spy == ["lag_one"] * len(lib.modules)
+        with router.using(mode="none"):
+            bare = tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits
+    assert torch.equal(step[0], traced) and torch.equal(step[1], traced) and not torch.equal(bare, traced)
+    assert all(len(trace.tokens("knowledge", m)) == 1 for m in lib.modules)
+    spy.clear()
+    with torch.no_grad():
+        tiny_model(ids[:, 4:], past_key_values=tiny_model(ids[:, :4], use_cache=True).past_key_values)
+    tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past))  # autograd on
+    assert "add_one" not in spy
     with pytest.raises(ConfigError, match="decode_kernel"):
         LAGConfig(decode_kernel="cuda")  # type: ignore[arg-type]
 

@@ -37,6 +37,12 @@ class PoolTensors:
         views = tuple(kernels.as_bits(v) for v in (self.protos, self.A, self.B))
         return None if any(v is None for v in views) else views  # type: ignore[return-value]
 
+    def fused_exact(self, approximate: bool | None, effort: int | None = None) -> bool:
+        """Whether one token's exact Arrow top-k can run in the fused kernels (:func:`add_fused`): CPU views
+        exist, numba runs here, every adapter is valid and the index (if any) is not chosen for decoding."""
+        return (self.bits is not None and self.valid is None and kernels.available()
+                and not self.approximates(approximate, 1, effort))
+
     def approximates(self, approximate: bool | None, tokens: int, effort: int | None = None) -> bool:
         """Whether Arrow for ``tokens`` tokens uses the index: ``approximate`` True / False forces it (when
         there is one); None lets the index's cost model choose (decode yes, long prompts no)."""
@@ -136,6 +142,14 @@ def _fused(x: torch.Tensor, t: PoolTensors, k: int = 1, cand: torch.Tensor | Non
     protos, A, B = t.bits  # type: ignore[misc]
     delta, winner = kernels.lag_one(protos, A, B, x, k) if cand is None else kernels.rerank_one(A, B, x, cand)
     return Routed(delta if x.dtype == torch.float32 else delta.to(x.dtype), winner)
+
+
+def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> int:
+    """Decode in place: out [.., m] += B*_w A*_w x for one float32 token x [.., n] (contiguous, CPU, no
+    autograd), w chosen by exact Arrow top-k -> SpectR (k = 1: Arrow top-1). What :func:`route_tokens` adds
+    for that token, bit for bit, without allocating (see :meth:`PoolTensors.fused_exact`). Returns w."""
+    protos, A, B = t.bits  # type: ignore[misc]
+    return kernels.add_one(protos, A, B, x, k, out)
 
 
 def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

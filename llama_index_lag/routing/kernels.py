@@ -128,17 +128,22 @@ if numba is not None:
 
     @njit(fastmath=True, cache=True)
     def _rerank_apply(A: Any, B: Any, x: Any, cand: Any, out: Any) -> int:
-        """SpectR among cand, then out = B*_w (A*_w x). A [N, r, n], B [N, m, r], x [n] f32, cand [k],
+        """SpectR among cand, then out += B*_w (A*_w x). A [N, r, n], B [N, m, r], x [n] f32, cand [k],
         out [m] f32 -> w (an adapter row; of equal norms the first in cand wins)."""
         winner = cand[np.argmax(_spectr_norms(A, x, cand))] if cand.shape[0] > 1 else cand[0]
         proj = np.empty(A.shape[1], np.float32)  # [r]
         _project(A, winner, x, proj)  # again, from cache
+        _add_delta(B, winner, proj, out)
+        return winner
+
+    @njit(cache=True)  # strict float32 (no fastmath): out[i] + delta_i rounds once, as PyTorch's add does
+    def _add_delta(B: Any, w: int, proj: Any, out: Any) -> None:
+        """out += B*_w proj. B [N, m, r], proj [r] f32, out [m] f32."""
         for i in range(B.shape[1]):
             s = np.float32(0.0)
             for q in range(B.shape[2]):
-                s += _f32(B[winner, i, q]) * proj[q]
-            out[i] = s
-        return winner
+                s += _f32(B[w, i, q]) * proj[q]
+            out[i] += s
 
     @njit(fastmath=True, cache=True)
     def _lag_apply(protos: Any, A: Any, B: Any, x: Any, k: int, out: Any) -> int:
@@ -151,7 +156,7 @@ if numba is not None:
 def lag_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor,
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One token x [1, n], exact Arrow top-k -> SpectR -> apply: (delta [1, m] float32, winner [1])."""
-    out = np.empty((1, B.shape[1]), np.float32)
+    out = np.zeros((1, B.shape[1]), np.float32)
     _match_threads()
     winner = _lag_apply(protos, A, B, _vector(x), min(k, protos.shape[0]), out[0])
     return torch.from_numpy(out), torch.from_numpy(np.array([winner]))
@@ -160,10 +165,17 @@ def lag_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor,
 def rerank_one(A: np.ndarray, B: np.ndarray, x: torch.Tensor,
                cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token x [1, n], given candidates cand [k] (e.g. from an approximate index): SpectR -> apply."""
-    out = np.empty((1, B.shape[1]), np.float32)
+    out = np.zeros((1, B.shape[1]), np.float32)
     _match_threads()
     winner = _rerank_apply(A, B, _vector(x), cand.numpy(), out[0])
     return torch.from_numpy(out), torch.from_numpy(np.array([winner]))
+
+
+def add_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor, k: int, out: torch.Tensor) -> int:
+    """:func:`lag_one` adding the delta into ``out`` in place (the module's output): one float32 token,
+    x [..., n] and out [..., m] contiguous CPU tensors without autograd. Returns the winner."""
+    _match_threads()
+    return _lag_apply(protos, A, B, x.numpy().reshape(-1), min(k, protos.shape[0]), out.numpy().reshape(-1))
 
 
 def _vector(x: torch.Tensor) -> np.ndarray:
