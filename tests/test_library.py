@@ -186,6 +186,7 @@ def test_weights_file_checked_against_its_header(tmp_path, llama, dirs):
         "not JSON": data[:8] + b"#" + data[9:],
         "offsets": rewritten(data_offsets=[0, 10**9]),
         "dtype I8": rewritten(dtype="I8"),
+        "shape": rewritten(shape=["four", 32]),
         "changed": (other / "adapter_model.safetensors").read_bytes(),
     }
     for name, bad in cases.items():

@@ -244,9 +244,12 @@ def factor_arrays(header: AdapterHeader, data: bytes) -> dict[str, tuple[np.ndar
     found: dict[str, dict[str, np.ndarray]] = {}
     for key, info in entries.items():
         match = _KEY.match(key)
-        if not match or not isinstance(info, dict):
+        if not match:
             continue
-        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+        try:
+            shape, (begin, end) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"{key}: no valid shape / data_offsets") from None
         count = math.prod(shape)
         if info["dtype"] == "BF16":
             itemsize, dtype = 2, np.dtype(np.uint16)
@@ -265,7 +268,8 @@ def factor_arrays(header: AdapterHeader, data: bytes) -> dict[str, tuple[np.ndar
     out = {}
     for module, (a_shape, b_shape) in header.shapes.items():
         pair = found.get(module, {})
-        if pair.get("A") is None or pair.get("B") is None or (pair["A"].shape, pair["B"].shape) != (a_shape, b_shape):
+        shapes = (pair["A"].shape, pair["B"].shape) if len(pair) == 2 else None
+        if shapes != (a_shape, b_shape):
             raise corrupt(f"{module}: the file changed since its header was read")
         out[module] = (pair["A"], pair["B"])
     return out

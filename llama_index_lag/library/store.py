@@ -69,7 +69,7 @@ KINDS = ("task", "knowledge")
 _DERIVED = ("adapters", "modules", "r_max", "revision", "created_by")
 ARROW_INDEX_MIN = 4096  # libraries this large get an approximate Arrow index by default
 WORKERS = 2  # chunks read, hashed, aligned and written concurrently
-ALIGN_BATCH = 64  # (module, adapter) pairs aligned in one batch: ~1.3 MB of float32 factors at SmolLM2's sizes
+ALIGN_BATCH = 64  # (module, adapter) pairs aligned in one batch: ~3 MB of float32 factors at SmolLM2's sizes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Kind = Literal["task", "knowledge"]
 
@@ -770,11 +770,11 @@ def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: di
                 old: AdapterLibrary | None, factors: list[dict[str, tuple[np.ndarray, np.ndarray]] | None]) -> None:
     """Align new adapters and copy kept ones, for rows ``start:start+len(chunk)``.
 
-    New adapters are aligned in batches of (module, adapter) pairs of one shape and rank: SmolLM2's 30
-    gate_proj and 30 up_proj modules are one shape, so one batch holds up to ``ALIGN_BATCH`` pairs across
-    modules instead of one module's adapters, and the per-call costs of the ~20 tensor ops are paid ~60x
-    less often. No padding: a factor does not depend on its batch-mates (adding adapters to a library gives
-    the bytes of a fresh compile)."""
+    New adapters are aligned in batches of up to ``ALIGN_BATCH`` (module, adapter) pairs of one shape and
+    rank, across modules (SmolLM2's 30 gate_proj and 30 up_proj modules are one shape) rather than one
+    module's adapters at a time: fewer calls of the ~20 tensor ops, each on a batch that stays in cache. No
+    padding: a factor does not depend on its batch-mates (adding adapters to a library gives the bytes of a
+    fresh compile)."""
     new = [(start + i, row, f) for i, (row, f) in enumerate(zip(chunk, factors)) if f is not None]
     kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
     made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None], dtype=torch.long)
