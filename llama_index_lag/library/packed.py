@@ -137,6 +137,7 @@ class PackedWriter:
                              shape=(max(offset, 1),))
         self._fd = os.open(self.path, os.O_RDWR)
         self._itemsize = itemsize
+        self._mapped_writes = False  # rows written through the memory map since the last flush
 
     def view(self, key: str) -> torch.Tensor:
         start, nbytes, shape = self._slots[key]
@@ -166,6 +167,7 @@ class PackedWriter:
         b_view[rows, :, :r] = b_star.to(self.dtype)
         b_view[rows, :, r:] = 0
         self.view(kp)[rows] = proto.to(self.dtype)
+        self._mapped_writes = True  # set after the writes, cleared before the msync: none is missed
 
     def _pwrite(self, key: str, first: int, value: torch.Tensor) -> None:
         """Write rows ``first:first+len(value)`` of tensor ``key`` (full rows) at their file offset."""
@@ -179,8 +181,14 @@ class PackedWriter:
             view, offset = view[written:], offset + written
 
     def flush(self) -> None:
-        """Make everything written so far durable (safe to call from another thread)."""
-        self._mm.flush()
+        """Make everything written so far durable (safe to call from another thread).
+
+        ``msync`` only when rows went through the memory map: CPython's ``mmap.flush`` holds the GIL while
+        it syncs (cpython#44098; on Linux that is the whole file's ``fsync``), stalling the compile's
+        other threads for its duration; ``os.fsync`` releases the GIL."""
+        if self._mapped_writes:
+            self._mapped_writes = False
+            self._mm.flush()
         os.fsync(self._fd)
 
     def close(self) -> None:
