@@ -421,3 +421,32 @@ def test_corrupt_or_stale_library_folders(tmp_path, llama, dirs):
     (truncated / "adapters.safetensors").write_bytes(b"\xff" * 8 + data[8:])  # header length past the end
     with pytest.raises(LibraryFormatError, match="does not fit"):
         AdapterLibrary.load(truncated)
+
+
+def test_packed_writer_flushes_both_write_paths(tmp_path, monkeypatch):
+    """Consecutive rows go through pwrite (fsync alone makes them durable: no msync, whose CPython
+    implementation holds the GIL for the whole sync); scattered rows through the map, which the next flush
+    msyncs. Both read back exactly."""
+    import numpy as np
+
+    from llama_index_lag.library.packed import PackedReader, PackedWriter
+
+    msyncs = []
+    original = np.memmap.flush
+    monkeypatch.setattr(np.memmap, "flush", lambda self: (msyncs.append(1), original(self))[1])
+    gen = torch.Generator().manual_seed(0)
+    N, r, m, n = 6, 3, 5, 4
+    A, B = torch.randn(N, r, n, generator=gen), torch.randn(N, m, r, generator=gen)
+    writer = PackedWriter(tmp_path / "t.safetensors", {"mod": (m, n)}, N, r, torch.float32)
+    writer.write_rows("mod", torch.tensor([0, 1, 2]), A[:3], B[:3], A[:3, 0])
+    writer.flush()
+    assert msyncs == []
+    writer.write_rows("mod", torch.tensor([5, 3]), A[[5, 3]], B[[5, 3]], A[[5, 3], 0])
+    writer.flush()
+    assert msyncs == [1]
+    writer.write_rows("mod", torch.tensor([4]), A[4:], B[4:], A[4:, 0])
+    writer.close()
+    assert msyncs == [1]
+    reader = PackedReader(tmp_path / "t.safetensors")
+    assert torch.equal(reader.tensor("mod.A"), A) and torch.equal(reader.tensor("mod.B"), B)
+    assert torch.equal(reader.tensor("mod.proto"), A[:, 0])
