@@ -40,6 +40,27 @@ def test_spectral_align_matches_dense_svd() -> None:
         assert a_star[i, rr:].abs().max() == 0 if rr < r else True
 
 
+def test_spectral_align_with_tiny_and_near_equal_singular_values() -> None:
+    """A spectrum spanning 1e-7 with a near-tie at its small end, and an exactly rank-deficient delta: the
+    factors still reproduce the delta, A* rows stay orthonormal, S and the prototype match a dense SVD."""
+    g = torch.Generator().manual_seed(3)
+    N, r, n, m = 4, 6, 50, 40
+    A = torch.linalg.qr(torch.randn(N, n, r, generator=g, dtype=torch.float64)).Q.transpose(1, 2)  # [N, r, n]
+    spectrum = torch.tensor([1.0, 0.3, 1e-3, 1e-5, 1.000001e-7, 1e-7], dtype=torch.float64)
+    B = torch.linalg.qr(torch.randn(N, m, r, generator=g, dtype=torch.float64)).Q * spectrum
+    B[3, :, 2:] = 0  # rank 2
+    a_star, b_star, s = spectral_align(A, B, torch.full((N,), 1.5))
+    for i in range(N):
+        dense = 1.5 * B[i] @ A[i]
+        assert torch.allclose(b_star[i] @ a_star[i], dense, atol=1e-14)
+        assert torch.allclose(a_star[i] @ a_star[i].T, torch.eye(r, dtype=torch.float64), atol=1e-12)
+        _, sv, vh = torch.linalg.svd(dense)
+        assert torch.allclose(s[i], sv[:r], atol=1e-14)
+        assert abs(float(a_star[i, 0] @ vh[0])) == pytest.approx(1.0, abs=1e-12)
+        pivot = a_star[i].abs().argmax(dim=-1, keepdim=True)  # canonical signs: the largest entry positive
+        assert bool((a_star[i].gather(-1, pivot) > 0).all())
+
+
 def test_spectral_align_in_float32_matches_float64() -> None:
     g = torch.Generator().manual_seed(1)
     N, r, n, m = 6, 6, 96, 80
