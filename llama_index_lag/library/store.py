@@ -17,6 +17,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -749,7 +750,7 @@ def _commit(writer: PackedWriter, partial: Path, digest: str, done: int, hashes:
 def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
                    old: AdapterLibrary | None) -> dict[str, str]:
     """Read the chunk's new adapters once (sha256 and factors from the same bytes; NaN / Inf are checked
-    batched, in :func:`_fill_chunk`), write rows ``start:start+len(chunk)``; return {row: sha256}."""
+    batched, in :func:`_align_batch`), write rows ``start:start+len(chunk)``; return {row: sha256}."""
     factors, hashes = [], {}
     for i, row in enumerate(chunk):
         if row.header is None:
@@ -809,11 +810,8 @@ def _align_batch(writer: PackedWriter, pairs: list[tuple[str, int, _Row, np.ndar
     # the cast; then the written rows are read back to name the adapter.
     overflow = bool((s > torch.finfo(writer.dtype).max / 2).any())
     first = 0
-    while first < len(pairs):  # one run of pairs per module
-        module = pairs[first][0]
-        end = first
-        while end < len(pairs) and pairs[end][0] == module:
-            end += 1
+    for module, run in itertools.groupby(pairs, key=lambda pair: pair[0]):  # one run of pairs per module
+        end = first + len(list(run))
         rows = torch.tensor([idx for _, idx, *_ in pairs[first:end]])
         writer.write_rows(module, rows, a_star[first:end], b_star[first:end], a_star[first:end, 0])
         if overflow:
@@ -823,11 +821,8 @@ def _align_batch(writer: PackedWriter, pairs: list[tuple[str, int, _Row, np.ndar
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
     """[K, *shape] float32 from K same-shaped arrays (float16 / float64 converted on the copy)."""
-    out = np.empty((len(arrays), *arrays[0].shape), dtype=np.float32)
     with np.errstate(over="ignore"):  # a float64 factor past float32's range becomes Inf: reported as such
-        for i, array in enumerate(arrays):
-            out[i] = array
-    return torch.from_numpy(out)
+        return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 
 
 def _first_bad(tensors: list[torch.Tensor]) -> int | None:
