@@ -14,6 +14,8 @@ Hierarchy::
     ├── DataError               documents / questions files (also a ValueError)
     ├── IndexError_             vector index folder problems (exported as VectorIndexError)
     ├── ModelError              model folder is missing or not a causal LM
+    ├── UnsafeOutputError       an output path holds data that a write would destroy
+    ├── DiskFullError           no space left for a write (says how much was needed and free)
     └── MissingDependencyError  an optional package is not installed (also an ImportError)
 """
 
@@ -106,6 +108,14 @@ class ModelError(LAGError):
     """A model folder is missing or is not a causal language model."""
 
 
+class UnsafeOutputError(LAGError):
+    """An output path exists and is not ours to replace (a user's folder or file, or one of the inputs)."""
+
+
+class DiskFullError(LAGError):
+    """The disk (or quota) is full; ``extra["needed"]`` / ``extra["free"]`` are in bytes when known."""
+
+
 class MissingDependencyError(LAGError, ImportError):
     """An optional package is missing; the message says the exact install command."""
 
@@ -123,5 +133,7 @@ __all__ = [
     "DataError",
     "VectorIndexError",
     "ModelError",
+    "UnsafeOutputError",
+    "DiskFullError",
     "MissingDependencyError",
 ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._fs import atomic_dir, atomic_write_json, sha256_file
+from ._fs import atomic_dir, atomic_write_json, check_output, sha256_file
 from .data import DocumentRecord, doc_to_llama_document, id_key, validate_id
 from .errors import ConfigError, DataError, LAGError, VectorIndexError
 from .models import load_embed_model
@@ -243,18 +243,6 @@ def _check_documents(documents: Iterable[DocumentRecord]) -> list[DocumentRecord
     return records
 
 
-def _check_out_dir(out: Path) -> None:
-    """Refuse to replace anything that is not an earlier index (or an empty folder)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise VectorIndexError("output path exists and is not a folder", path=out)
-    if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-        raise VectorIndexError(
-            f"refusing to replace a non-empty folder that is not a lag index (no {MANIFEST_FILE})", path=out
-        )
-
-
 def _manifest(
     records: Sequence[DocumentRecord],
     nodes: Sequence[BaseNode],
@@ -289,17 +277,21 @@ def build_index(
     chunk_size: int | None = None,
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
     show_progress: bool = True,
+    force: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> VectorStoreIndex:
     """Embed, index (FAISS ``IndexFlatIP``) and persist ``documents`` to ``out_dir``, atomically.
 
     ``chunk_size`` counts embedder tokens including the title line; ``None`` means 512 capped at what the
     embedder reads (254 for MiniLM); larger values are capped with a warning. An existing index at ``out_dir``
-    is replaced only once the new one is completely written.
+    is replaced only once the new one is completely written; anything else there (a non-empty folder that is
+    not a lag index, a file) is refused with :class:`UnsafeOutputError` unless ``force``, and so is an
+    ``out_dir`` holding one of ``inputs`` (the documents file).
     """
     _check_chunking(chunk_size, chunk_overlap)
     records = _check_documents(documents)
-    out = Path(out_dir)
-    _check_out_dir(out)
+    out = check_output(out_dir, ours=lambda p: (p / MANIFEST_FILE).is_file(), what="lag index", inputs=inputs,
+                       force=force)
     embed_model = embed_model if embed_model is not None else load_embed_model()
     info = embedder_info(embed_model)
     size = effective_chunk_size(chunk_size, info)

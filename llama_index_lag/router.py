@@ -103,8 +103,10 @@ class Pool:
         self.index = {name: i for i, name in enumerate(self.names)}
         if len(self.index) != len(self.names):
             dup = next(n for n in self.names if self.names.count(n) > 1)
-            raise IncompatibleLibraryError(f"adapter name {dup!r} appears in two {kind} libraries",
-                                           adapter=dup, path=libraries[0].path)
+            holders = [lib for lib in libraries if dup in lib.names]
+            where = (f"appears in two {kind} libraries ({holders[0].path} and {holders[1].path})"
+                     if len(holders) > 1 else f"appears twice in the {kind} library {holders[0].path}")
+            raise IncompatibleLibraryError(f"adapter name {dup!r} {where}", adapter=dup, path=holders[0].path)
         self.modules = list(dict.fromkeys(m for lib in libraries for m in lib.modules))
 
     def tensors(self, module: str, device: torch.device | None = None) -> PoolTensors:
@@ -334,7 +336,11 @@ class LAGRouter:
 
     # ---- the hot path ---------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Keep the attention mask (padding) and start a fresh sequence state on a new prompt."""
+        """Keep the attention mask (padding) and start a fresh sequence state on a new prompt; refuse to run
+        on a library file that was truncated under us (its pages would raise SIGBUS)."""
+        for pool in self.pools.values():
+            for lib in pool.libraries:
+                lib.check_mapped()
         if args:  # `model(input_ids, ...)`: name the positional arguments
             kwargs = {**self._forward_signature.bind_partial(*args).arguments, **kwargs}
         mask = kwargs.get("attention_mask")

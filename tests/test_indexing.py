@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llama_index_lag.data import DocumentRecord, write_documents
-from llama_index_lag.errors import ConfigError, DataError, ModelError, VectorIndexError
+from llama_index_lag.errors import ConfigError, DataError, ModelError, UnsafeOutputError, VectorIndexError
 from llama_index_lag.models import default_embed_model_dir, load_embed_model
 from llama_index_lag.indexing import (
     MANIFEST_FILE,
@@ -310,7 +310,7 @@ def test_failed_build_leaves_previous_index(tmp_path: Path, embedder: Any) -> No
 def test_refuses_to_replace_a_foreign_folder(tmp_path: Path, embedder: Any) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
-    with pytest.raises(VectorIndexError, match="not a lag index"):
+    with pytest.raises(UnsafeOutputError, match="not a lag index"):
         build_index(_documents()[:1], tmp_path / "mine", embed_model=embedder, show_progress=False)
     assert (tmp_path / "mine" / "keep.txt").read_text() == "precious"
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_index_lag.data import DocumentRecord, TaskExample, write_documents, write_task_examples
-from llama_index_lag.errors import ConfigError, DataError, ModelError
+from llama_index_lag.errors import ConfigError, DataError, ModelError, UnsafeOutputError
 from llama_index_lag.library import AdapterLibrary
 from llama_index_lag.models import load_causal_lm
 from llama_index_lag.testing import make_tiny_model_dir
@@ -155,7 +155,7 @@ def test_resume_after_interrupt_builds_only_the_rest(tmp_path, tiny):
     with pytest.raises(KeyboardInterrupt):
         _build(DOCS, out, tiny, on_step=crash_mid_training)
     assert not (out / DOCS[1].id).exists()
-    assert [p.name for p in out.iterdir()] == [DOCS[0].id]  # no temp folders either
+    assert _listing(out) == [DOCS[0].id]  # no temp folders either
 
     first = _weights(out / DOCS[0].id)
     report = _build(DOCS, out, tiny)
@@ -165,13 +165,22 @@ def test_resume_after_interrupt_builds_only_the_rest(tmp_path, tiny):
     assert _build(DOCS, out, tiny).built == []  # everything finished now
 
 
-def test_half_written_folder_is_not_taken_as_finished(tmp_path, tiny):
+def _listing(folder):
+    """Entries of an adapters folder, without the build's lock files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_foreign_folder_is_not_taken_as_finished_nor_replaced(tmp_path, tiny):
     out = tmp_path / "adapters"
     (out / DOCS[0].id).mkdir(parents=True)
     (out / DOCS[0].id / "adapter_config.json").write_text("{}")  # e.g. copied by hand, no lag_adapter.json
     (out / f".{DOCS[0].id}.tmp-deadbeef").mkdir()  # left by a crashed run
     assert not is_finished(out / DOCS[0].id)
-    report = _build(DOCS[:1], out, tiny)
+    with pytest.raises(UnsafeOutputError, match="not an adapter written by llama-index-lag") as info:
+        _build(DOCS[:1], out, tiny)
+    assert info.value.adapter == DOCS[0].id
+    assert (out / DOCS[0].id / "adapter_config.json").read_text() == "{}"  # untouched
+    report = _build(DOCS[:1], out, tiny, force=True)
     assert report.built == [DOCS[0].id]
     assert is_finished(out / DOCS[0].id, DOCS[0].id)
     assert not (out / f".{DOCS[0].id}.tmp-deadbeef").exists()
@@ -194,7 +203,7 @@ def test_disk_full_raises_build_error_and_resume_works(tmp_path, tiny, monkeypat
     with pytest.raises(BuildError, match="disk full") as info:
         _build(DOCS, out, tiny)
     assert info.value.adapter == DOCS[1].id
-    assert sorted(p.name for p in out.iterdir()) == [DOCS[0].id]
+    assert _listing(out) == [DOCS[0].id]
     monkeypatch.setattr(builder, "atomic_write_json", real)
     assert _build(DOCS, out, tiny).built == [d.id for d in DOCS[1:]]
 

@@ -32,6 +32,7 @@ def register(subparsers: Any) -> None:
         "--chunk-overlap", type=int, default=32, metavar="N", help="tokens shared by adjacent chunks"
     )
     p.add_argument("--inspect", metavar="INDEX_DIR", help="print the manifest of an existing index and exit")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not a lag index")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_index)
 
@@ -72,6 +73,8 @@ def _run_index(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
         show_progress=not args.quiet,
+        force=args.force,
+        inputs=[args.docs],
     )
     dim = index.vector_store.client.d
     nodes = index.vector_store.client.ntotal

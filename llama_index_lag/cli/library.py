@@ -27,12 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "4096 adapters up (with --add: keep the library's); hnsw / ivf = build that type; none = no index")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept adapter_model.bin (pickle) files; only for adapters you trust")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is not a library (never when it holds an input adapter)")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("inspect", help="show a library's adapters, modules, ranks, size and dtype")
     p.add_argument("library", metavar="LIB_DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("verify", help="check every byte of a library against its stored checksums",
+                       description="Reads the packed tensors and the approximate Arrow index of LIB_DIR and "
+                       "checks them against the checksums stored when it was written; exit code 1 names the "
+                       "first damaged adapter, module or file.")
+    p.add_argument("library", metavar="LIB_DIR")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("remove", help="remove adapters from a library (atomic rewrite)")
     p.add_argument("library", metavar="LIB_DIR")
@@ -58,7 +67,7 @@ def _compile(args: argparse.Namespace) -> int:
         wanted = {"auto": None, "none": False}.get(args.arrow_index, args.arrow_index)
         lib = AdapterLibrary.compile(args.adapters, kind=args.kind, base_model=resolve_model_dir(args.base),
                                      out=args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                     arrow_index=wanted)
+                                     arrow_index=wanted, force=args.force)
     seconds = time.perf_counter() - start
     print(f"{lib.path}: {len(lib)} {lib.kind} adapters, {len(lib.modules)} modules, r_max {lib.r_max}, "
           f"{lib.manifest['dtype']} ({len(args.adapters) / max(seconds, 1e-9):.1f} adapters/s)")
@@ -88,6 +97,20 @@ def _inspect(args: argparse.Namespace) -> int:
     names = info["names"]
     shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
     print(f"names     {shown}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ..library import AdapterLibrary
+
+    start = time.perf_counter()
+    report = AdapterLibrary.load(args.library).verify()
+    what = (f"{report['blocks']} checksummed blocks" if report["checksums"]
+            else "no checksums stored (format 1: recompile to add them); values checked")
+    index = report["arrow_index"]
+    print(f"{report['path']}: OK, {report['adapters']} adapters, {report['bytes'] / 2**20:.1f} MiB, {what}"
+          + (f"; Arrow index ({index['type']}, {index['files']} files) matches" if index else "")
+          + f" ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import stop_on_sigterm
+
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe (defaults: the measured ones; see lag_adapter.json of any adapter)")
@@ -70,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-generate", action="store_true",
                    help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="replace folders at ADAPTERS_DIR/<doc_id> or --compile that llama-index-lag did not write")
     _recipe_args(p)
     p.set_defaults(func=_build)
 
@@ -86,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=float, help="epochs over the examples (when --steps is not given)")
+    p.add_argument("--force", action="store_true", help="replace OUT even if llama-index-lag did not write it")
     _recipe_args(p)
     p.set_defaults(func=_train_task)
 
@@ -97,9 +102,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.no_generate:
         fields.update(n_rewrites=0, qa=False)
     recipe = KnowledgeRecipe.from_dict({**KnowledgeRecipe().to_dict(), **fields})
-    report = build_knowledge_adapters(args.docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
-                                      workers=args.workers, compile_to=args.compile, progress=not args.quiet,
-                                      overwrite=args.overwrite)
+    with stop_on_sigterm():
+        report = build_knowledge_adapters(args.docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
+                                          workers=args.workers, compile_to=args.compile, progress=not args.quiet,
+                                          overwrite=args.overwrite, force=args.force)
     times = [m["timings"]["total_s"] for d, m in report.metadata.items() if d in report.built]
     mean = f", {sum(times) / len(times):.1f} s per adapter" if times else ""
     print(f"{report.out}: built {len(report.built)}, already finished {len(report.skipped)}{mean} "
@@ -117,7 +123,7 @@ def _train_task(args: argparse.Namespace) -> int:
         fields["epochs"] = args.epochs
         fields.setdefault("steps", 0)
     recipe = TaskRecipe.from_dict({**TaskRecipe().to_dict(), **fields})
-    meta = train_task_adapter(args.data, args.out, base=args.base, recipe=recipe, seed=args.seed)
+    meta = train_task_adapter(args.data, args.out, base=args.base, recipe=recipe, seed=args.seed, force=args.force)
     print(f"{args.out}: task adapter {meta['name']!r} from {meta['examples']} examples, "
           f"{meta['train']['steps']} steps, loss {meta['train']['loss_first']} -> {meta['train']['loss_tail_mean']} "
           f"({meta['timings']['total_s']:.0f} s)", file=sys.stdout)

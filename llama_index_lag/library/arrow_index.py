@@ -24,8 +24,13 @@ Stored in ``LIB_DIR/arrow_index/``: ``{i}.faiss`` per module (i = position in th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import weakref
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,14 +112,22 @@ def save_arrow_index(lib_dir: Path, modules: list[str], indexes: Iterable[Any], 
     folder = lib_dir / ARROW_DIR
     folder.mkdir(parents=True, exist_ok=True)
     ntotal, nlist, kind = {}, {}, DEFAULT_TYPE
+    files = []
     for position, (module, index) in enumerate(zip(modules, indexes, strict=True)):
-        faiss.write_index(index, str(index_path(lib_dir, position)))
+        path = index_path(lib_dir, position)
+        try:
+            faiss.write_index(index, str(path))
+        except RuntimeError as exc:  # FAISS reports a failed write with strerror(errno) in the message
+            if "No space left" in str(exc) or "quota" in str(exc).lower():
+                raise OSError(errno.ENOSPC, f"writing the approximate Arrow index: {exc}", str(path)) from None
+            raise
+        files.append([path.stat().st_size, file_crc32(path)])
         kind, ntotal[module] = index_type(index), int(index.ntotal)
         if kind == "ivf":
             nlist[module] = int(index.nlist)
         del index
     meta = {"revision": revision, "modules": modules, "type": kind, "removed": sorted(int(u) for u in removed),
-            "ntotal": ntotal}
+            "ntotal": ntotal, "files": files}
     if kind == "ivf":
         meta.update(nlist=nlist, nprobe=DEFAULT_EFFORT["ivf"], kind="IVF,SQfp16/inner-product")
     else:
@@ -123,52 +136,125 @@ def save_arrow_index(lib_dir: Path, modules: list[str], indexes: Iterable[Any], 
     atomic_write_json(folder / "meta.json", meta)
 
 
-def read_arrow_meta(lib_dir: Path) -> dict[str, Any] | None:
+def file_crc32(path: str | Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def read_arrow_meta(lib_dir: Path, dir_fd: int | None = None) -> dict[str, Any] | None:
+    """``arrow_index/meta.json`` of a library folder (``dir_fd``: of the open folder ``lib_dir``), or None."""
     try:
-        meta = json.loads((lib_dir / ARROW_DIR / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        with open(os.open(f"{ARROW_DIR}/meta.json" if dir_fd is not None else lib_dir / ARROW_DIR / "meta.json",
+                          os.O_RDONLY, dir_fd=dir_fd), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict):
         return None
     meta.setdefault("type", "ivf")  # indexes written before HNSW existed
     meta.setdefault("removed", [])
     return meta
 
 
-def load_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> dict[str, Any]:
-    """Read every module's index (memory-mapped); raise LibraryFormatError if missing or built for another
-    revision. Several are read at once (FAISS releases the GIL): on a cold page cache each read waits on
-    the disk (18 indexes of a 10k library: 0.44 s one by one, 0.18-0.22 s with 8 threads)."""
-    meta = _checked_meta(lib_dir, modules, revision)
+class PinnedArrow:
+    """The Arrow index files of one library revision, opened when the library was loaded.
+
+    A writer replaces the whole library folder, so reading the index by path later could find another
+    revision's files (or none). Holding open file descriptors keeps this revision's files readable;
+    FAISS reads them through ``/proc/self/fd`` (``/dev/fd`` elsewhere)."""
+
+    def __init__(self, meta: dict[str, Any], fds: list[int]) -> None:
+        self.meta = meta
+        self.fds = fds
+        self._finalizer = weakref.finalize(self, _close_all, list(fds))
+
+    @classmethod
+    def open(cls, dir_fd: int, lib_dir: Path) -> PinnedArrow | None:
+        """Pin the index of the folder open as ``dir_fd`` (None without one). A file listed by meta.json
+        but missing raises FileNotFoundError (the folder is being replaced: the caller retries)."""
+        meta = read_arrow_meta(lib_dir, dir_fd)
+        if meta is None:
+            return None
+        modules = meta.get("modules")
+        if not isinstance(modules, list):
+            raise LibraryFormatError("meta.json has no module list", path=lib_dir / ARROW_DIR, field="modules")
+        fds: list[int] = []
+        try:
+            for position in range(len(modules)):
+                fds.append(os.open(f"{ARROW_DIR}/{position}.faiss", os.O_RDONLY, dir_fd=dir_fd))
+        except BaseException:
+            _close_all(fds)
+            raise
+        return cls(meta, fds)
+
+    def paths(self) -> list[str]:
+        return [_fd_path(fd) for fd in self.fds]
+
+    def sizes(self) -> list[int]:
+        return [os.fstat(fd).st_size for fd in self.fds]
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _fd_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
+
+
+def load_module_indexes(pinned: PinnedArrow | None, lib_dir: Path, modules: list[str], revision: str,
+                        mmap: bool = True) -> dict[str, Any]:
+    """Read every module's index of a pinned revision (memory-mapped); raise LibraryFormatError if missing
+    or built for another revision. Several are read at once (FAISS releases the GIL): on a cold page cache
+    each read waits on the disk (18 indexes of a 10k library: 0.44 s one by one, 0.18-0.22 s with 8
+    threads)."""
+    meta = checked_meta(pinned, lib_dir, modules, revision)
+    assert pinned is not None
+    paths = pinned.paths()
     with ThreadPoolExecutor(max(1, min(8, len(modules)))) as pool:
-        indexes = list(pool.map(lambda job: _read_index(lib_dir, *job, meta, mmap), enumerate(modules)))
+        indexes = list(pool.map(lambda job: _read_index(lib_dir, paths[job[0]], *job, meta, mmap),
+                                enumerate(modules)))
     return dict(zip(modules, indexes))
 
 
-def iter_module_indexes(lib_dir: Path, modules: list[str], revision: str, mmap: bool = True) -> Iterator[Any]:
+def iter_module_indexes(pinned: PinnedArrow | None, lib_dir: Path, modules: list[str], revision: str,
+                        mmap: bool = True) -> Iterator[Any]:
     """Each module's index in turn (``mmap=False``: a private, writable copy, for updating it), after
     checking ``meta.json`` (LibraryFormatError if missing or stale)."""
-    meta = _checked_meta(lib_dir, modules, revision)
-    return (_read_index(lib_dir, position, module, meta, mmap) for position, module in enumerate(modules))
+    meta = checked_meta(pinned, lib_dir, modules, revision)
+    assert pinned is not None
+    paths = pinned.paths()
+    return (_read_index(lib_dir, paths[position], position, module, meta, mmap)
+            for position, module in enumerate(modules))
 
 
-def _checked_meta(lib_dir: Path, modules: list[str], revision: str) -> dict[str, Any]:
-    meta = read_arrow_meta(lib_dir)
-    if meta is None:
+def checked_meta(pinned: PinnedArrow | None, lib_dir: Path, modules: list[str], revision: str) -> dict[str, Any]:
+    if pinned is None:
         raise LibraryFormatError("approximate Arrow index missing (arrow_index/meta.json); rebuild it with "
                                  "AdapterLibrary.build_arrow_index() or `lag compile --arrow-index hnsw`",
                                  path=lib_dir / ARROW_DIR)
+    meta = pinned.meta
     if meta.get("revision") != revision or meta.get("modules") != modules:
         raise LibraryFormatError("approximate Arrow index is stale (built for another revision of this library); "
                                  "rebuild it with AdapterLibrary.build_arrow_index()", path=lib_dir / ARROW_DIR)
     return meta
 
 
-def _read_index(lib_dir: Path, position: int, module: str, meta: dict[str, Any], mmap: bool) -> Any:
+def _read_index(lib_dir: Path, source: str, position: int, module: str, meta: dict[str, Any], mmap: bool) -> Any:
     faiss = _faiss()
     # IVF lists are memory-mapped by IO_FLAG_MMAP, flat codes and HNSW graphs by IO_FLAG_MMAP_IFC.
     flags = (faiss.IO_FLAG_MMAP if meta["type"] == "ivf" else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
     path = index_path(lib_dir, position)
     try:
-        index = faiss.read_index(str(path), flags) if mmap else faiss.read_index(str(path))
+        index = faiss.read_index(source, flags) if mmap else faiss.read_index(source)
     except RuntimeError as exc:
         raise LibraryFormatError(f"cannot read approximate Arrow index: {exc}", module=module, path=path) from None
     if index_type(index) != meta["type"] or index.ntotal != meta["ntotal"].get(module):

@@ -17,11 +17,15 @@ import mmap
 import os
 import struct
 import warnings
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._fs import reserve
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 TORCH_DTYPES = {code: dtype for dtype, code in ST_DTYPES.items()}
@@ -44,8 +48,9 @@ class PackedReader:
     library larger than RAM + swap could not even be mapped. The tensors must not be written to.
     """
 
-    def __init__(self, path: Path) -> None:
-        with open(path, "rb") as f:
+    def __init__(self, path: Path, dir_fd: int | None = None) -> None:
+        """Open ``path`` (relative to the open folder ``dir_fd`` when given: the library's revision)."""
+        with open(os.open(path, os.O_RDONLY, dir_fd=dir_fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -63,6 +68,35 @@ class PackedReader:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._header: dict[str, Any] = header
         self._start, self._size = 8 + length, size - 8 - length
+        self.nbytes = size
+
+    @property
+    def keys(self) -> list[str]:
+        """Tensor names in file (layout) order."""
+        return sorted(self._header, key=lambda k: self._info(k).get("data_offsets", [0])[0])
+
+    def checksum(self, start: int, end: int) -> int:
+        """crc32 of rows ``start:end`` of every tensor, as :meth:`PackedWriter.checksum` computed it."""
+        return block_checksum(self.raw(key, slice(start, end)) for key in self.keys)
+
+    def check_size(self) -> None:
+        """Raise :class:`PackedFormatError` if the file was truncated since it was mapped.
+
+        Writers never modify a library file in place (a new revision is a new file), so this only catches
+        outside damage; reading a page past the new end of file would otherwise kill the process (SIGBUS)."""
+        size = self._mm.size()  # fstat of the mapped file
+        if size < self.nbytes:
+            raise PackedFormatError(f"the file shrank from {self.nbytes} to {size} bytes after it was opened "
+                                    "(truncated in place)")
+
+    def raw(self, key: str, rows: slice | None = None) -> memoryview:
+        """The bytes of tensor ``key`` (rows ``rows`` of its first dimension), without copying."""
+        info = self._info(key)
+        lo, hi = info["data_offsets"]
+        if rows is not None:
+            row = (hi - lo) // max(int(info["shape"][0]), 1)
+            lo, hi = lo + rows.start * row, lo + rows.stop * row
+        return memoryview(self._mm)[self._start + lo:self._start + hi]
 
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor ``key``, backed by the map (no copy, no page touched)."""
@@ -91,6 +125,32 @@ class PackedReader:
         return info
 
 
+def block_checksum(parts: Iterable[Any]) -> int:
+    """crc32 over byte buffers ``parts`` in order (rows of each tensor of a chunk of adapters, in layout
+    order). A library stores one per chunk written together, so the writer hashes pages it just wrote."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _layout(shapes: dict[str, tuple[int, int]], n_adapters: int, r_max: int, dtype: torch.dtype
+            ) -> tuple[dict[str, dict], dict[str, tuple[int, int, tuple[int, ...]]], int]:
+    """Header entries, (offset, nbytes, shape) per tensor, and total data bytes of a packed file."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, dict] = {}
+    slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+    offset = 0
+    for module, (m, n) in shapes.items():
+        for key, shape in zip(tensor_names(module), ((n_adapters, r_max, n), (n_adapters, m, r_max),
+                                                     (n_adapters, n))):
+            nbytes = int(np.prod(shape)) * itemsize
+            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            slots[key] = (offset, nbytes, shape)
+            offset += nbytes
+    return header, slots, offset
+
+
 def tensor_names(module: str) -> tuple[str, str, str]:
     """Keys of a module's packed tensors: A* [N, r, n], B* [N, m, r], prototypes [N, n]."""
     return f"{module}.A", f"{module}.B", f"{module}.proto"
@@ -112,17 +172,7 @@ class PackedWriter:
     ) -> None:
         self.path, self.dtype = Path(path), dtype
         itemsize = torch.empty((), dtype=dtype).element_size()
-        header: dict[str, dict] = {}
-        self._slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}
-        offset = 0
-        for module, (m, n) in shapes.items():
-            for key, shape in zip(tensor_names(module), ((n_adapters, r_max, n), (n_adapters, m, r_max),
-                                                         (n_adapters, n))):
-                nbytes = int(np.prod(shape)) * itemsize
-                header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
-                               "data_offsets": [offset, offset + nbytes]}
-                self._slots[key] = (offset, nbytes, shape)
-                offset += nbytes
+        header, self._slots, offset = _layout(shapes, n_adapters, r_max, dtype)
         header["__metadata__"] = {"format": "pt", **(metadata or {})}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -132,16 +182,33 @@ class PackedWriter:
             with open(self.path, "wb") as f:
                 f.write(struct.pack("<Q", len(raw)))
                 f.write(raw)
-                f.truncate(self.nbytes)  # sparse zeros: padded ranks / absent modules stay 0
+                f.truncate(self.nbytes)  # zeros: padded ranks / absent modules stay 0
+                f.flush()
+                # Reserve the blocks now: rows written through the memory map into a sparse file would
+                # die by SIGBUS on a full disk instead of raising ENOSPC here.
+                reserve(f.fileno(), self.nbytes)
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self._data_start,
                              shape=(max(offset, 1),))
         self._fd = os.open(self.path, os.O_RDWR)
         self._itemsize = itemsize
         self._mapped_writes = False  # rows written through the memory map since the last flush
 
+    @staticmethod
+    def size_of(shapes: dict[str, tuple[int, int]], n_adapters: int, r_max: int, dtype: torch.dtype) -> int:
+        """Bytes of the tensor data of such a file (the header adds a few KB)."""
+        return _layout(shapes, n_adapters, r_max, dtype)[2]
+
     def view(self, key: str) -> torch.Tensor:
         start, nbytes, shape = self._slots[key]
         return torch.from_numpy(self._mm[start:start + nbytes]).view(self.dtype).view(shape)
+
+    def checksum(self, start: int, end: int) -> int:
+        """crc32 of rows ``start:end`` of every tensor, in layout order (see :func:`block_checksum`)."""
+        def rows(key: str) -> memoryview:
+            offset, nbytes, shape = self._slots[key]
+            row = nbytes // max(shape[0], 1)
+            return memoryview(self._mm[offset + start * row:offset + end * row])
+        return block_checksum(rows(key) for key in self._slots)
 
     def write_rows(self, module: str, rows: torch.Tensor | slice, a_star: torch.Tensor, b_star: torch.Tensor,
                    proto: torch.Tensor) -> None:
@@ -191,7 +258,14 @@ class PackedWriter:
             self._mm.flush()
         os.fsync(self._fd)
 
-    def close(self) -> None:
-        self.flush()
-        os.close(self._fd)
-        del self._mm
+    def close(self, sync: bool = True) -> None:
+        """Flush (``sync``) and release the file; safe to call twice."""
+        if self._fd < 0:
+            return
+        try:
+            if sync:
+                self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            del self._mm

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import math
+import os
 import shutil
 import time
 import uuid
@@ -34,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._fs import atomic_write_json, replace_dir
+from .._fs import atomic_write_json, check_output, disk_full_error, file_lock, is_disk_full, replace_dir
 from ..errors import (
     AdapterError,
     AdapterFormatError,
@@ -50,29 +51,29 @@ from .arrow_index import (
     COMPACT_AT,
     DEFAULT_TYPE,
     FaissArrow,
+    PinnedArrow,
     build_module_index,
     check_index_type,
     iter_module_indexes,
     load_module_indexes,
-    read_arrow_meta,
     save_arrow_index,
     update_index,
 )
 from .base import BaseModelSpec
+from .integrity import CHECKSUM, FORMAT, FORMAT_VERSION, KINDS, parse_manifest
+from .integrity import verify as verify_library
 from .packed import PackedFormatError, PackedReader, PackedWriter, tensor_names
 from .peft_io import AdapterHeader, factor_arrays, read_header
 
-FORMAT = "llama-index-lag/adapter-library"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapters.safetensors"
-KINDS = ("task", "knowledge")
-_DERIVED = ("adapters", "modules", "r_max", "revision", "created_by")
+_DERIVED = ("adapters", "modules", "r_max", "revision", "created_by", "checksums", "format_version")
 ARROW_INDEX_MIN = 4096  # libraries this large get an approximate Arrow index by default
 WORKERS = 2  # chunks read, hashed, aligned and written concurrently
 ALIGN_BATCH = 64  # (module, adapter) pairs aligned in one batch: ~3 MB of float32 factors at SmolLM2's sizes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Kind = Literal["task", "knowledge"]
+logger = logging.getLogger(__name__)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -122,10 +123,12 @@ class AdapterLibrary:
     Create with :meth:`compile`, open with :meth:`load`; update with :meth:`add` / :meth:`remove`.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], reader: PackedReader | None = None,
+                 pinned: PinnedArrow | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
-        self._handle: PackedReader | None = None
+        self._handle: PackedReader | None = reader  # this revision's packed file, mapped at load
+        self._pinned = pinned  # this revision's Arrow index files, opened at load
         self._tensors: dict[str, ModuleTensors] = {}
         self._arrow: dict[str, Any] | None = None
         self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
@@ -204,12 +207,16 @@ class AdapterLibrary:
         return self._tensors[module]
 
     def _open(self) -> PackedReader:
-        if self._handle is None:
+        if self._handle is None:  # after close(): reopen by path, only if it is still this revision
             file = self.path / TENSORS
             try:
                 self._handle = PackedReader(file)
             except (PackedFormatError, OSError, ValueError) as exc:
                 raise LibraryFormatError(f"cannot open packed tensors: {exc}", path=file) from None
+            if self._handle.metadata.get("revision") != self.revision:
+                self._handle = None
+                raise LibraryFormatError("the library was replaced since it was loaded (another revision is on "
+                                         "disk): load it again", path=self.path)
         return self._handle
 
     def _tensor(self, reader: PackedReader, module: str, key: str) -> torch.Tensor:
@@ -219,10 +226,31 @@ class AdapterLibrary:
             raise LibraryFormatError(f"packed tensor: {exc} (stale or corrupt library)", module=module,
                                      field=key, path=self.path / TENSORS) from None
 
+    def check_mapped(self) -> None:
+        """Raise :class:`LibraryFormatError` if the mapped packed file was truncated since it was opened.
+
+        Called before every routed forward (one ``fstat``): reading a page past the end of a truncated
+        file would otherwise kill the process with SIGBUS. Writers never modify a library file in place."""
+        if self._handle is not None:
+            try:
+                self._handle.check_size()
+            except PackedFormatError as exc:
+                raise LibraryFormatError(f"packed tensors damaged while in use: {exc}",
+                                         path=self.path / TENSORS) from None
+
     def _check_tensor_file(self) -> None:
-        """Shapes and dtypes in the packed file's header must match the manifest, and every tensor must
-        lie within the file (detects stale / truncated files)."""
+        """The packed file must be of this revision, hold exactly the manifest's tensors with its shapes and
+        dtype, and every tensor must lie within the file (detects stale / truncated / mixed-up files)."""
         reader = self._open()
+        file = self.path / TENSORS
+        if reader.metadata.get("revision") != self.revision:
+            raise LibraryFormatError("manifest and packed tensors are from different revisions (stale library)",
+                                     path=file)
+        expected = {key for module in self.modules for key in tensor_names(module)}
+        extra = sorted(set(reader.keys) - expected)
+        if extra:
+            raise LibraryFormatError(f"packed file holds tensors the manifest does not list: {extra[:3]} "
+                                     "(a module was removed from the manifest?)", path=file, field=extra[0])
         n, r = len(self), self.r_max
         for module in self.modules:
             m, n_in = self.module_shape(module)
@@ -232,48 +260,64 @@ class AdapterLibrary:
                     raise LibraryFormatError(
                         f"packed tensor is {t.dtype} {list(t.shape)}, manifest says "
                         f"{self.manifest['dtype']} {list(shape)} (stale library)",
-                        module=module, field=key, path=self.path / TENSORS,
+                        module=module, field=key, path=file,
                     )
 
     # ---- load -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> AdapterLibrary:
-        """Open a compiled library; tensors are memory-mapped, only the manifest is read.
+    def load(cls, path: str | Path, *, verify: bool = False) -> AdapterLibrary:
+        """Open a compiled library: the manifest is read and checked, the packed tensors are memory-mapped
+        (nothing else is read), the Arrow index files are opened. ``verify``: also check every stored
+        checksum (reads the whole library, see :meth:`verify`).
 
-        A writer replaces the whole folder with one rename; if that happens between reading the manifest
-        and opening the tensors (their revisions differ), the load is retried.
+        Everything is opened through one handle on the library folder, so a library is always read from
+        one revision: a writer replaces the whole folder at once and the revision opened stays readable for
+        as long as this object holds it. If the old folder is deleted mid-open, the load is retried.
         """
         path = Path(path)
         for attempt in range(20):
-            lib = cls._load_once(path)
-            if lib._tensor_revision() == lib.revision:
-                lib._check_tensor_file()
-                return lib
-            time.sleep(0.01 * (attempt + 1))
-        raise LibraryFormatError("manifest and packed tensors are from different revisions (stale library)",
-                                 path=path)
+            try:
+                lib = cls._load_once(path)
+            except _Replaced:
+                time.sleep(0.01 * (attempt + 1))
+                continue
+            if verify:
+                lib.verify()
+            return lib
+        raise LibraryFormatError("the library kept being replaced while it was opened", path=path)
 
     @classmethod
     def _load_once(cls, path: Path) -> AdapterLibrary:
-        manifest_path = path / MANIFEST
         if not path.is_dir():
             raise LibraryFormatError("library folder does not exist", path=path)
-        if not manifest_path.is_file():
-            raise LibraryFormatError(f"not an adapter library ({MANIFEST} is missing)", path=path)
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LibraryFormatError(f"{MANIFEST} is not valid JSON: {exc}", path=manifest_path) from None
-        _check_manifest(manifest, manifest_path)
-        return cls(path, manifest)
-
-    def _tensor_revision(self) -> str | None:
+            dir_fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            raise _Replaced from None
         try:
-            return self._open().metadata.get("revision")
-        except LibraryFormatError:
-            if (self.path / MANIFEST).is_file() or (self.path / TENSORS).is_file():
-                raise  # missing beside its manifest, or corrupt (folders are swapped whole, never half-written)
-            return None  # the folder is being swapped: retry
+            try:
+                with open(os.open(MANIFEST, os.O_RDONLY, dir_fd=dir_fd), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                if _replaced(path, dir_fd):
+                    raise _Replaced from None
+                raise LibraryFormatError(f"not an adapter library ({MANIFEST} is missing)", path=path) from None
+            manifest = parse_manifest(raw, path / MANIFEST)
+            try:
+                reader = PackedReader(Path(TENSORS), dir_fd=dir_fd)
+                pinned = PinnedArrow.open(dir_fd, path)
+            except FileNotFoundError as exc:
+                if _replaced(path, dir_fd):
+                    raise _Replaced from None
+                raise LibraryFormatError(f"library file missing: {exc.filename}", path=path) from None
+            except (PackedFormatError, OSError, ValueError) as exc:
+                raise LibraryFormatError(f"cannot open packed tensors: {exc}", path=path / TENSORS) from None
+        finally:
+            os.close(dir_fd)
+        lib = cls(path, manifest, reader, pinned)
+        lib._check_tensor_file()
+        lib._check_pinned_index()
+        return lib
 
     # ---- compile / add / remove -----------------------------------------------------------------
     @classmethod
@@ -290,15 +334,19 @@ class AdapterLibrary:
         progress: bool = True,
         chunk_size: int | None = None,
         arrow_index: bool | str | None = None,
+        force: bool = False,
     ) -> AdapterLibrary:
         """Validate PEFT LoRA folders against ``base_model`` (a model, config or model folder), align them
         and write a library to ``out`` (atomically; an interrupted compile resumes when re-run).
 
-        ``arrow_index``: build the approximate (FAISS) Arrow index: True (type ``hnsw``), ``"hnsw"`` or
-        ``"ivf"``; None = only for >= 4096 adapters."""
+        ``out`` may be missing, empty, or an existing library (replaced); anything else is refused with an
+        :class:`UnsafeOutputError` (``force=True`` replaces it), and so is an ``out`` equal to, inside or
+        containing an adapter folder. ``arrow_index``: build the approximate (FAISS) Arrow index: True (type
+        ``hnsw``), ``"hnsw"`` or ``"ivf"``; None = only for >= 4096 adapters."""
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
         torch_dtype = parse_dtype(dtype)
+        out = check_library_output(out, adapter_dirs, force)
         spec = BaseModelSpec.resolve(base_model)
         rows = _new_rows(adapter_dirs, names, spec, allow_pickle, taken=set())
         manifest = {
@@ -309,8 +357,10 @@ class AdapterLibrary:
             "base_model": {"fingerprint": spec.fingerprint(),
                            "linear_modules": {k: list(v) for k, v in spec.linear.items()}},
         }
-        return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
-                      arrow_index=arrow_index)
+        with _lock(out):
+            check_library_output(out, adapter_dirs, force)  # again, now that no other writer runs
+            return _write(out, manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
+                          arrow_index=arrow_index)
 
     @classmethod
     def from_aligned(
@@ -328,6 +378,7 @@ class AdapterLibrary:
         progress: bool = True,
         chunk_size: int = 1024,
         arrow_index: bool | str | None = None,
+        force: bool = False,
     ) -> AdapterLibrary:
         """Write a library from factors that are already aligned (A* with orthonormal rows, B* = U S).
 
@@ -352,8 +403,18 @@ class AdapterLibrary:
                     "dtype": dtype_name(torch_dtype),
                     "base_model": {"fingerprint": spec.fingerprint(),
                                    "linear_modules": {k: list(v) for k, v in spec.linear.items()}}}
-        return _write(Path(out), manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
-                      arrow_index=arrow_index)
+        out = check_library_output(out, (), force)
+        with _lock(out):
+            check_library_output(out, (), force)
+            return _write(out, manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
+                          arrow_index=arrow_index)
+
+    def verify(self) -> dict[str, Any]:
+        """Read every byte of the library and check it against the checksums stored at compile time (and
+        the Arrow index against the prototypes); raise :class:`LibraryFormatError` naming the adapter /
+        module / file at the first mismatch. Returns what was checked. Libraries of format 1 have no
+        checksums: only their values (NaN / Inf) and index are checked."""
+        return verify_library(self)
 
     def add(
         self,
@@ -364,28 +425,48 @@ class AdapterLibrary:
         progress: bool = True,
         chunk_size: int | None = None,
     ) -> AdapterLibrary:
-        """Add adapters (aligning only the new ones) and rewrite the library atomically. Returns self."""
-        spec = self._spec()
-        rows = [_Row(dict(e), old_index=i) for i, e in enumerate(self.adapters)]
-        rows += _new_rows(adapter_dirs, names, spec, allow_pickle, taken=set(self.names))
-        base = {k: v for k, v in self.manifest.items() if k not in _DERIVED}
-        new = _write(self.path, base, rows, old=self, progress=progress, chunk_size=chunk_size)
-        self._reset(new.manifest)
+        """Add adapters (aligning only the new ones) and rewrite the library atomically. Returns self.
+
+        Writers of one library take turns (a lock beside it); the change is applied to the revision on disk
+        when the writer's turn comes, so adapters another process added or removed since this object was
+        loaded are kept as they are now."""
+        with _lock(self.path):
+            current = self._current()
+            rows = [_Row(dict(e), old_index=i) for i, e in enumerate(current.adapters)]
+            rows += _new_rows(adapter_dirs, names, current._spec(), allow_pickle, taken=set(current.names))
+            base = {k: v for k, v in current.manifest.items() if k not in _DERIVED}
+            new = _write(self.path, base, rows, old=current, progress=progress, chunk_size=chunk_size)
+        self._adopt(new)
         return self
 
     def remove(self, names: Iterable[str]) -> AdapterLibrary:
-        """Remove adapters by name and rewrite the library atomically. Returns self."""
+        """Remove adapters by name and rewrite the library atomically (applied to the revision on disk, as
+        :meth:`add`). Returns self."""
         drop = list(dict.fromkeys(names))
-        missing = [n for n in drop if n not in self._index]
-        if missing:
-            raise LibraryError(f"cannot remove unknown adapters: {missing}", adapter=missing[0], path=self.path)
-        rows = [_Row(dict(e), old_index=i) for i, e in enumerate(self.adapters) if e["name"] not in drop]
-        if not rows:
-            raise LibraryError("removing these adapters would leave the library empty", path=self.path)
-        base = {k: v for k, v in self.manifest.items() if k not in _DERIVED}
-        new = _write(self.path, base, rows, old=self, progress=False, chunk_size=4096)
-        self._reset(new.manifest)
+        with _lock(self.path):
+            current = self._current()
+            missing = [n for n in drop if n not in current._index]
+            if missing:
+                changed = " (the library changed since it was loaded)" if current is not self else ""
+                raise LibraryError(f"cannot remove unknown adapters: {missing}{changed}", adapter=missing[0],
+                                   path=self.path)
+            rows = [_Row(dict(e), old_index=i) for i, e in enumerate(current.adapters) if e["name"] not in drop]
+            if not rows:
+                raise LibraryError("removing these adapters would leave the library empty", path=self.path)
+            base = {k: v for k, v in current.manifest.items() if k not in _DERIVED}
+            new = _write(self.path, base, rows, old=current, progress=False, chunk_size=4096)
+        self._adopt(new)
         return self
+
+    def _current(self) -> AdapterLibrary:
+        """Under the writers' lock: self if the library on disk is still this revision, else that revision."""
+        disk = AdapterLibrary.load(self.path)
+        if disk.revision == self.revision:
+            disk.close()
+            return self
+        logger.info("%s changed since it was loaded (revision %s -> %s); applying the change to the current one",
+                    self.path, self.revision, disk.revision)
+        return disk
 
     # ---- approximate Arrow index ------------------------------------------------------------------
     @property
@@ -396,63 +477,93 @@ class AdapterLibrary:
         """[N] stable adapter ids (row order)."""
         return np.array([int(e.get("uid", i)) for i, e in enumerate(self.adapters)], dtype=np.int64)
 
-    def uid_to_row(self) -> np.ndarray:
-        uids = self.uids()
-        table = np.zeros(int(uids.max()) + 1, dtype=np.int64)
-        table[uids] = np.arange(len(uids))
-        return table
+    def uid_to_row(self) -> Any:
+        """uid -> library row (array-like lookup of uid arrays; uids are sparse after removals)."""
+        return UidTable(self.uids())
 
     def arrow_meta_exists(self) -> bool:
-        return read_arrow_meta(self.path) is not None
+        return self._pinned is not None
 
     def has_arrow_index(self) -> bool:
-        """True when ``arrow_index/`` exists and was built for this exact revision."""
-        meta = read_arrow_meta(self.path)
+        """True when the library has an approximate Arrow index built for this exact revision."""
+        meta = self._pinned.meta if self._pinned is not None else None
         return bool(meta) and meta.get("revision") == self.revision and meta.get("modules") == self.modules
 
     def arrow_indexes(self) -> dict[str, Any]:
         """FAISS index per module, memory-mapped (raises LibraryFormatError when missing or stale)."""
         if self._arrow is None:
-            self._arrow = load_module_indexes(self.path, self.modules, str(self.revision))
+            self._arrow = load_module_indexes(self._pinned, self.path, self.modules, str(self.revision))
         return self._arrow
 
     def arrow_search(self, module: str, effort: int | None = None) -> FaissArrow:
         """Approximate Arrow for ``module``; ``effort``: HNSW efSearch / IVF nprobe (None: the default)."""
         index = self.arrow_indexes()[module]
-        meta = read_arrow_meta(self.path) or {}
+        meta = self._pinned.meta if self._pinned is not None else {}
         return FaissArrow(index, self.uid_to_row(), effort, removed=meta.get("removed", ()))
 
     def arrow_index_type(self) -> str | None:
         """``hnsw`` / ``ivf`` of the current index, None without one."""
-        return read_arrow_meta(self.path)["type"] if self.has_arrow_index() else None
+        return self._pinned.meta["type"] if self.has_arrow_index() and self._pinned is not None else None
+
+    def _check_pinned_index(self) -> None:
+        """Cheap checks of the Arrow index files opened with this revision: sizes as written, and no live
+        adapter among the tombstones (``removed``)."""
+        if not self.has_arrow_index() or self._pinned is None:
+            return
+        meta, where = self._pinned.meta, self.path / ARROW_DIR
+        removed = meta.get("removed", [])
+        if not isinstance(removed, list) or not all(isinstance(u, int) for u in removed):
+            raise LibraryFormatError("meta.json 'removed' must list adapter uids", path=where, field="removed")
+        live = set(removed) & set(self.uids().tolist())
+        if live:
+            raise LibraryFormatError(f"meta.json lists {len(live)} adapters of the library as removed "
+                                     f"(uid {min(live)}...)", path=where, field="removed")
+        files = meta.get("files")
+        if files is not None:
+            sizes = self._pinned.sizes()
+            for position, (entry, size) in enumerate(zip(files, sizes)):
+                if not isinstance(entry, list) or entry[0] != size:
+                    raise LibraryFormatError(f"index file is {size} bytes, meta.json says {entry}",
+                                             module=self.modules[position], path=where / f"{position}.faiss")
 
     def build_arrow_index(self, nlist: int | None = None, kind: str | None = None) -> AdapterLibrary:
         """(Re)build the approximate Arrow index for the current revision, atomically. Returns self.
 
         ``kind``: ``hnsw`` / ``ivf`` (None: the type of the existing index, else ``hnsw``); ``nlist``: IVF
         lists (None: ~4 sqrt(N))."""
-        meta = read_arrow_meta(self.path)
+        meta = self._pinned.meta if self._pinned is not None else None
         kind = check_index_type(kind or (meta["type"] if meta else DEFAULT_TYPE))
-        uids = self.uids()
-        indexes = (build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
-                   for m in self.modules)  # one at a time
-        staging = self.path / f".staging-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
-            save_arrow_index(staging, self.modules, indexes, str(self.revision))
-            replace_dir(staging / ARROW_DIR, self.path / ARROW_DIR)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._arrow = None
+        with _lock(self.path):
+            if self._current() is not self:
+                raise LibraryError("the library changed since it was loaded; load it again to index the current "
+                                   "revision", path=self.path)
+            uids = self.uids()
+            indexes = (build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
+                       for m in self.modules)  # one at a time
+            staging = self.path / f".staging-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+            try:
+                with _disk_full(self.path, "the approximate Arrow index", "the library is unchanged"):
+                    save_arrow_index(staging, self.modules, indexes, str(self.revision))
+                replace_dir(staging / ARROW_DIR, self.path / ARROW_DIR)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._adopt(AdapterLibrary.load(self.path))
         return self
 
-    def _reset(self, manifest: dict[str, Any]) -> None:
+    def _adopt(self, new: AdapterLibrary) -> None:
+        """Take over ``new``'s manifest and open files (after this object's own write)."""
         self.close()
-        self.manifest = manifest
-        self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
+        if self._pinned is not None:
+            self._pinned.close()
+        self.manifest = new.manifest
+        self._index = new._index
+        self._handle, self._pinned = new._handle, new._pinned
+        new._handle, new._pinned = None, None
 
     def close(self) -> None:
-        """Drop memory maps (tensors already handed out stay valid)."""
+        """Drop memory maps (tensors already handed out stay valid; a later use maps the file again if the
+        library on disk is still this revision)."""
         self._handle = None
         self._tensors = {}
         self._arrow = None
@@ -497,24 +608,46 @@ def module_patterns(modules: Iterable[str]) -> dict[str, int]:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-def _check_manifest(manifest: Any, path: Path) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LibraryFormatError(f"not a {FORMAT} manifest", path=path, field="format")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise LibraryFormatError(
-            f"unsupported format_version {version!r} (this llama-index-lag reads {FORMAT_VERSION}); "
-            "recompile the library", path=path, field="format_version",
-        )
-    for key in ("kind", "dtype", "r_max", "base_model", "modules", "adapters"):
-        if key not in manifest:
-            raise LibraryFormatError("manifest field missing", path=path, field=key)
-    if manifest["kind"] not in KINDS:
-        raise LibraryFormatError(f"unknown kind {manifest['kind']!r}", path=path, field="kind")
-    if manifest["dtype"] not in DTYPES:
-        raise LibraryFormatError(f"unknown dtype {manifest['dtype']!r}", path=path, field="dtype")
-    if not manifest["adapters"]:
-        raise LibraryFormatError("the library holds no adapters", path=path, field="adapters")
+def is_library(path: Path) -> bool:
+    """A folder holding a manifest of this format (a library this package wrote)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_library_output(out: str | Path, inputs: Iterable[str | Path], force: bool) -> Path:
+    """Where a library may be written: see :func:`llama_index_lag._fs.check_output`."""
+    return check_output(out, ours=is_library, what="adapter library", inputs=inputs, force=force)
+
+
+class _Replaced(Exception):
+    """The library folder was replaced while it was being opened (retry)."""
+
+
+def _replaced(path: Path, dir_fd: int) -> bool:
+    """Whether ``path`` now names another folder than the one open as ``dir_fd``."""
+    try:
+        now, held = os.stat(path), os.fstat(dir_fd)
+    except FileNotFoundError:
+        return True
+    return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+
+class UidTable:
+    """uid -> library row for arrays of uids (``table[uids]``); uids are sparse after removals."""
+
+    def __init__(self, uids: np.ndarray) -> None:
+        self._order = np.argsort(uids, kind="stable")
+        self._sorted = uids[self._order]
+
+    def __getitem__(self, uids: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self._sorted, uids), len(self._sorted) - 1)
+        if not bool((self._sorted[pos] == uids).all()):
+            raise LibraryFormatError("the approximate Arrow index returned an adapter uid the library does not have "
+                                     "(stale index)")
+        return self._order[pos]
 
 
 def _new_rows(
@@ -580,18 +713,9 @@ def _layout(rows: list[_Row], spec_linear: dict[str, Any]) -> dict[str, dict[str
     return {m: {"out_features": int(spec_linear[m][0]), "in_features": int(spec_linear[m][1])} for m in order}
 
 
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    lock_path = out.parent / f".{out.name}.lock"
-    with open(lock_path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LibraryError("another process is writing this library", path=out) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The writers' lock of library ``out`` (beside it): writers wait for each other's turn."""
+    return file_lock(out.parent / f".{out.name}.lock", what="library")
 
 
 def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLibrary | None, progress: bool,
@@ -618,8 +742,8 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         if row.entry["modules"] is not None and set(row.entry["modules"]) == set(modules):
             row.entry["modules"] = None  # adapts every module of the library
     r_max = max(int(row.entry["rank"]) for row in rows)
-    manifest = {**base, "created_by": f"llama-index-lag {__version__}", "r_max": r_max, "modules": modules,
-                "adapters": [row.entry for row in rows]}
+    manifest = {**base, "format_version": FORMAT_VERSION, "created_by": f"llama-index-lag {__version__}",
+                "r_max": r_max, "modules": modules, "adapters": [row.entry for row in rows]}
     out.parent.mkdir(parents=True, exist_ok=True)
     # A resumed build must read the same input files: they are named by path, size and mtime (their sha256
     # is computed while they are read, and kept in progress.json for the rows already written).
@@ -631,13 +755,15 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
     # tell a manifest and tensors from two different writes apart (see load()).
     manifest["revision"] = digest[:32]
     partial = out.parent / f".{out.name}.partial"
-    with _lock(out):
-        done, hashes = _resume_point(partial, digest)
+    shapes = {m: (v["out_features"], v["in_features"]) for m, v in modules.items()}
+    needed = PackedWriter.size_of(shapes, len(rows), r_max, DTYPES[manifest["dtype"]])
+    with _disk_full(out, f"writing the library ({len(rows)} adapters)", "nothing was changed (the partial "
+                    "write was removed)", needed=needed, cleanup=partial):
+        done, hashes, blocks = _resume_point(partial, digest)
         if done == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0, "sha256": {}})
-        shapes = {m: (v["out_features"], v["in_features"]) for m, v in modules.items()}
+            atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0, "sha256": {}, "blocks": []})
         writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, DTYPES[manifest["dtype"]],
                               create=done == 0, metadata={"revision": manifest["revision"]})
         bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
@@ -651,20 +777,24 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
                 commits = []
                 for start in range(done, len(rows), chunk_size):
                     chunk = rows[start:start + chunk_size]
-                    in_flight.append((start + len(chunk), workers.submit(
+                    in_flight.append((start, start + len(chunk), workers.submit(
                         _process_chunk, writer, start, chunk, modules, old)))
                     while len(in_flight) > WORKERS or (in_flight and start + chunk_size >= len(rows)):
-                        end, job = in_flight.popleft()
-                        hashes.update(job.result())  # the first failing chunk in row order raises
-                        commits.append(syncer.submit(_commit, writer, partial, digest, end, dict(hashes)))
+                        first, end, job = in_flight.popleft()
+                        chunk_hashes, crc = job.result()  # the first failing chunk in row order raises
+                        hashes.update(chunk_hashes)
+                        blocks.append([first, end, crc])
+                        commits.append(syncer.submit(_commit, writer, partial, digest, end, dict(hashes),
+                                                     list(blocks)))
                         bar.update(end - bar.n)
                 for commit in commits:
                     commit.result()
-        except LAGError:
-            # A bad adapter will fail again: drop the partial build. Anything else (Ctrl-C, disk full)
-            # keeps it so that re-running the same command resumes.
-            writer.close()
-            shutil.rmtree(partial, ignore_errors=True)
+        except BaseException as exc:
+            writer.close(sync=False)
+            if isinstance(exc, LAGError):
+                # A bad adapter will fail again: drop the partial build. Anything else (Ctrl-C, a crash)
+                # keeps it so that re-running the same command resumes; a full disk drops it (above).
+                shutil.rmtree(partial, ignore_errors=True)
             raise
         finally:
             bar.close()
@@ -672,6 +802,7 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         for i, row in enumerate(rows):
             if row.header is not None:
                 row.entry["sha256"] = hashes[str(i)]
+        manifest["checksums"] = {"algorithm": CHECKSUM, "blocks": blocks}
         _write_arrow_index(partial, manifest, rows, old, arrow_index)
         atomic_write_json(partial / MANIFEST, manifest)
         (partial / "progress.json").unlink()
@@ -679,6 +810,21 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
             old.close()
         replace_dir(partial, out)
     return AdapterLibrary.load(out)
+
+
+@contextlib.contextmanager
+def _disk_full(out: Path, what: str, leftover: str, needed: int | None = None,
+               cleanup: Path | None = None) -> Iterator[None]:
+    """A full disk (ENOSPC / EDQUOT anywhere in the block) becomes a :class:`DiskFullError` saying what was
+    needed and free; ``cleanup`` (the partial folder) is removed first, so the space it took is free again."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise disk_full_error(out.parent, needed, what, leftover) from None
 
 
 def _write_arrow_index(folder: Path, manifest: dict[str, Any], rows: list[_Row], old: AdapterLibrary | None,
@@ -702,14 +848,15 @@ def _write_arrow_index(folder: Path, manifest: dict[str, Any], rows: list[_Row],
     if update:
         new_rows = [i for i, r in enumerate(rows) if r.old_index is None]
         removed = set(old.uids().tolist()) - set(uids.tolist())
-        meta = read_arrow_meta(old.path) or {}
+        meta = old._pinned.meta if old._pinned is not None else {}
         if kind == "hnsw":
             removed |= set(meta.get("removed", []))
             ntotal = int(meta["ntotal"][modules[0]]) + len(new_rows)
             update = len(removed) <= COMPACT_AT * ntotal  # else too many tombstones: rebuild
     if update:
         def updated(drop: frozenset[int]) -> Iterator[Any]:  # one module's index in memory at a time
-            for module, index in zip(modules, iter_module_indexes(old.path, modules, str(old.revision), mmap=False)):
+            for module, index in zip(modules, iter_module_indexes(old._pinned, old.path, modules,
+                                                                  str(old.revision), mmap=False)):
                 protos = lib.tensors(module).proto[new_rows].float().numpy() if new_rows else None
                 yield update_index(index, (protos, uids[new_rows]) if new_rows else None, drop)
 
@@ -730,27 +877,32 @@ def _identity(path: Path) -> list[Any]:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _resume_point(partial: Path, digest: str) -> tuple[int, dict[str, str]]:
-    """(rows already written, sha256 of their files by row) of a matching partial build, else (0, {})."""
+def _resume_point(partial: Path, digest: str) -> tuple[int, dict[str, str], list[list[int]]]:
+    """(rows already written, sha256 of their files by row, checksums of their chunks) of a matching partial
+    build, else (0, {}, [])."""
     try:
         progress = json.loads((partial / "progress.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0, {}
-    if progress.get("plan") != digest or not (partial / TENSORS).is_file():
-        return 0, {}
-    return int(progress.get("done", 0)), dict(progress.get("sha256", {}))
+    except (OSError, ValueError, RecursionError):
+        return 0, {}, []
+    if (not isinstance(progress, dict) or progress.get("plan") != digest or not (partial / TENSORS).is_file()
+            or not isinstance(progress.get("blocks"), list)):
+        return 0, {}, []
+    return int(progress.get("done", 0)), dict(progress.get("sha256", {})), list(progress["blocks"])
 
 
-def _commit(writer: PackedWriter, partial: Path, digest: str, done: int, hashes: dict[str, str]) -> None:
+def _commit(writer: PackedWriter, partial: Path, digest: str, done: int, hashes: dict[str, str],
+            blocks: list[list[int]]) -> None:
     """Rows ``:done`` are written: make them durable, then record them (a resumed build skips them)."""
     writer.flush()
-    atomic_write_json(partial / "progress.json", {"plan": digest, "done": done, "sha256": hashes})
+    atomic_write_json(partial / "progress.json", {"plan": digest, "done": done, "sha256": hashes,
+                                                  "blocks": blocks})
 
 
 def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
-                   old: AdapterLibrary | None) -> dict[str, str]:
+                   old: AdapterLibrary | None) -> tuple[dict[str, str], int]:
     """Read the chunk's new adapters once (sha256 and factors from the same bytes; NaN / Inf are checked
-    batched, in :func:`_align_batch`), write rows ``start:start+len(chunk)``; return {row: sha256}."""
+    batched, in :func:`_align_batch`), write rows ``start:start+len(chunk)``; return ({row: sha256}, the
+    crc32 of the rows written)."""
     factors, hashes = [], {}
     for i, row in enumerate(chunk):
         if row.header is None:
@@ -764,7 +916,7 @@ def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules:
         hashes[str(start + i)] = hashlib.sha256(data).hexdigest()
         factors.append(factor_arrays(row.header, data))
     _fill_chunk(writer, start, chunk, modules, old, factors)
-    return hashes
+    return hashes, writer.checksum(start, start + len(chunk))
 
 
 def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],

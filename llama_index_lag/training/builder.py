@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -34,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from .._fs import atomic_dir, atomic_write_json
+from .._fs import atomic_dir, atomic_write_json, check_output, file_lock
 from ..data import DocumentRecord, TaskExample, id_key, read_documents, read_task_examples, validate_id
-from ..errors import ConfigError, DataError, LAGError
+from ..errors import ConfigError, DataError, LAGError, UnsafeOutputError
 from .augment import (
     HFGenerator,
     QAGenerationWarning,
@@ -258,6 +260,7 @@ def build_knowledge_adapters(
     generate: TextGenerator | Callable[..., list[str]] | None = None,
     on_adapter: Callable[[str, dict[str, Any]], None] | None = None,
     on_step: StepCallback | None = None,
+    force: bool = False,
 ) -> BuildReport:
     """Build the knowledge adapter of every document into ``out/<doc_id>`` (skipping finished ones unless
     ``overwrite``), then compile them into a knowledge library at ``compile_to`` when given.
@@ -266,10 +269,13 @@ def build_knowledge_adapters(
     to reuse a loaded model (``workers`` must then be 1). ``workers > 1`` trains in that many spawned processes,
     each loading its own model and using ``torch.get_num_threads() // workers`` threads. ``on_adapter(doc_id,
     meta)`` is called in this process after each finished adapter (raise from it to stop the build).
-    """
-    import torch
-    from tqdm.auto import tqdm
 
+    Nothing that is not ours is replaced: an existing ``out/<doc_id>`` that is not a finished adapter (and
+    not empty), or a ``compile_to`` that is a user's folder, equal to ``out`` or inside it, is refused with an
+    :class:`UnsafeOutputError` before any training (``force=True`` replaces such adapter folders and library
+    folders, never the adapters themselves). One build at a time writes ``out``: a second one, or one started
+    while a worker of a killed build still runs, is refused. Workers die with this process.
+    """
     start = time.perf_counter()
     docs = read_documents(documents) if isinstance(documents, (str, Path)) else list(documents)
     _check_documents(docs)
@@ -284,12 +290,37 @@ def build_knowledge_adapters(
     if generate is not None and workers > 1:
         raise ConfigError("a custom generate function only works with workers=1", field="workers")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UnsafeOutputError("the adapters folder is a file", path=out)
+    if compile_to is not None:
+        from ..library.store import check_library_output
+
+        check_library_output(compile_to, [out], force)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out):
+        return _build_all(docs, out, base=base, model=model, tokenizer=tokenizer, recipe=recipe, seed=seed,
+                          workers=workers, compile_to=compile_to, progress=progress, overwrite=overwrite,
+                          generate=generate, on_adapter=on_adapter, on_step=on_step, force=force, start=start)
+
+
+def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None, model: Any, tokenizer: Any,
+               recipe: KnowledgeRecipe, seed: int, workers: int, compile_to: str | Path | None, progress: bool,
+               overwrite: bool, generate: Any, on_adapter: Any, on_step: Any, force: bool,
+               start: float) -> BuildReport:
+    import torch
+    from tqdm.auto import tqdm
+
     report = BuildReport(out=out)
     todo: list[DocumentRecord] = []
     for doc in docs:
-        meta = None if overwrite else read_adapter_meta(out / doc.id)
-        if meta is not None and meta.get("kind") == "knowledge" and meta.get("doc_id") == doc.id:
+        folder = out / doc.id
+        meta = read_adapter_meta(folder)
+        ours = meta is not None or not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+        if not ours and not force:
+            raise UnsafeOutputError(f"refusing to replace {folder} (the adapter folder of document {doc.id!r}): "
+                                    "it is not an adapter written by llama-index-lag; move it away or pass "
+                                    "--force / force=True", path=folder, adapter=doc.id)
+        if meta is not None and not overwrite and meta.get("kind") == "knowledge" and meta.get("doc_id") == doc.id:
             if meta.get("document_sha256") not in (None, _text_sha(doc.text)):
                 logger.warning("adapter %r was built from another version of the document; kept (pass "
                                "overwrite=True / --overwrite to rebuild)", doc.id)
@@ -329,6 +360,13 @@ def build_knowledge_adapters(
                     finished(doc.id, meta)
             else:
                 _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished)
+        except KeyboardInterrupt:
+            left = len(docs) - len(report.built) - len(report.skipped)
+            logger.warning("interrupted: %d adapters built in this run%s, %d already finished, %d not built "
+                           "(re-run the same command to resume)", len(report.built),
+                           f" ({', '.join(report.built[:10])}{', ...' if len(report.built) > 10 else ''})"
+                           if report.built else "", len(report.skipped), left)
+            raise
         finally:
             bar.close()
     # documents order, not completion order
@@ -338,7 +376,8 @@ def build_knowledge_adapters(
 
         base_model: Any = model if model is not None else _resolve(base)
         lib: AdapterLibrary = AdapterLibrary.compile([out / doc.id for doc in docs], kind="knowledge",
-                                                     base_model=base_model, out=compile_to, progress=progress)
+                                                     base_model=base_model, out=compile_to, progress=progress,
+                                                     force=force)
         report.library = lib.path
     report.seconds = time.perf_counter() - start
     return report
@@ -367,14 +406,53 @@ def _resolve(base: str | Path | None) -> Path:
 
 # ---------------------------------------------------------------------------------------------- workers
 _WORKER: dict[str, Any] = {}
+BUILD_LOCK = ".lag-build.lock"  # held by the building process
+WORKERS_LOCK = ".lag-build-workers.lock"  # held (shared) by each of its worker processes
 
 
-def _worker_init(base: str | None, threads: int) -> None:
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One build per adapters folder. A worker of an earlier build that is still alive (its parent was
+    killed) holds the workers' lock: the new build is refused instead of racing it."""
+    with file_lock(out / BUILD_LOCK, what="adapters folder (another `lag build-adapters` runs)", wait=False), \
+            file_lock(out / WORKERS_LOCK, what="adapters folder (a worker of an earlier build still runs)",
+                      wait=False):
+        pass  # no worker of an earlier build holds it: ours will take it shared
+    with file_lock(out / BUILD_LOCK, what="adapters folder (another `lag build-adapters` runs)", wait=False):
+        yield
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process end when its parent does (SIGKILL included): PR_SET_PDEATHSIG on Linux,
+    and everywhere a watchdog thread that exits once the parent is gone."""
+    import ctypes
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lag-parent-watch", daemon=True).start()
+
+
+def _worker_init(base: str | None, threads: int, parent: int, out: str) -> None:
     import signal
 
     import torch
 
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    lock = open(Path(out) / WORKERS_LOCK, "a+b")  # held until this process ends
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    _WORKER["lock"] = lock
     torch.set_num_threads(threads)
     from ..models import load_causal_lm
 
@@ -396,7 +474,7 @@ def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | No
     threads = max(1, total_threads // workers)
     base_str = str(_resolve(base))
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(base_str, threads))
+                               initializer=_worker_init, initargs=(base_str, threads, os.getpid(), str(out)))
     clean = False
     try:
         pending = {pool.submit(_worker_build, doc, str(out / doc.id), recipe, seed): doc.id for doc in todo}
@@ -441,9 +519,11 @@ def train_task_adapter(
     seed: int = 0,
     name: str | None = None,
     on_step: StepCallback | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train a task adapter on ``{"prompt", "answer"}`` examples (chat template, loss on the answer) and write
-    it atomically to ``out`` (a PEFT folder + ``lag_adapter.json`` with ``"kind": "task"``)."""
+    it atomically to ``out`` (a PEFT folder + ``lag_adapter.json`` with ``"kind": "task"``). ``out`` may be
+    missing, empty or an adapter this package wrote (``force=True``: anything but the data file's folder)."""
     from .train import seed_everything
 
     recipe = recipe or TaskRecipe()
@@ -451,7 +531,8 @@ def train_task_adapter(
     records = read_task_examples(data) if isinstance(data, (str, Path)) else list(data)
     if not records:
         raise DataError("no task examples")
-    out = Path(out)
+    out = check_output(out, ours=lambda p: read_adapter_meta(p) is not None, what="adapter",
+                       inputs=[data] if source is not None else (), force=force)
     name = validate_id(name or out.name, field="name")
     if (model is None) != (tokenizer is None):
         raise ConfigError("pass both model and tokenizer, or neither", field="model")
