@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
@@ -116,24 +117,61 @@ def check_config(config: dict[str, Any], name: str, cfg_path: Path) -> None:
             f"unsupported: bias={config.get('bias')!r} trains base-model biases, which cannot be routed",
             adapter=name, field="bias", path=cfg_path,
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterFormatError(f"{key} must be a positive number, got {value!r}", adapter=name,
-                                     field=key, path=cfg_path)
+    if not _positive(config.get("r"), integer=True):
+        raise AdapterFormatError(f"r must be a positive integer, got {config.get('r')!r}", adapter=name,
+                                 field="r", path=cfg_path)
+    if not _positive(config.get("lora_alpha")):
+        raise AdapterFormatError(f"lora_alpha must be a positive finite number, got {config.get('lora_alpha')!r}",
+                                 adapter=name, field="lora_alpha", path=cfg_path)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key)
+        if patterns in (None, {}):
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterFormatError(f"{key} must map module-name patterns to numbers, got {patterns!r}",
+                                     adapter=name, field=key, path=cfg_path)
+        for pattern, value in patterns.items():
+            if not _positive(value, integer=integer):
+                kind = "positive integer" if integer else "positive finite number"
+                raise AdapterFormatError(f"{key}[{pattern!r}] must be a {kind}, got {value!r}", adapter=name,
+                                         field=key, path=cfg_path)
+            try:
+                regex.compile(pattern)
+            except (regex.error, TypeError) as exc:
+                raise AdapterFormatError(f"{key} key {pattern!r} is not a regular expression: {exc}",
+                                         adapter=name, field=key, path=cfg_path) from None
 
 
-def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's rank/alpha pattern lookup: a key matches a module path that ends with it."""
+def _positive(value: Any, integer: bool = False) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    if not (math.isfinite(value) and value > 0):
+        return False
+    return not integer or float(value).is_integer()
+
+
+PATTERN_TIMEOUT = 0.25  # seconds one rank/alpha pattern may take to match one module name
+
+
+def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, *, field: str, adapter: str,
+                   path: Path | None = None) -> Any:
+    """PEFT's rank/alpha pattern lookup: a key matches a module path that ends with it. A pattern that
+    backtracks catastrophically is refused after :data:`PATTERN_TIMEOUT` instead of hanging the compile."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT):
+                return value
+        except TimeoutError:
+            raise AdapterFormatError(f"{field} key {key!r} takes too long to match module names (a regular "
+                                     "expression with catastrophic backtracking?)", adapter=adapter, field=field,
+                                     module=module, path=path) from None
     return default
 
 
-def lora_scaling(config: dict[str, Any], module: str, rank: int) -> float:
+def lora_scaling(config: dict[str, Any], module: str, rank: int, *, adapter: str = "?") -> float:
     """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), alpha taken from ``alpha_pattern`` when it matches."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"], field="alpha_pattern",
+                                 adapter=adapter))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -164,6 +202,7 @@ def read_header(path: str | Path, name: str | None = None, *, allow_pickle: bool
             raise IncompatibleAdapterError("LoRA on an embedding layer cannot be routed",
                                            adapter=name, field=key, path=weights)
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    keys: dict[tuple[str, str], str] = {}
     for key, shape in shapes.items():
         match = _KEY.match(key)
         if not match:
@@ -171,6 +210,12 @@ def read_header(path: str | Path, name: str | None = None, *, allow_pickle: bool
                 "unexpected tensor (only lora_A/lora_B weights of Linear modules can be routed)",
                 adapter=name, field=key, path=weights,
             )
+        slot = (match["module"], match["which"])
+        if slot in keys:  # e.g. `...lora_A.weight` and `...lora_A.other.weight`: which one is the adapter?
+            raise IncompatibleAdapterError(
+                f"two lora_{slot[1]} tensors for one module: {keys[slot]!r} and {key!r} (several adapters in "
+                "one file?); keep one", adapter=name, module=slot[0], field=key, path=weights)
+        keys[slot] = key
         modules.setdefault(match["module"], {})[match["which"]] = tuple(shape)
     if not modules:
         raise AdapterFormatError("the adapter holds no LoRA weights", adapter=name, path=weights)
@@ -190,8 +235,13 @@ def read_header(path: str | Path, name: str | None = None, *, allow_pickle: bool
         if a[0] != b[1] or a[0] == 0:
             raise AdapterFormatError(f"rank mismatch: lora_A {list(a)} vs lora_B {list(b)}",
                                      adapter=name, module=module, field="lora_B", path=weights)
+        declared = int(_pattern_value(config.get("rank_pattern"), module, config["r"], field="rank_pattern",
+                                      adapter=name, path=path / CONFIG_FILE))
+        if a[0] != declared:
+            raise AdapterFormatError(f"adapter_config.json declares rank {declared} for this module, lora_A has "
+                                     f"rank {a[0]}", adapter=name, module=module, field="r", path=path / CONFIG_FILE)
         out[module] = ((a[0], a[1]), (b[0], b[1]))
-        scalings[module] = lora_scaling(config, module, a[0])
+        scalings[module] = lora_scaling(config, module, a[0], adapter=name)
     return AdapterHeader(name=name, path=path, config=config, weights_file=weights, shapes=out, scalings=scalings)
 
 

@@ -306,6 +306,8 @@ class AdapterLibrary:
             try:
                 reader = PackedReader(Path(TENSORS), dir_fd=dir_fd)
                 pinned = PinnedArrow.open(dir_fd, path)
+                if pinned is None and _replaced(path, dir_fd):
+                    raise _Replaced  # its index may have been deleted with the old folder
             except FileNotFoundError as exc:
                 if _replaced(path, dir_fd):
                     raise _Replaced from None
