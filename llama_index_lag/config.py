@@ -110,13 +110,31 @@ class LAGConfig:
             object.__setattr__(self, "libraries", tuple(self.libraries))
 
     def replace(self, **changes: Any) -> LAGConfig:
-        """A copy with ``changes`` applied (validated)."""
+        """A copy with ``changes`` applied (validated; an unknown field is a :class:`ConfigError`)."""
+        _check_fields(changes)
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> LAGConfig:
+        """``LAGConfig(**fields)``, with an unknown field a :class:`ConfigError` naming it."""
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"routing settings must be a mapping of LAGConfig fields, got {fields!r}",
+                              field="routing")
+        _check_fields(fields)
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["fixed"] = {k: dict(v) for k, v in self.fixed.items()} if self.fixed else None
         return out
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(LAGConfig)}
+    unknown = sorted(str(k) for k in fields if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown routing setting {unknown[0]!r}; LAGConfig fields: {sorted(known)}",
+                          field=unknown[0])
 
 
 def _normalise_fixed(fixed: Mapping[str, Any]) -> dict[str, dict[str, float]]:

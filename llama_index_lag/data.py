@@ -109,6 +109,17 @@ def validate_id(value: object, *, field: str = "id") -> str:
     return value
 
 
+def check_text(value: str, field: str) -> str:
+    """Refuse strings that are not valid unicode text (lone surrogates, e.g. from a ``"\\ud800"`` JSON escape):
+    no tokenizer or file system takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"field {field!r} is not valid unicode text (a lone surrogate at position {exc.start})",
+                        field=field) from None
+    return value
+
+
 def id_key(value: str) -> str:
     """The key under which two ids collide as folder names (case-insensitive)."""
     return value.casefold()
@@ -127,6 +138,7 @@ def _req_str(
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(f"field {key!r} must be a string, got {type(value).__name__}", field=key)
+    check_text(value, key)
     if not allow_empty and not value.strip():
         raise DataError(f"field {key!r} is empty", field=key)
     return value
@@ -164,6 +176,7 @@ def _parse_answers(obj: Mapping[str, Any], task: str, allow_empty: bool) -> tupl
     for i, answer in enumerate(answers):
         if not isinstance(answer, str) or not answer.strip():
             raise DataError(f"answer {i} must be a non-empty string, got {answer!r}", field=f"answers[{i}]")
+        check_text(answer, f"answers[{i}]")
     if not answers and not allow_empty:
         raise DataError("answers list is empty (pass allow_empty_answers=True to accept)", field="answers")
     if task == "fact" and answers and (len(answers) != 1 or answers[0] not in FACT_ANSWERS):
@@ -252,6 +265,8 @@ def _iter_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(
                 f"invalid JSON: {exc.msg} at column {exc.colno}", path=path, line=lineno
             ) from None
+        except RecursionError:
+            raise DataError("invalid JSON: nested too deeply", path=path, line=lineno) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
         yield lineno, obj

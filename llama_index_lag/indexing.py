@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._fs import atomic_dir, atomic_write_json, check_output, sha256_file
-from .data import DocumentRecord, doc_to_llama_document, id_key, validate_id
+from .data import DocumentRecord, check_text, doc_to_llama_document, id_key, validate_id
 from .errors import ConfigError, DataError, LAGError, VectorIndexError
 from .models import load_embed_model
 
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 INDEX_FORMAT = "llama-index-lag/faiss-index"
 INDEX_FORMAT_VERSION = 1
 MANIFEST_FILE = "lag_index.json"
+MAX_DOCUMENT_CHARS = 4 * 32768  # the builder's max_document_tokens (32768) at ~4 characters per token
 VECTOR_STORE_FILE = "default__vector_store.json"
 DOCSTORE_FILE = "docstore.json"
 INDEX_STORE_FILE = "index_store.json"
@@ -225,7 +226,7 @@ def chunk_documents(
 # ---- build -------------------------------------------------------------------------------------------------
 
 
-def _check_documents(documents: Iterable[DocumentRecord]) -> list[DocumentRecord]:
+def _check_documents(documents: Iterable[DocumentRecord], max_chars: int) -> list[DocumentRecord]:
     records = list(documents)
     if not records:
         raise DataError("no documents to index")
@@ -236,6 +237,14 @@ def _check_documents(documents: Iterable[DocumentRecord]) -> list[DocumentRecord
         validate_id(rec.id)
         if not rec.text.strip():
             raise DataError(f"document {rec.id!r} has empty text", field="text")
+        for name in ("text", "title"):
+            try:
+                check_text(getattr(rec, name), name)
+            except DataError as exc:
+                raise DataError(f"document {rec.id!r}: {exc.message}", field=name) from None
+        if len(rec.text) > max_chars:
+            raise DataError(f"document {rec.id!r} has {len(rec.text)} characters, more than the limit of "
+                            f"{max_chars} (max_document_chars)", field="text")
         key = id_key(rec.id)
         if key in seen:
             raise DataError(f"duplicate document id {rec.id!r} (also {seen[key]!r})", field="id")
@@ -279,6 +288,7 @@ def build_index(
     show_progress: bool = True,
     force: bool = False,
     inputs: Iterable[str | Path] = (),
+    max_document_chars: int = MAX_DOCUMENT_CHARS,
 ) -> VectorStoreIndex:
     """Embed, index (FAISS ``IndexFlatIP``) and persist ``documents`` to ``out_dir``, atomically.
 
@@ -286,10 +296,15 @@ def build_index(
     embedder reads (254 for MiniLM); larger values are capped with a warning. An existing index at ``out_dir``
     is replaced only once the new one is completely written; anything else there (a non-empty folder that is
     not a lag index, a file) is refused with :class:`UnsafeOutputError` unless ``force``, and so is an
-    ``out_dir`` holding one of ``inputs`` (the documents file).
+    ``out_dir`` holding one of ``inputs`` (the documents file). Documents longer than
+    ``max_document_chars`` are refused with a :class:`DataError` naming them (embedding is linear in the
+    text; the default is the adapter builder's ``max_document_tokens`` at ~4 characters per token).
     """
     _check_chunking(chunk_size, chunk_overlap)
-    records = _check_documents(documents)
+    if not isinstance(max_document_chars, int) or max_document_chars <= 0:
+        raise ConfigError(f"max_document_chars must be a positive integer, got {max_document_chars!r}",
+                          field="max_document_chars")
+    records = _check_documents(documents, max_document_chars)
     out = check_output(out_dir, ours=lambda p: (p / MANIFEST_FILE).is_file(), what="lag index", inputs=inputs,
                        force=force)
     embed_model = embed_model if embed_model is not None else load_embed_model()
@@ -338,7 +353,7 @@ def read_index_manifest(index_dir: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise VectorIndexError(f"corrupt index manifest: {exc}", path=path) from None
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise VectorIndexError("not a lag index manifest", path=path)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
@@ -33,12 +34,13 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, ValidationError
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from .config import LAGConfig
-from .errors import ConfigError, LAGError
+from .data import check_text
+from .errors import ConfigError, DataError, LAGError
 from .library import AdapterLibrary
 from .router import LAGRouter, attach_lag
 
@@ -69,6 +71,13 @@ def record_routing(summary: dict[str, Any] | None) -> None:
     sink = _COLLECT.get()
     if sink is not None and summary is not None:
         sink.append(summary)
+
+
+def _number(value: Any, field: str, minimum: float, maximum: float = math.inf) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not minimum <= value <= maximum:
+        bound = f"in [{minimum}, {maximum}]" if maximum != math.inf else f">= {minimum}"
+        raise ConfigError(f"{field} must be a number {bound}, got {value!r}", field=field)
+    return float(value)
 
 
 class PromptTooLongError(LAGError, ValueError):
@@ -136,7 +145,13 @@ class LAGLLM(CustomLLM):
         kwargs.setdefault("model_name", name)
         kwargs.setdefault("context_window", _context_window(model))
         kwargs.setdefault("chat_model", has_template)
-        super().__init__(routing=config.to_dict(), **kwargs)
+        try:
+            super().__init__(routing=config.to_dict(), **kwargs)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err.get("loc", ())) or None
+            raise ConfigError(f"invalid LAGLLM setting: {err.get('msg', exc)} (got {err.get('input')!r})",
+                              field=field) from None
         if self.truncation not in ("left", "error"):
             raise ConfigError("truncation must be 'left' or 'error'", field="truncation")
         self._model, self._tokenizer, self._router, self._config = model, tokenizer, router, config
@@ -227,8 +242,11 @@ class LAGLLM(CustomLLM):
         for overrides in (_CALL_ROUTING.get(), routing):
             if isinstance(overrides, LAGConfig):
                 config = overrides
-            elif overrides:
+            elif isinstance(overrides, Mapping) and overrides:
                 config = config.replace(**overrides)
+            elif overrides:
+                raise ConfigError(f"routing must be a LAGConfig or a mapping of its fields, got {overrides!r}",
+                                  field="routing")
         self._check_routing(config)
         return config
 
@@ -238,6 +256,9 @@ class LAGLLM(CustomLLM):
 
         ``focus``: the texts that carry the request (e.g. the user's messages); their tokens are marked in
         ``enc["focus"]`` [1, S] (bool) for sequence-level routing (fast tokenizers only)."""
+        if not isinstance(prompt, str):
+            raise DataError(f"the prompt must be a string, got {type(prompt).__name__}", field="prompt")
+        check_text(prompt, "prompt")
         want_offsets = bool(focus) and getattr(self._tokenizer, "is_fast", False)
         enc = dict(self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat_model,
                                    return_offsets_mapping=want_offsets))
@@ -255,14 +276,19 @@ class LAGLLM(CustomLLM):
         return dict(enc)
 
     def generation_kwargs(self, opts: Mapping[str, Any]) -> dict[str, Any]:
-        """``model.generate`` keyword arguments from this LLM's defaults and per-call ``opts``."""
-        temperature = float(opts.get("temperature", self.temperature))
-        kw: dict[str, Any] = {
-            "max_new_tokens": int(opts.get("max_new_tokens", self.max_new_tokens)),
-            "pad_token_id": self._tokenizer.pad_token_id,
-        }
+        """``model.generate`` keyword arguments from this LLM's defaults and per-call ``opts`` (checked:
+        a bad value is a :class:`ConfigError` naming it)."""
+        temperature = _number(opts.get("temperature", self.temperature), "temperature", minimum=0.0)
+        max_new_tokens = opts.get("max_new_tokens", self.max_new_tokens)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}",
+                              field="max_new_tokens")
+        top_p = _number(opts.get("top_p", self.top_p), "top_p", minimum=0.0, maximum=1.0)
+        if top_p == 0:
+            raise ConfigError("top_p must be in (0, 1], got 0", field="top_p")
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tokenizer.pad_token_id}
         if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=float(opts.get("top_p", self.top_p)))
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         stop = list(opts.get("stop") or self.stop)

@@ -138,7 +138,7 @@ def is_prepared(folder: str | Path) -> bool:
         return False
     try:
         meta = json.loads((folder / MARKER_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(meta, dict) and meta.get("format") == MARKER_FORMAT
 
@@ -392,7 +392,7 @@ def _chat_template_present(folder: Path) -> bool:
         return True
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return bool(config.get("chat_template"))
 

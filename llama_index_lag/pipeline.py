@@ -81,7 +81,7 @@ class LAGPipelineConfig(BaseModel):
     @field_validator("routing")
     @classmethod
     def _routing_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        LAGConfig(**{k: v for k, v in value.items() if k not in ("mode", "k")})  # validates names and values
+        LAGConfig.from_dict({k: v for k, v in value.items() if k not in ("mode", "k")})  # names and values
         return value
 
     # ---- derived ----------------------------------------------------------------------------------
@@ -89,10 +89,10 @@ class LAGPipelineConfig(BaseModel):
         """Default routing of this mode (PRAG's adapter is chosen per query on top of it)."""
         extra = {k: v for k, v in self.routing.items() if k not in ("mode", "k")}
         if self.mode in ("none", "rag"):
-            return LAGConfig(mode="none", k=self.k, **extra)
+            return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})
         if self.mode == "prag":
-            return LAGConfig(mode="none", k=self.k, **extra)  # fixed adapter added per query
-        return LAGConfig(mode="lag", k=self.k, **extra)
+            return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})  # fixed adapter added per query
+        return LAGConfig.from_dict({"mode": "lag", "k": self.k, **extra})
 
     def check(self) -> None:
         """Fail early with a clear message when the mode lacks what it needs."""

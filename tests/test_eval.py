@@ -408,6 +408,8 @@ def test_questions_without_document_or_adapter(world, tmp_path, caplog):
 def test_bad_configurations(world, tmp_path):
     with pytest.raises(ConfigError, match="task-map names adapters not in the task libraries"):
         _run(world, tmp_path / "a", modes="oracle", task_map="qa=nope")
+    with pytest.raises(ConfigError, match="task 'fact' of the questions is not in --task-map"):
+        _run(world, tmp_path / "a", modes="oracle", task_map="qa=style0")
     with pytest.raises(ConfigError, match="pass --index"):
         run_eval(_config(world, tmp_path / "b", modes="none,rag", index=None), llm=world["llm"], progress=False)
 

@@ -393,3 +393,299 @@ def test_a_live_worker_of_an_earlier_build_blocks_a_new_one(tmp_path, model_dir,
         assert not list(out.glob("d*"))
     finally:
         holder.kill()
+
+
+# ---- 7. silent wrong results are refused ----------------------------------------------------------------
+def test_adapter_file_with_two_sets_of_factors_is_refused(tmp_path, model, dirs):
+    from safetensors.torch import load_file, save_file
+
+    from llama_index_lag.errors import IncompatibleAdapterError
+
+    weights = dirs[0] / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key.replace("lora_A.weight", "lora_A.evil.weight")] = torch.randn_like(tensors[key])
+    save_file(tensors, str(weights))
+    with pytest.raises(IncompatibleAdapterError, match="two lora_A tensors for one module") as info:
+        _compile(dirs[:1], model, tmp_path / "lib")
+    assert "lora_A.evil.weight" in str(info.value) and info.value.adapter == "doc0"
+
+
+def _damage(lib_dir: Path, offset_from_end: int, data: bytes) -> None:
+    file = lib_dir / "adapters.safetensors"
+    with open(file, "r+b") as f:
+        f.seek(os.path.getsize(file) - offset_from_end)
+        f.write(data)
+
+
+def test_verify_finds_same_size_corruption_and_nan_bodies(tmp_path, model, dirs):
+    lib = _compile(dirs, model, tmp_path / "lib")
+    report = lib.verify()
+    assert report["checksums"] and report["blocks"] >= 1 and report["adapters"] == 10
+    assert cli_main(["verify", str(tmp_path / "lib")]) == 0
+    _damage(tmp_path / "lib", 100, b"\x01\x02\x03\x04")  # same size, four bytes of one adapter changed
+    lib = AdapterLibrary.load(tmp_path / "lib")  # a load stays cheap: sizes and headers only
+    with pytest.raises(LibraryFormatError, match="checksum mismatch in the packed tensors") as info:
+        lib.verify()
+    assert info.value.adapter in lib.names
+    with pytest.raises(LibraryFormatError, match="checksum mismatch"):
+        AdapterLibrary.load(tmp_path / "lib", verify=True)
+    assert cli_main(["verify", str(tmp_path / "lib")]) == 1
+    nan = torch.full((8,), float("nan")).numpy().tobytes()
+    _compile(dirs, model, tmp_path / "lib2")
+    _damage(tmp_path / "lib2", 64, nan)
+    with pytest.raises(LibraryFormatError, match="checksum mismatch"):
+        AdapterLibrary.load(tmp_path / "lib2").verify()
+
+
+def test_a_format_1_library_still_loads_and_verifies_its_values(tmp_path, model, dirs):
+    _compile(dirs[:3], model, tmp_path / "lib")
+    manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["checksums"]
+    (tmp_path / "lib" / "manifest.json").write_text(json.dumps(manifest))
+    lib = AdapterLibrary.load(tmp_path / "lib")
+    assert lib.verify()["checksums"] is False
+    lib.add(dirs[3:5], progress=False)  # a write upgrades it
+    assert lib.manifest["format_version"] == 2 and AdapterLibrary.load(tmp_path / "lib").verify()["checksums"]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_verify_catches_another_librarys_index_with_the_revision_copied(tmp_path, model, dirs, kind):
+    import shutil
+
+    _compile(dirs[:5], model, tmp_path / "a", arrow_index=kind)
+    other = make_lora_adapters(model, tmp_path / "other", 5, rank=4, target_modules=MLP, seed=11)
+    b = _compile(other, model, tmp_path / "b", arrow_index=kind)
+    assert AdapterLibrary.load(tmp_path / "a").verify()["arrow_index"]["type"] == kind
+    meta_a = json.loads((tmp_path / "a" / "arrow_index" / "meta.json").read_text())
+    shutil.rmtree(tmp_path / "a" / "arrow_index")
+    shutil.copytree(tmp_path / "b" / "arrow_index", tmp_path / "a" / "arrow_index")
+    meta = json.loads((tmp_path / "a" / "arrow_index" / "meta.json").read_text())
+    meta["revision"] = meta_a["revision"]  # disguised as a's
+    (tmp_path / "a" / "arrow_index" / "meta.json").write_text(json.dumps(meta))
+    assert b.uids().tolist() == AdapterLibrary.load(tmp_path / "a").uids().tolist()  # same ids, other vectors
+    with pytest.raises(LibraryFormatError, match="does not hold this library's prototypes"):
+        AdapterLibrary.load(tmp_path / "a").verify()
+
+
+def _edited(lib_dir: Path, edit) -> Path:
+    manifest = json.loads((lib_dir / "manifest.json").read_text())
+    edit(manifest)
+    (lib_dir / "manifest.json").write_text(json.dumps(manifest))
+    return lib_dir
+
+
+MANIFEST_EDITS = {
+    "uid 10**12": (lambda m: m["adapters"][0].update(uid=10**12), "next_uid must exceed every uid"),
+    "uid repeated": (lambda m: m["adapters"][1].update(uid=m["adapters"][0]["uid"]), "unique non-negative"),
+    "no name": (lambda m: m["adapters"][0].pop("name"), "invalid adapter name"),
+    "path name": (lambda m: m["adapters"][0].update(name="../../etc/passwd"), "contains '/'"),
+    "duplicate name": (lambda m: m["adapters"][1].update(name=m["adapters"][0]["name"]), "appears twice"),
+    "case-colliding name": (lambda m: m["adapters"][1].update(name="DOC0"), "appears twice"),
+    "no fingerprint": (lambda m: m["base_model"].pop("fingerprint"), "fingerprint"),
+    "module deleted": (lambda m: m["modules"].pop(next(iter(m["modules"]))), "modules the library does not have|"
+                       "tensors the manifest does not list"),
+    "rank 0": (lambda m: m["adapters"][0].update(rank=0), "rank of"),
+    "checksum blocks cut": (lambda m: m["checksums"]["blocks"].pop(), "checksum blocks cover"),
+    "nested": (None, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_EDITS))
+def test_hand_edited_manifests_are_refused_at_load(tmp_path, model, dirs, case):
+    edit, message = MANIFEST_EDITS[case]
+    _compile(dirs[:3], model, tmp_path / "lib")
+    if edit is None:
+        (tmp_path / "lib" / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    else:
+        _edited(tmp_path / "lib", edit)
+    with pytest.raises(LibraryFormatError, match=message):
+        AdapterLibrary.load(tmp_path / "lib")
+
+
+def test_arrow_tombstones_listing_live_adapters_are_refused(tmp_path, model, dirs):
+    lib = _compile(dirs[:5], model, tmp_path / "lib", arrow_index="hnsw")
+    meta_path = tmp_path / "lib" / "arrow_index" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["removed"] = lib.uids().tolist()  # every adapter a tombstone: searches would return nothing
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(LibraryFormatError, match="lists 5 adapters of the library as removed"):
+        AdapterLibrary.load(tmp_path / "lib")
+
+
+def test_case_colliding_names_are_refused_before_writing(tmp_path, model, dirs):
+    from llama_index_lag.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="only in case"):
+        _compile(dirs[:2], model, tmp_path / "lib", names=["Doc1", "doc1"])
+    assert not (tmp_path / "lib").exists()
+    lib = _compile(dirs[:2], model, tmp_path / "lib", names=["Doc1", "doc2"])
+    with pytest.raises(AdapterError, match="only in case"):
+        lib.add(dirs[2:3], names=["DOC2"], progress=False)
+
+
+# ---- 8. no hang on hostile patterns or huge documents ----------------------------------------------------
+def _bad_adapter(tmp_path, source: Path, **changes) -> Path:
+    import shutil
+
+    folder = tmp_path / "bad" / source.name
+    shutil.copytree(source, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_backtracking_alpha_pattern_does_not_hang(tmp_path, model, dirs):
+    import time
+
+    folder = _bad_adapter(tmp_path, dirs[0], alpha_pattern={"([a-z_.0-9]+)*!": 2.0})  # exponential for `re`
+    start = time.perf_counter()
+    lib = _compile([folder], model, tmp_path / "lib")
+    assert time.perf_counter() - start < 30 and len(lib) == 1  # matches nothing: lora_alpha applies
+
+
+def test_a_pattern_that_runs_out_of_time_is_a_typed_error(tmp_path, model, dirs, monkeypatch):
+    from llama_index_lag.errors import AdapterFormatError
+    from llama_index_lag.library import peft_io
+
+    folder = _bad_adapter(tmp_path, dirs[0], alpha_pattern={"gate_proj": 2.0})
+    monkeypatch.setattr(peft_io, "PATTERN_TIMEOUT", 1e-9)  # every match is over time
+    with pytest.raises(AdapterFormatError, match="takes too long to match") as info:
+        _compile([folder], model, tmp_path / "lib")
+    assert info.value.field == "alpha_pattern" and info.value.adapter == folder.name
+
+
+def test_index_refuses_a_huge_document_quickly(tmp_path, capsys):
+    import time
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "big", "title": "B", "text": "word " * 2_000_000}) + "\n")  # 10 MB
+    start = time.perf_counter()
+    assert cli_main(["index", "--docs", str(docs), "--out", str(tmp_path / "idx"), "-q"]) == 1
+    assert time.perf_counter() - start < 60 and "max_document_chars" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()
+
+
+# ---- 9. every bad input is a LAGError --------------------------------------------------------------------
+NESTED = "[" * 100000 + "]" * 100000
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny model, a library and a LAGLLM over them, shared by the bad-input cases."""
+    from llama_index_lag import LAGLLM
+    from llama_index_lag.models import load_causal_lm
+
+    base = tmp_path_factory.mktemp("served")
+    model_dir = make_tiny_model_dir(base / "m")
+    model, tok = load_causal_lm(model_dir)
+    dirs = make_lora_adapters(model, base / "ad", 3, rank=4, target_modules=MLP, seed=3)
+    lib = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=base / "lib", progress=False)
+    return {"base": base, "model_dir": model_dir, "model": model, "dirs": dirs, "lib": lib,
+            "llm": LAGLLM(model, tok, libraries=[lib])}
+
+
+def _bad_compile(s, tmp_path, **changes):
+    folder = _bad_adapter(tmp_path, s["dirs"][0], **changes)
+    return lambda: AdapterLibrary.compile([folder], kind="knowledge", base_model=s["model"], out=tmp_path / "o",
+                                          progress=False)
+
+
+def _nested_adapter_config(s, tmp_path):
+    folder = _bad_adapter(tmp_path, s["dirs"][0])
+    (folder / "adapter_config.json").write_text(NESTED)
+    return lambda: AdapterLibrary.compile([folder], kind="knowledge", base_model=s["model"], out=tmp_path / "o",
+                                          progress=False)
+
+
+def _cli(*args):
+    def run():
+        if cli_main(list(args)) != 0:
+            raise LAGError("the CLI reported an error")  # cli_main prints LAGErrors and returns 1
+    return run
+
+
+def _data(reader, text):
+    def run(s, tmp_path):
+        from llama_index_lag import data
+
+        path = _write(tmp_path / "f.jsonl", text)
+        return lambda: getattr(data, reader)(path)
+    return run
+
+
+SURROGATE_DOC = '{"id": "a", "title": "t", "text": "x \\ud800 y"}\n'
+SURROGATE_Q = '{"id": "q", "question": "x \\ud800", "answers": ["y"], "doc_id": "a"}\n'
+BAD_INPUTS = {
+    "alpha NaN": lambda s, t: _bad_compile(s, t, lora_alpha=float("nan")),
+    "alpha Inf": lambda s, t: _bad_compile(s, t, lora_alpha=float("inf")),
+    "alpha_pattern not a mapping": lambda s, t: _bad_compile(s, t, alpha_pattern="abc"),
+    "alpha_pattern bad regex": lambda s, t: _bad_compile(s, t, alpha_pattern={"((": 2}),
+    "alpha_pattern value NaN": lambda s, t: _bad_compile(s, t, alpha_pattern={"gate_proj": float("nan")}),
+    "rank_pattern not an int": lambda s, t: _bad_compile(s, t, rank_pattern={"gate_proj": 2.5}),
+    "r 1e9": lambda s, t: _bad_compile(s, t, r=10**9),
+    "r inf": lambda s, t: _bad_compile(s, t, r=float("inf")),
+    "r string": lambda s, t: _bad_compile(s, t, r="4"),
+    "nested adapter_config.json": _nested_adapter_config,
+    "nested documents": _data("read_documents", NESTED + "\n"),
+    "nested questions": _data("read_questions", NESTED + "\n"),
+    "nested task examples": _data("read_task_examples", NESTED + "\n"),
+    "surrogate in a document": _data("read_documents", SURROGATE_DOC),
+    "surrogate in a question": _data("read_questions", SURROGATE_Q),
+    "nested pipeline config": lambda s, t: (lambda: __import__("llama_index_lag").LAGPipelineConfig.load(
+        _write(t / "c.json", NESTED))),
+    "nested recipe file": lambda s, t: _cli("build-adapters", "--docs", str(_write(t / "d.jsonl", SURROGATE_DOC)),
+                                            "--out", str(t / "AD"), "--recipe", str(_write(t / "r.json", NESTED))),
+    "surrogate in a prompt": lambda s, t: (lambda: s["llm"].complete("hi \ud800 there", max_new_tokens=2)),
+    "max_new_tokens 0 per call": lambda s, t: (lambda: s["llm"].complete("hi", max_new_tokens=0)),
+    "max_new_tokens -1 per call": lambda s, t: (lambda: s["llm"].complete("hi", max_new_tokens=-1)),
+    "max_new_tokens 0 LAGLLM": lambda s, t: (lambda: __import__("llama_index_lag").LAGLLM(
+        s["model"], s["llm"]._tokenizer, max_new_tokens=0)),
+    "temperature -1 LAGLLM": lambda s, t: (lambda: __import__("llama_index_lag").LAGLLM(
+        s["model"], s["llm"]._tokenizer, temperature=-1)),
+    "temperature -1 per call": lambda s, t: (lambda: s["llm"].complete("hi", temperature=-1, max_new_tokens=2)),
+    "temperature NaN per call": lambda s, t: (lambda: s["llm"].complete("hi", temperature=float("nan"))),
+    "top_p 0 per call": lambda s, t: (lambda: s["llm"].complete("hi", top_p=0.0, temperature=0.5)),
+    "unknown routing key per call": lambda s, t: (lambda: s["llm"].complete("hi", routing={"bogus": 1})),
+    "unknown routing key in a pipeline": lambda s, t: (lambda: __import__("llama_index_lag").LAGPipelineConfig(
+        routing={"bogus": 1})),
+    "routing not a mapping": lambda s, t: (lambda: s["llm"].complete("hi", routing=["lag"])),
+    "LAGConfig temperature < 0": lambda s, t: (lambda: LAGConfig(temperature=-1.0)),
+    "lag ask max-new-tokens 0": lambda s, t: _cli("ask", "q", "--mode", "none", "--max-new-tokens", "0",
+                                                  "--model", str(s["model_dir"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_end_in_a_lag_error(served, tmp_path, case):
+    call = BAD_INPUTS[case](served, tmp_path)
+    with pytest.raises(LAGError):
+        call()
+
+
+def test_leftover_temp_folders_are_removed_by_the_next_successful_write(tmp_path, model, dirs):
+    from llama_index_lag._fs import atomic_dir
+
+    out = tmp_path / "idx"
+    dead = tmp_path / ".idx.tmp-999999999-deadbeef"  # a crashed writer's (no such pid)
+    old_style = tmp_path / ".idx.tmp-deadbeef"
+    live = tmp_path / f".idx.tmp-{os.getppid()}-cafe0000"  # a running process's: left alone
+    for folder in (dead, old_style, live):
+        folder.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert not dead.exists() and not old_style.exists() and live.exists()
+    # a compile's partial folder from an interrupted, different compile
+    partial = tmp_path / ".lib.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text('{"plan": "another", "done": 3}')
+    _compile(dirs[:2], model, tmp_path / "lib")
+    assert not partial.exists() and len(AdapterLibrary.load(tmp_path / "lib")) == 2

@@ -1,4 +1,5 @@
-"""``lag bench routing`` / ``scale`` / ``dispatch``: benchmarks that print a table and write JSON."""
+"""``lag bench routing`` / ``scale`` / ``dispatch`` / ``reliability``: benchmarks that print a table and write
+JSON."""
 
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=_dispatch)
 
+    f = bench.add_parser("reliability", help="fault-injection trials: kills, concurrent writers, full disk, ...")
+    f.add_argument("--out", default="bench-reliability.json", help="JSON results file")
+    f.add_argument("--trials", type=int, default=10, help="trials per scenario (default 10)")
+    f.add_argument("--seconds", type=float, default=20.0, help="duration of the readers-during-writes run")
+    f.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_reliability)
+
 
 def _routing(args: argparse.Namespace) -> int:
     from ..bench.routing import run
@@ -72,3 +81,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     run(args.out, tokens=args.tokens, ns=args.n)
     return 0
+
+
+def _reliability(args: argparse.Namespace) -> int:
+    from ..bench.reliability import run
+
+    payload = run(args.out, trials=args.trials, seconds=args.seconds, work=args.work, seed=args.seed)
+    return 0 if all(r["survived"] == r["trials"] for r in payload["rows"]) else 1

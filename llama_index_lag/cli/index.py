@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--inspect", metavar="INDEX_DIR", help="print the manifest of an existing index and exit")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not a lag index")
+    p.add_argument("--max-document-chars", type=int, default=None, metavar="N",
+                   help="refuse documents longer than N characters (default 131072)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_index)
 
@@ -75,6 +77,7 @@ def _run_index(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         force=args.force,
         inputs=[args.docs],
+        **({"max_document_chars": args.max_document_chars} if args.max_document_chars is not None else {}),
     )
     dim = index.vector_store.client.d
     nodes = index.vector_store.client.ntotal

@@ -32,7 +32,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.recipe:
         try:
             data = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ConfigError(f"cannot read the recipe: {exc}", path=args.recipe) from None
         if not isinstance(data, dict):
             raise ConfigError("the recipe must be a JSON object", path=args.recipe)

@@ -202,8 +202,12 @@ def parse_sweep(text: str | Sequence[Any] | None) -> list[int | str] | None:
     return out
 
 
+NO_TASK_ADAPTER = "none"  # --task-map value: this task has no task adapter
+
+
 def parse_task_map(text: str | Mapping[str, str] | None) -> dict[str, str] | None:
-    """``"qa=short_answer,fact=fact_check"`` -> ``{"qa": "short_answer", "fact": "fact_check"}``."""
+    """``"qa=short_answer,fact=fact_check"`` -> ``{"qa": "short_answer", "fact": "fact_check"}`` (``task=none``:
+    no task adapter for that task)."""
     if text is None:
         return None
     if isinstance(text, Mapping):
@@ -356,7 +360,7 @@ class ResultStore:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise DataError(f"corrupt results line: {exc.msg}", path=self.path, line=lineno) from None
             if obj.get("type") == "header":
                 header = obj
@@ -516,15 +520,15 @@ class EvalHarness:
             return {t: t for t in tasks if t in task_names}
         if pool is None:
             raise ConfigError("--task-map given but no task library is attached (--task)", field="task_map")
-        unknown = {t: a for t, a in mapping.items() if a not in task_names}
+        unknown = {t: a for t, a in mapping.items() if a not in task_names and a != NO_TASK_ADAPTER}
         if unknown:
             raise ConfigError(f"--task-map names adapters not in the task libraries: {unknown}; "
                               f"task adapters: {sorted(task_names)}", field="task_map")
         unmapped = [t for t in tasks if t not in mapping]
         if unmapped:
-            logger.warning("no task adapter mapped for task(s) %s: their oracle uses the knowledge adapter only",
-                           unmapped)
-        return {t: a for t, a in mapping.items() if t in tasks}
+            raise ConfigError(f"task {unmapped[0]!r} of the questions is not in --task-map; map it to a task "
+                              f"adapter, or to {NO_TASK_ADAPTER!r} for none", field="task_map")
+        return {t: a for t, a in mapping.items() if t in tasks and a != NO_TASK_ADAPTER}
 
     def _build_engines(self) -> None:
         from ..pipeline import LAGPipelineConfig, build_query_engine

@@ -60,7 +60,7 @@ class PackedReader:
                 raise PackedFormatError(f"header of {length} bytes does not fit in a file of {size} bytes")
             try:
                 header = json.loads(f.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise PackedFormatError(f"header is not valid JSON: {exc}") from None
             if not isinstance(header, dict):
                 raise PackedFormatError("header is not a JSON object")

@@ -79,6 +79,10 @@ class AdapterHeader:
         return max(a[0] for a, _ in self.shapes.values())
 
 
+def _why(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
 def _read_config(path: Path, name: str) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -87,8 +91,8 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
         raise AdapterFormatError(f"not a PEFT adapter folder: {CONFIG_FILE} is missing", adapter=name, path=path)
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}", adapter=name, path=cfg_path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {_why(exc)}", adapter=name, path=cfg_path) from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object", adapter=name, path=cfg_path)
     return config
@@ -290,8 +294,8 @@ def factor_arrays(header: AdapterHeader, data: bytes) -> dict[str, tuple[np.ndar
         raise corrupt("bad header length")
     try:
         entries = json.loads(data[8:8 + size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise corrupt(f"header is not JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise corrupt(f"header is not JSON ({_why(exc)})") from None
     base = 8 + size
     found: dict[str, dict[str, np.ndarray]] = {}
     for key, info in entries.items():

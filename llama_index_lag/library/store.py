@@ -665,12 +665,17 @@ def _new_rows(
         raise LibraryError("no adapters given: a library needs at least one adapter")
     if names is not None and len(names) != len(dirs):
         raise ConfigError(f"{len(names)} names for {len(dirs)} adapter folders", field="names")
+    from ..data import id_key
+
     headers = []
+    keys = {id_key(n): n for n in taken}
     for i, path in enumerate(dirs):
         name = check_adapter_name(names[i] if names is not None else path.name)
-        if name in taken:
-            raise AdapterError("duplicate adapter name", adapter=name, field="name", path=path)
-        taken.add(name)
+        if id_key(name) in keys:
+            other = keys[id_key(name)]
+            also = "" if other == name else f" (differs from {other!r} only in case: adapter names are folder names)"
+            raise AdapterError(f"duplicate adapter name{also}", adapter=name, field="name", path=path)
+        keys[id_key(name)] = name
         header = read_header(path, name, allow_pickle=allow_pickle)
         spec.check_adapter(header)
         headers.append((path, header))
@@ -701,7 +706,7 @@ def _builder_metadata(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(meta.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from .._fs import atomic_dir, atomic_write_json, check_output, file_lock
-from ..data import DocumentRecord, TaskExample, id_key, read_documents, read_task_examples, validate_id
+from .._fs import atomic_dir, atomic_write_json, check_output, file_lock, free_bytes
+from ..data import DocumentRecord, TaskExample, check_text, id_key, read_documents, read_task_examples, validate_id
 from ..errors import ConfigError, DataError, LAGError, UnsafeOutputError
 from .augment import (
     HFGenerator,
@@ -75,7 +75,7 @@ def read_adapter_meta(folder: str | Path) -> dict[str, Any] | None:
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         return None
@@ -202,9 +202,13 @@ def _disk_errors(name: str, path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"cannot write ({exc})"
-        raise BuildError(f"{what} while writing the adapter; finished adapters are kept, re-run to resume",
-                         adapter=name, path=path) from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = free_bytes(path)
+            what = f"disk full ({free / 2**20:.1f} MB free)" if free is not None else "disk full"
+        else:
+            what = f"cannot write ({exc})"
+        raise BuildError(f"{what} while writing the adapter; its temporary folder was removed, finished "
+                         "adapters are kept, re-run to resume", adapter=name, path=path) from exc
 
 
 # ---------------------------------------------------------------------------------------------- many adapters
@@ -236,6 +240,11 @@ def _check_documents(documents: Sequence[DocumentRecord]) -> None:
         seen[key] = doc.id
         if not doc.text.strip():
             raise DataError("document text is empty", field="text", adapter=doc.id)
+        try:
+            check_text(doc.text, "text")
+            check_text(doc.title, "title")
+        except DataError as exc:
+            raise DataError(exc.message, field=exc.field, adapter=doc.id) from None
 
 
 def _clean_stale(out: Path, doc_id: str) -> None:
