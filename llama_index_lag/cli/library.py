@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a library's adapters, modules, ranks, size and dtype")
     p.add_argument("library", metavar="LIB_DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--health", action="store_true",
+                   help="routing health: shared input subspace, and with --prompts the hubness of routing")
+    p.add_argument("--prompts", metavar="FILE", help="unlabelled prompts (.txt lines or .jsonl 'question's)")
+    p.add_argument("--model", metavar="MODEL_DIR", help="base model for --prompts (default: embedded SmolLM2)")
+    p.add_argument("--routing", metavar="JSON", default=None,
+                   help="LAGConfig fields for the routed prompts, e.g. '{\"mode\": \"lag\", \"k\": 20}'")
+    p.add_argument("--plot", metavar="PNG", default=None, help="write the win-count plot here")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("verify", help="check every byte of a library against its stored checksums",
@@ -74,9 +81,53 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from ..config import LAGConfig
+    from ..errors import ConfigError
+    from ..health import read_prompts
+    from ..library import AdapterLibrary
+
+    lib = AdapterLibrary.load(args.library)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    config = None
+    if args.routing:
+        try:
+            config = LAGConfig.from_dict(json.loads(args.routing))
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"--routing is not a JSON object: {exc}", field="routing") from None
+    report = lib.health(args.model, prompts, config=config)
+    if args.plot:
+        report.plot(args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    d = report.to_dict()
+    sp = d["spectrum"]
+    print(f"library   {d['path']} ({d['adapters']} adapters)")
+    print(f"spectrum  P's top eigenvalue / isotropic r/n: median {sp['top_ratio']['median']}, max "
+          f"{sp['top_ratio']['max']}; top-{sp['m']} share of the mean rank: median {sp['shared_mass']['median']}")
+    print("overlap   " + ", ".join(f"{a['adapter']} {a['overlap']}" for a in sp["most_overlapping"])
+          + f" (mean {sp['overlap_mean']})")
+    r = d["routing"]
+    if r:
+        print(f"routing   {r['prompts']} prompts, {r['selections']} selections: skewness {r['skewness']}, top 1 % "
+              f"({r['top1pct_adapters']}) take {100 * r['top1pct_share']:.1f} % (even {100 * r['even_share']:.1f} %)"
+              f", {r['never_selected']} never selected, wins~overlap r = {r['wins_overlap_r']}")
+        print("hubs      " + ", ".join(f"{h['adapter']} {100 * h['share']:.1f} %" for h in r["hubs"]))
+    for flag in d["flags"]:
+        print(f"FLAG      {flag}")
+    if not d["flags"]:
+        print("OK        no hub or shared-subspace flag")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from ..library import AdapterLibrary
 
+    if args.health:
+        return _health(args)
     info = AdapterLibrary.load(args.library).info()
     if args.json:
         print(json.dumps(info, indent=2))

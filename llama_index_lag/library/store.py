@@ -579,6 +579,15 @@ class AdapterLibrary:
         return BaseModelSpec(fp["architecture"], fp["model_type"], sizes, linear)
 
     # ---- inspection -----------------------------------------------------------------------------
+    def health(self, model: Any = None, prompts: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Routing health: the spectrum of the library's mean input projector and each adapter's overlap
+        with its shared subspace; with unlabelled ``prompts`` (and ``model``: a loaded model with
+        ``tokenizer=``, a folder, or None for the embedded default) also the hubness of per-token routing
+        under ``config=`` (default ``LAGConfig()``). Returns a :class:`llama_index_lag.health.HealthReport`."""
+        from ..health import library_health  # the routing layer sits above the library
+
+        return library_health(self, model, prompts, **kwargs)
+
     def info(self) -> dict[str, Any]:
         """Summary for ``lag inspect``: adapters, ranks, modules, dtype, size on disk."""
         ranks = [int(e["rank"]) for e in self.adapters]
