@@ -28,7 +28,16 @@ from .config import LAGConfig
 from .errors import ConfigError, IncompatibleLibraryError, LibraryError
 from .library.base import BaseModelSpec, fingerprint_diff, linear_shape
 from .library.store import AdapterLibrary
-from .routing.engine import PoolTensors, add_fused, apply_fixed, route_tokens, sequence_scores
+from .routing.engine import (
+    PoolTensors,
+    Routed,
+    add_fused,
+    apply_fixed,
+    request_centre,
+    route_shortlist,
+    route_tokens,
+    sequence_scores,
+)
 from .trace import RoutingTrace
 
 _ids = itertools.count()
@@ -58,7 +67,8 @@ class RequestState:
     def __post_init__(self) -> None:
         cfg = self.config
         plain = (not self.traces and not self.timings and not self.fixed_idx and cfg.libraries is None
-                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch")
+                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch"
+                 and cfg.calibration == "none" and cfg.shortlist is None)
         if plain and cfg.mode == "lag":
             self.fused_k = cfg.k
         elif plain and cfg.mode == "arrow" and cfg.arrow_top_k == 1:
@@ -78,6 +88,8 @@ class _ForwardState:
     focus: torch.Tensor | None = None  # [B, S_prompt] True for the prompt's content tokens (see focus())
     winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
     scoring: dict[str, torch.Tensor] | None = None  # kind -> [B, N] scores summed over modules (pre-pass)
+    shortlists: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # kind -> [B, M] x2
+    centres: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [B, n] request means (prompt)
 
 
 class Pool:
@@ -360,8 +372,8 @@ class LAGRouter:
             self._forward.set(fwd)
         fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cfg = self.state().config
-        if start == 0 and cfg.granularity == "sequence" and cfg.sequence_scope == "model" and cfg.mode in (
-                "arrow", "spectr", "lag"):
+        two_level = cfg.shortlist is not None or (cfg.granularity == "sequence" and cfg.sequence_scope == "model")
+        if start == 0 and two_level and cfg.mode in ("arrow", "spectr", "lag"):
             self._choose_for_sequences(fwd, kwargs)
 
     @torch.no_grad()
@@ -379,7 +391,11 @@ class LAGRouter:
         finally:
             fwd.scoring = None
             self._state.reset(token)
+        shortlist = current.config.shortlist
         for kind, totals in scores.items():
+            if shortlist is not None:  # two-level: M candidates per sequence and their log mass shares
+                fwd.shortlists[kind] = _shortlist(totals, shortlist)
+                continue
             best = totals.argmax(dim=-1)  # [B]
             for module in self.pools[kind].modules:
                 fwd.winners[(kind, module)] = best
@@ -432,17 +448,22 @@ class LAGRouter:
             return delta
         if cfg.mode == "fixed":
             return None
-        if cfg.granularity == "sequence" and x.dim() == 3:
+        if (cfg.granularity == "sequence" or cfg.shortlist is not None) and x.dim() == 3:
             fwd = self._forward.get(None)
             if fwd is not None and fwd.scoring is not None:  # scoring pre-pass: accumulate, apply nothing
                 totals = self._sequence_totals(module, kind, t, x, flat, cfg)
                 fwd.scoring[kind] = fwd.scoring[kind] + totals if kind in fwd.scoring else totals
                 return None
-            return self._route_sequence(module, kind, t, x, flat, state)
-        out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
-                           spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
-                           approximate=APPROXIMATE[cfg.arrow_backend], effort=_effort(cfg, t),
-                           kernel=cfg.decode_kernel)
+            if cfg.granularity == "sequence":
+                return self._route_sequence(module, kind, t, x, flat, state)
+        score_x = self._centred(module, x, flat) if cfg.calibration == "request" else None
+        if cfg.shortlist is not None and x.dim() == 3:
+            out = self._route_shortlist(module, kind, t, x, flat, score_x, cfg)
+        else:
+            out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k,
+                               temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch,
+                               margin=cfg.dynamic_k, approximate=APPROXIMATE[cfg.arrow_backend],
+                               effort=_effort(cfg, t), kernel=cfg.decode_kernel, score_x=score_x)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
@@ -454,9 +475,35 @@ class LAGRouter:
         if mask is None or not bool(mask.any(dim=1).all()):  # no focus: every real token counts
             mask = self._token_mask(x)
             mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        centre = request_centre(x, self._token_mask(x)) if cfg.calibration == "request" else None
         return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
                                strategy=cfg.dispatch, approximate=APPROXIMATE[cfg.arrow_backend],
-                               effort=_effort(cfg, t))
+                               effort=_effort(cfg, t), centre=centre)
+
+    def _centred(self, module: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """[T, n] the tokens minus their request's mean at this module: the mean of the prompt's real tokens,
+        taken in the prompt's forward and kept for the tokens generated after it."""
+        fwd = self._forward.get(None)
+        if fwd is None:
+            fwd = _ForwardState()
+            self._forward.set(fwd)
+        x3 = x if x.dim() == 3 else flat[None]
+        centre = fwd.centres.get(module)
+        if centre is None or centre.shape[0] != x3.shape[0]:
+            centre = request_centre(x3, self._token_mask(x3))  # [B, n]
+            fwd.centres[module] = centre
+        return (x3.float() - centre[:, None]).reshape(flat.shape)
+
+    def _route_shortlist(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                         score_x: torch.Tensor | None, cfg: LAGConfig) -> Routed:
+        """Two-level routing: each token picks among its sequence's shortlist (chosen by the pre-pass over the
+        prompt; without one, from this module's own scores of the current tokens)."""
+        fwd = self._forward.get(None)
+        lists = fwd.shortlists.get(kind) if fwd is not None else None
+        if lists is None or lists[0].shape[0] != x.shape[0]:
+            lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
+        idx, prior = (v.repeat_interleave(x.shape[1], dim=0) for v in lists)  # [T, M] per token's row
+        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x, strategy=cfg.dispatch)
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                         state: RequestState) -> torch.Tensor:
@@ -479,6 +526,13 @@ class LAGRouter:
         if state.traces:
             state.record(kind, module, chosen, mask)
         return delta
+
+
+def _shortlist(totals: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-m adapters [B, m] of score masses totals [B, N] (m clamped to N) and their log shares."""
+    top = totals.topk(min(m, totals.shape[-1]), dim=-1)
+    share = top.values / totals.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return top.indices, share.clamp_min(1e-30).log()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import skew as scipy_skew
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
@@ -136,14 +137,17 @@ def _synthetic_results() -> dict:
         rec("oracle", "q1", "The town of Drelmouth."), rec("oracle", "q2", "Pimsy the parrot"),
         rec("oracle", "f1", "True."), rec("oracle", "f2", "That is false"), rec("oracle", "f3", "no"),
         # lag: qa EM 0, F1 (2/3 + 0)/2, contains 1/2; fact: fa 1/2, fb 0/1
-        rec("lag", "q1", "born in Drelmouth", routing_accuracy=acc(0.5, True, 1), mean_candidates=3.0),
-        rec("lag", "q2", "a dog", routing_accuracy=acc(0.1, False, 3), mean_candidates=3.0),
+        rec("lag", "q1", "born in Drelmouth", routing_accuracy={**acc(0.5, True, 1), "wins": {"0": 4, "3": 1}},
+            mean_candidates=3.0),
+        rec("lag", "q2", "a dog", routing_accuracy={**acc(0.1, False, 3), "wins": {"0": 2, "1": 1}},
+            mean_candidates=3.0),
         rec("lag", "f1", "yes, true", routing_accuracy=acc(0.3, True, 1), mean_candidates=3.0),
         rec("lag", "f2", "It is true", routing_accuracy=acc(0.2, False, 2), mean_candidates=3.0),
         rec("lag", "f3", "maybe", routing_accuracy=acc(0.4, True, 1), mean_candidates=3.0, error="boom"),
     ]
     return {
         "settings": {"qa_metric": "f1", "questions": "q.jsonl"}, "knowledge_adapters": 4,
+        "knowledge_names": ["d0", "d1", "d2", "d3"],
         "modes": [{"name": "lag", "base": "lag", "prompt": "question", "knowledge": "routed",
                    "routing": {"mode": "lag", "k": 3}},
                   {"name": "oracle", "base": "oracle", "prompt": "question", "knowledge": "gold",
@@ -170,14 +174,18 @@ def test_metrics_and_normalised_score_match_hand_computed_values():
     assert lag["normalised"]["fact"] == pytest.approx(100 * (2 / 3 * 0.5 + 1 / 3 * 0.0))
     assert lag["avg"] == pytest.approx((30.0 + 100 / 3) / 2)
     assert oracle["normalised"] == {"fact": pytest.approx(100.0), "qa": pytest.approx(100.0)}
+    hub = lag["routing"].pop("hubness")
     assert lag["routing"] == pytest.approx({"n": 5, "gold_share": 0.3, "gold_top": 0.6, "gold_rank": 1.6})
+    # wins of the 4 adapters summed over the questions that recorded them: [6, 1, 0, 1]
+    assert hub["hubs"][0] == {"adapter": "d0", "share": 0.75} and hub["never_selected"] == 1
+    assert hub["skewness"] == pytest.approx(float(scipy_skew([6, 1, 0, 1])), abs=1e-3)
     assert lag["tokens_per_s"] == pytest.approx(20 / 2.5) and lag["errors"] == 1
     assert lag["mean_candidates"] == pytest.approx(3.0)
     assert s["chance_share"] == pytest.approx(0.25)
     md = render_markdown(_synthetic_results())
     assert "| % of Oracle | fact | qa | AVG | tokens/s |" in md
     assert "| lag (k=3) | 33.3 | 30.0 | 31.7 | 8.0 |" in md and "| oracle | 100.0 | 100.0 | 100.0 | 8.0 |" in md
-    assert "| lag | 5 | 33.3 | 0.0 | 25.0 | 50.0 | 30.0 | 60.0 | – | 8.0 | 1 |" in md
+    assert "| lag | 5 | 33.3 | 0.0 | 25.0 | 50.0 | 30.0 | 60.0 | 1.0 | d0 75.0 | – | 8.0 | 1 |" in md
 
 
 def test_normalised_score_without_oracle_or_with_zero_oracle():
@@ -196,8 +204,8 @@ def test_normalised_score_without_oracle_or_with_zero_oracle():
 
 
 def test_routing_accuracy_of_counts():
-    assert routing_accuracy(torch.tensor([5, 3, 2]), 0) == {"gold_share": 0.5, "gold_top": True, "gold_rank": 1,
-                                                            "selections": 10}
+    assert routing_accuracy(torch.tensor([5, 3, 0, 2]), 0) == {"gold_share": 0.5, "gold_top": True, "gold_rank": 1,
+                                                               "selections": 10, "wins": {"0": 5, "1": 3, "3": 2}}
     tie = routing_accuracy(torch.tensor([4, 4, 2]), 1)
     assert tie["gold_top"] is False and tie["gold_rank"] == 1
     assert routing_accuracy(torch.tensor([1, 2, 7]), 0)["gold_rank"] == 3

@@ -21,7 +21,9 @@ Variants of the routed modes (``arrow``, ``spectr``, ``lag``, ``rag+lag``, ``pra
 ``-k5`` (Arrow candidates, lag-based modes), ``-seq-mass`` / ``-seq-vote`` (sequence-level routing,
 ``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates whose
 Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
-``lag-dyn0.9``, ``lag-k5-dyn0.5``. ``--sweep-k 1,2,5,N`` adds ``lag-k<k>`` modes (the paper's Fig. 3).
+``lag-dyn0.9``, ``lag-k5-dyn0.5``; ``-req`` (``calibration="request"``), ``-sl<M>`` (``shortlist=M``),
+``-w<weight>`` (``shortlist_weight``), e.g. ``lag-req-sl2``. ``--sweep-k 1,2,5,N`` adds ``lag-k<k>`` modes
+(the paper's Fig. 3).
 
 Prompts are built with the pipeline's own objects: :func:`~llama_index_lag.pipeline.build_query_engine` makes
 the engine of the matching pipeline mode and its synthesizer's templates are formatted exactly as
@@ -119,7 +121,9 @@ _DYN = re.compile(r"^dyn(\d+(?:\.\d*)?|\.\d+)$")
 def mode_help() -> str:
     return (f"modes: {', '.join(BASE_MODES)}; variants of {', '.join(ROUTED_BASES)} with suffixes -k<int> "
             "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, lag-based), "
-            "e.g. lag-seq-mass, spectr-seq-mass, lag-seq-vote, lag-dyn0.9, lag-k5")
+            "-req (request-centred scoring), -sl<M> (two-level: a shortlist of M per sequence), -w<weight> (the "
+            "token's weight against the shortlist prior), e.g. lag-seq-mass, spectr-seq-mass, lag-dyn0.9, lag-k5, "
+            "lag-req, lag-req-sl2, lag-req-sl2-w0.5")
 
 
 def parse_mode(name: str, k: int = 20) -> ModeSpec:
@@ -149,6 +153,15 @@ def parse_mode(name: str, k: int = 20) -> ModeSpec:
                 raise ConfigError(f"mode {name!r}: -k applies to lag-based modes ({', '.join(LAG_BASES)})",
                                   field="modes")
             what, value = "k", {"k": int(part[1:])}
+            i += 1
+        elif part == "req":
+            what, value = "req", {"calibration": "request"}
+            i += 1
+        elif re.fullmatch(r"sl\d+", part):
+            what, value = "sl", {"shortlist": int(part[2:])}
+            i += 1
+        elif re.fullmatch(r"w\d+(?:\.\d*)?", part):
+            what, value = "w", {"shortlist_weight": float(part[1:])}
             i += 1
         elif _DYN.match(part):
             if base not in LAG_BASES:
@@ -877,7 +890,7 @@ class EvalHarness:
             "fingerprint": self.fingerprint, "fingerprint_parts": self.fingerprint_parts,
             "settings": self.config.settings(), "machine": machine(),
             "modes": [s.to_dict() for s in self.specs], "sweep": self.sweep_points,
-            "knowledge_adapters": len(self.knowledge_names),
+            "knowledge_adapters": len(self.knowledge_names), "knowledge_names": list(self.knowledge_names),
             "task_adapters": dict(self.task_adapter), "tasks": self.tasks,
             "questions": [{"id": q.id, "question": q.question, "answers": list(q.answers), "task": q.task,
                            "dataset": _dataset(q), "doc_id": q.doc_id, "gold_adapter": self.doc_to_adapter[q.doc_id]}
@@ -959,7 +972,8 @@ def routing_accuracy(counts: Any, gold: int) -> dict[str, Any]:
     g = values[gold]
     others = max((v for j, v in enumerate(values) if j != gold), default=0)
     return {"gold_share": round(g / total, 6) if total else 0.0, "gold_top": bool(total and g > others),
-            "gold_rank": 1 + sum(1 for v in values if v > g), "selections": total}
+            "gold_rank": 1 + sum(1 for v in values if v > g), "selections": total,
+            "wins": {str(j): v for j, v in enumerate(values) if v}}  # sparse, for the mode's hubness
 
 
 def _split_trace(trace: Any, lens: Sequence[int], n_new: Sequence[int], steps: int

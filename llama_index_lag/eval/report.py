@@ -87,6 +87,7 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
             "gold_share": _mean([a["gold_share"] for a in acc]),
             "gold_top": _mean([float(a["gold_top"]) for a in acc]),
             "gold_rank": _mean([a["gold_rank"] for a in acc]),
+            "hubness": _hubness(acc, results.get("knowledge_names") or []),
         }
         hits = [r["retrieved"][0]["doc_id"] == questions[qid]["doc_id"] for qid, r in recs.items()
                 if r.get("retrieved")]
@@ -112,6 +113,24 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
                      **_point(out_modes[m])}
                     for m in modes if _is_dynamic_row(spec[m])],
     }
+
+
+def _hubness(acc: list[Mapping[str, Any]], names: list[str]) -> dict[str, Any] | None:
+    """Hubness of a mode's prompt routing: the wins of every knowledge adapter summed over the questions."""
+    import torch
+
+    from ..health import hubness
+
+    wins = [a["wins"] for a in acc if "wins" in a]
+    if not wins or not names:
+        return None
+    counts = torch.zeros(len(names), dtype=torch.long)
+    for w in wins:
+        for j, v in w.items():
+            counts[int(j)] += int(v)
+    out = hubness(counts, names, top=3)
+    return {k: out[k] for k in ("skewness", "top1pct_share", "even_share", "hubs", "hub_dominated",
+                                "never_selected")}
 
 
 def _is_dynamic_row(spec: Mapping[str, Any]) -> bool:
@@ -209,7 +228,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     header = ["Mode", "n"]
     for t in tasks:
         header += [f"{t} acc"] if s["tasks"][t]["label"] else [f"{t} EM", f"{t} F1", f"{t} contains"]
-    header += ["gold share", "gold top", "hit@1", "tokens/s", "errors"]
+    header += ["gold share", "gold top", "skewness", "top hub", "hit@1", "tokens/s", "errors"]
     rows = []
     for m, e in s["modes"].items():
         row = [m, str(e["n"])]
@@ -220,15 +239,20 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             else:
                 row += [_pct(te.get("em")), _pct(te.get("f1")), _pct(te.get("contains"))]
         r = e["routing"] or {}
-        row += [_pct(r.get("gold_share")), _pct(r.get("gold_top")), _pct(e["retrieval_hit1"]),
-                _num(e["tokens_per_s"]), str(e["errors"]) if e["errors"] else ""]
+        hub = r.get("hubness") or {}
+        top = hub.get("hubs") or [{}]
+        hub_cell = f"{top[0]['adapter']} {100 * top[0]['share']:.1f}" if top[0] else "–"
+        row += [_pct(r.get("gold_share")), _pct(r.get("gold_top")), _num(hub.get("skewness")), hub_cell,
+                _pct(e["retrieval_hit1"]), _num(e["tokens_per_s"]), str(e["errors"]) if e["errors"] else ""]
         rows.append(row)
     lines += _table(header, rows)
     chance = s.get("chance_share")
     lines += ["", "Metrics in %. *gold share*: share of (prompt token x knowledge module) selections that went to "
               "the gold document's adapter (chance "
               + (f"{100 * chance:.1f}%" if chance else "1/N") + "); *gold top*: % of questions whose gold adapter "
-              "was strictly the most selected; *hit@1*: top retrieved document is the gold one; *tokens/s*: "
+              "was strictly the most selected; *skewness*: of the knowledge adapters' wins summed over the questions (the "
+              "k-occurrence skewness of hubness; 0 = even use); *top hub*: the most selected adapter and its % of "
+              "the selections; *hit@1*: top retrieved document is the gold one; *tokens/s*: "
               "generated tokens per second of batched generation (oracle / prag batch only the questions "
               "sharing an adapter, so their batches are smaller); *errors*: queries the pipeline refuses "
               "(e.g. PRAG retrieved a document without adapter), scored 0.", ""]

@@ -66,10 +66,27 @@ class Routed(NamedTuple):
     candidates: torch.Tensor | None = None  # [T] candidates reranked per token (dynamic k only)
 
 
+def request_centre(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of each request's real tokens: x [B, S, n], mask [B, S] bool (None: all real) -> [B, n].
+
+    Rows with fewer than two real tokens get zeros (a lone token minus itself would leave nothing to score)."""
+    w = (torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float())[..., None]  # [B, S, 1]
+    count = w.sum(dim=1)  # [B, 1]
+    mean = (x.float() * w).sum(dim=1) / count.clamp_min(1.0)  # [B, n]
+    return torch.where(count >= 2, mean, torch.zeros_like(mean))
+
+
+def _winner_delta(x: torch.Tensor, t: PoolTensors, winner: torch.Tensor, strategy: str) -> torch.Tensor:
+    """B*_w A*_w x for each token's winner w: x [T, n], winner [T] -> [T, m]."""
+    proj = project_pairs(x, t.A, winner[:, None], strategy)  # [T, 1, r]
+    return expand_pairs(proj, t.B, winner[:, None])
+
+
 def route_tokens(
     x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
     temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
     approximate: bool | None = False, effort: int | None = None, kernel: str = "auto",
+    score_x: torch.Tensor | None = None,
 ) -> Routed:
     """Per-token routing of x [T, n] through one library at one module.
 
@@ -77,7 +94,13 @@ def route_tokens(
     exact scan of all N prototypes; None: when the index's cost model expects it to be faster. ``effort``:
     the index's search breadth (HNSW efSearch / IVF nprobe; None: its default). ``kernel``: for one token
     (decoding), ``auto`` runs the fused kernels of :mod:`.kernels` where they can, ``torch`` never does.
+    ``score_x`` [T, n]: choose the adapters on these vectors (e.g. the request-centred tokens) and apply
+    the winners to ``x`` (top-1 modes only).
     """
+    if score_x is not None:
+        chosen = route_tokens(score_x, t, mode, k=k, strategy=strategy, margin=margin, approximate=approximate,
+                              effort=effort, kernel="torch")
+        return Routed(_winner_delta(x, t, chosen.chosen, strategy), chosen.chosen, chosen.candidates)
     fused = kernel != "torch" and x.shape[0] == 1 and t.bits is not None and kernels.available()
     if mode == "lag":
         approximate = t.approximates(approximate, x.shape[0], effort)  # decided once: it also means padding
@@ -144,6 +167,26 @@ def _fused(x: torch.Tensor, t: PoolTensors, k: int = 1, cand: torch.Tensor | Non
     return Routed(delta if x.dtype == torch.float32 else delta.to(x.dtype), winner)
 
 
+def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float, *,
+                    score_x: torch.Tensor | None = None, strategy: str = "auto") -> Routed:
+    """Two-level routing, the token level: per token the candidate of its sequence's shortlist with the best
+    ``prior + weight * log ||A*_j x_s||``.
+
+    x [T, n] (the winners are applied to it), cand [T, M] each token's shortlist, prior [T, M] log mass
+    shares, score_x [T, n] the vectors scored (default x; e.g. request-centred tokens)."""
+    xs = x if score_x is None else score_x
+    if weight == 0:
+        best = prior.argmax(dim=-1, keepdim=True)  # [T, 1]
+    else:
+        norms = project_pairs(xs, t.A, cand, strategy).float().norm(dim=-1)  # [T, M]
+        score = prior.float() + weight * norms.clamp_min(1e-30).log()
+        if t.valid is not None:
+            score = score.masked_fill(~t.valid[cand], float("-inf"))
+        best = score.argmax(dim=-1, keepdim=True)  # [T, 1]
+    winner = cand.gather(1, best).squeeze(1)  # [T]
+    return Routed(_winner_delta(x, t, winner, strategy), winner)
+
+
 def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> int:
     """Decode in place: out [.., m] += B*_w A*_w x for one float32 token x [.., n] (contiguous, CPU, no
     autograd), w chosen by exact Arrow top-k -> SpectR (k = 1: Arrow top-1). What :func:`route_tokens` adds
@@ -162,14 +205,18 @@ def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: tor
 def sequence_scores(
     x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, mode: str, how: str, *, k: int = 20,
     strategy: str = "auto", approximate: bool | None = False, effort: int | None = None,
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Aggregate per-token scores over each sequence. x [B, S, n], mask [B, S] -> [B, N].
 
     ``mass``: per token, the SpectR scores ||A*_i x|| of its candidates (all N for spectr, Arrow top-k for
     lag, Arrow scores for arrow) normalised to sum 1 over the candidates, summed over the sequence.
-    ``vote``: the number of tokens whose per-token winner is each adapter.
+    ``vote``: the number of tokens whose per-token winner is each adapter. ``centre`` [B, n]: score
+    ``x - centre`` (request-centred tokens, see :func:`request_centre`).
     """
     Bsz, S, n = x.shape
+    if centre is not None:
+        x = x.float() - centre[:, None].to(x.device)
     flat = x.reshape(-1, n)  # [T, n]
     N = t.n_adapters
     if how == "vote":
