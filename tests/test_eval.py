@@ -467,3 +467,31 @@ def test_cli_end_to_end_writes_results_report_and_plots(world, tmp_path, capsys)
     # the same command again resumes: nothing left to do, same answers
     assert cli_main(args) == 0
     assert _comparable(load_results(out)) == _comparable(results)
+
+
+def test_each_task_is_normalised_by_the_better_oracle():
+    results = _synthetic_results()
+    results["modes"].append({"name": "oracle-knowledge", "base": "oracle-knowledge", "prompt": "question",
+                             "knowledge": "gold", "routing": {"mode": "fixed", "k": 3}})
+    # knowledge alone: qa F1 1.0 (better than the oracle's 5/6), fact 1/3 (worse than its 1.0)
+    for qid, answer in (("q1", "Drelmouth"), ("q2", "Pimsy"), ("f1", "true"), ("f2", "true"), ("f3", "true")):
+        results["answers"].append({"mode": "oracle-knowledge", "qid": qid, "answer": answer, "new_tokens": 1,
+                                   "seconds": 0.1})
+    s = summarize(results)
+    assert s["oracle_by_task"] == {"fact": "oracle", "qa": "oracle-knowledge"}
+    assert s["modes"]["lag"]["normalised"]["qa"] == pytest.approx(100 * 0.25 / 1.0)
+    assert s["modes"]["lag"]["normalised"]["fact"] == pytest.approx(100 * (2 / 3 * 0.5 + 1 / 3 * 0.0))
+    assert s["modes"]["oracle"]["normalised"]["qa"] == pytest.approx(100 * (5 / 6))
+    assert "qa: `oracle-knowledge`" in render_markdown(results)
+
+
+def test_a_label_task_the_oracle_answers_at_chance_is_left_out_of_avg():
+    results = _synthetic_results()
+    for a in results["answers"]:
+        if a["mode"] == "oracle" and a["qid"].startswith("f"):
+            a["answer"] = "false"  # the majority label: 2 of 3, chance
+    s = summarize(results)
+    assert s["uninformative"] == ["fact"]
+    lag = s["modes"]["lag"]
+    assert lag["normalised"]["fact"] is not None and lag["avg"] == pytest.approx(lag["normalised"]["qa"])
+    assert "Left out of AVG: fact" in render_markdown(results)

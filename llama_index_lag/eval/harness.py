@@ -11,6 +11,8 @@ spectr      question only               SpectR per token over every attached lib
 lag         question only               LAG (Arrow top-k, SpectR rerank) over every attached library
 oracle      question only               the gold document's knowledge adapter (+ the question's task
                                         adapter when task libraries are attached and mapped)
+oracle-     question only               the gold document's knowledge adapter alone (each task is
+knowledge                               normalised by the better of the two Oracles)
 rag         top documents in the prompt off
 rag+lag     top documents in the prompt LAG over every attached library
 prag        question only               the top retrieved document's knowledge adapter (fixed)
@@ -62,7 +64,7 @@ ANSWERS_FILE = "answers.jsonl"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "results.md"
 
-BASE_MODES = ("none", "arrow", "spectr", "lag", "oracle", "rag", "rag+lag", "prag", "prag+lag")
+BASE_MODES = ("none", "arrow", "spectr", "lag", "oracle", "oracle-knowledge", "rag", "rag+lag", "prag", "prag+lag")
 DEFAULT_MODES = BASE_MODES
 ROUTED_BASES = ("arrow", "spectr", "lag", "rag+lag", "prag+lag")
 LAG_BASES = ("lag", "rag+lag", "prag+lag")
@@ -109,6 +111,7 @@ _BASE = {  # base -> (prompt, knowledge, LAGConfig mode)
     "spectr": ("question", "routed", "spectr"),
     "lag": ("question", "routed", "lag"),
     "oracle": ("question", "gold", "fixed"),
+    "oracle-knowledge": ("question", "gold", "fixed"),  # the gold knowledge adapter alone, no task adapter
     "rag": ("rag", "off", "none"),
     "rag+lag": ("rag", "routed", "lag"),
     "prag": ("question", "retrieved", "fixed"),
@@ -638,7 +641,7 @@ class EvalHarness:
         fixed: dict[str, list[str]] = {}
         if spec.knowledge == "gold":
             fixed["knowledge"] = [self.doc_to_adapter[q.doc_id]]
-            task_adapter = self.task_adapter.get(q.task)
+            task_adapter = self.task_adapter.get(q.task) if spec.base == "oracle" else None
             if task_adapter is not None:
                 fixed["task"] = [task_adapter]
         elif spec.knowledge == "retrieved":
