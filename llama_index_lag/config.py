@@ -15,6 +15,12 @@ MODES: tuple[str, ...] = ("none", "arrow", "spectr", "lag", "fixed")
 GRANULARITIES = ("token", "sequence")
 SEQUENCE_SCORES = ("mass", "vote")
 CALIBRATIONS = ("none", "request")
+# Named LAG routings (BENCHMARKS.md, "Routing quality", has the measurements behind the choice).
+PRESETS: dict[str, dict[str, Any]] = {
+    "two-level": {"calibration": "request", "shortlist": 2, "shortlist_weight": 0.5},
+    "paper": {},
+}
+DEFAULT_PRESET = "two-level"
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,17 @@ class LAGConfig:
         """A copy with ``changes`` applied (validated; an unknown field is a :class:`ConfigError`)."""
         _check_fields(changes)
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **fields: Any) -> LAGConfig:
+        """A named LAG routing: ``"two-level"`` (the default of the pipeline and of :class:`LAGLLM`:
+        request-centred scores, a per-sequence shortlist, then per-token choice; see :data:`PRESETS`) or
+        ``"paper"`` (the LAG paper's per-token Arrow top-k -> SpectR, ``LAGConfig(mode="lag")``); ``fields``
+        override it."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown LAG routing preset {name!r}; expected one of {sorted(PRESETS)}",
+                              field="lag_method")
+        return cls.from_dict({"mode": "lag", **PRESETS[name], **fields})
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> LAGConfig:

@@ -38,7 +38,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr, ValidationError
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from .config import LAGConfig
+from .config import DEFAULT_PRESET, LAGConfig
 from .data import check_text
 from .errors import ConfigError, DataError, LAGError
 from .library import AdapterLibrary
@@ -138,7 +138,7 @@ class LAGLLM(CustomLLM):
             model, tokenizer = load_causal_lm(folder, dtype=dtype)
             name = str(folder)
         libs = [lib if isinstance(lib, AdapterLibrary) else AdapterLibrary.load(lib) for lib in libraries]
-        config = lag_config or LAGConfig(mode="lag" if libs else "none")
+        config = lag_config or (LAGConfig.preset(DEFAULT_PRESET) if libs else LAGConfig(mode="none"))
         if router is None and libs:
             router = attach_lag(model, libs, LAGConfig(mode="none"))  # bare unless a call says otherwise
         has_template = bool(getattr(tokenizer, "chat_template", None))

@@ -64,6 +64,9 @@ class LAGPipelineConfig(BaseModel):
     max_new_tokens: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     dtype: str = Field(default="float32", description="model dtype: float32 | bfloat16")
+    lag_method: Literal["two-level", "paper"] = Field(
+        default="two-level", description="LAG routing of the lag modes: 'two-level' (request-centred scores, a "
+        "shortlist per sequence, then per token) or 'paper' (the LAG paper's per-token Arrow -> SpectR)")
     routing: dict[str, Any] = Field(default_factory=dict,
                                     description="extra LAGConfig fields, e.g. {'granularity': 'sequence'}")
 
@@ -92,7 +95,7 @@ class LAGPipelineConfig(BaseModel):
             return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})
         if self.mode == "prag":
             return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})  # fixed adapter added per query
-        return LAGConfig.from_dict({"mode": "lag", "k": self.k, **extra})
+        return LAGConfig.preset(self.lag_method, k=self.k, **extra)
 
     def check(self) -> None:
         """Fail early with a clear message when the mode lacks what it needs."""

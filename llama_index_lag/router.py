@@ -88,7 +88,8 @@ class _ForwardState:
     focus: torch.Tensor | None = None  # [B, S_prompt] True for the prompt's content tokens (see focus())
     winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
     scoring: dict[str, torch.Tensor] | None = None  # kind -> [B, N] scores summed over modules (pre-pass)
-    shortlists: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # kind -> [B, M] x2
+    # kind (model-wide pre-pass) or (kind, module) -> ([B, M] shortlisted adapters, [B, M] log mass shares)
+    shortlists: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     centres: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [B, n] request means (prompt)
 
 
@@ -328,6 +329,18 @@ class LAGRouter:
         finally:
             self._focus.reset(token)
 
+    def begin_request(self) -> _ForwardState:
+        """Start a fresh request for direct calls of adapted modules (``model(...)`` starts one per prompt
+        itself): what its first forward computes for the request (centres, shortlists) serves the later ones.
+        Returns a handle for :meth:`resume_request` (this thread / task)."""
+        fwd = _ForwardState(focus=self._focus.get())
+        self._forward.set(fwd)
+        return fwd
+
+    def resume_request(self, handle: _ForwardState) -> None:
+        """Continue the request :meth:`begin_request` returned, e.g. decode steps after their prompt."""
+        self._forward.set(handle)
+
     def state(self) -> RequestState:
         return self._state.get(self._default)
 
@@ -499,9 +512,13 @@ class LAGRouter:
         """Two-level routing: each token picks among its sequence's shortlist (chosen by the pre-pass over the
         prompt; without one, from this module's own scores of the current tokens)."""
         fwd = self._forward.get(None)
-        lists = fwd.shortlists.get(kind) if fwd is not None else None
-        if lists is None or lists[0].shape[0] != x.shape[0]:
+        if fwd is None:
+            fwd = _ForwardState()
+            self._forward.set(fwd)
+        lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
+        if lists is None or lists[0].shape[0] != x.shape[0]:  # this module's own, kept for the decode steps
             lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
+            fwd.shortlists[(kind, module)] = lists
         idx, prior = (v.repeat_interleave(x.shape[1], dim=0) for v in lists)  # [T, M] per token's row
         return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x, strategy=cfg.dispatch)
 

@@ -226,8 +226,11 @@ class _Capture(BaseEventHandler):
 
 def test_prompts_answers_and_routing_equal_the_pipeline(world, tmp_path):
     """Batched harness vs `build_query_engine(...).query(q)` (unbatched, its own LLM): same prompt sent to the
-    LLM, same answer, same routing summary, for rag, lag and prag."""
-    modes = ("rag", "lag", "prag")
+    LLM, same answer, same routing summary, for rag, lag and prag; the harness's `lag` is the paper's method,
+    the pipeline's default LAG routing (two-level) is the harness's `lag-req-sl2-w0.5`."""
+    modes = ("rag", "lag", "prag", "lag-req-sl2-w0.5")
+    pipeline = {"rag": dict(mode="rag"), "lag": dict(mode="lag", lag_method="paper"), "prag": dict(mode="prag"),
+                "lag-req-sl2-w0.5": dict(mode="lag")}
     harness = EvalHarness(_config(world, tmp_path / "out", modes=",".join(modes), limit=4),
                           llm=world["llm"], index=world["loaded_index"], progress=False)
     results = harness.run()
@@ -236,7 +239,7 @@ def test_prompts_answers_and_routing_equal_the_pipeline(world, tmp_path):
     root = get_dispatcher()
     for mode in modes:
         engine = build_query_engine(LAGPipelineConfig(
-            mode=mode, model=world["model"], index=world["index"], knowledge=world["know"], task=[world["task"]],
+            **pipeline[mode], model=world["model"], index=world["index"], knowledge=world["know"], task=[world["task"]],
             k=3, max_new_tokens=6, similarity_top_k=1), embed_model=world["embed"])  # its own LAGLLM
         for q in harness.questions:
             capture = _Capture()
@@ -287,8 +290,9 @@ def test_rag_context_larger_than_one_window_goes_through_the_pipeline_refine_loo
     results = run_eval(_config(world, tmp_path / "out", modes="rag,rag+lag", limit=2, similarity_top_k=2),
                        llm=small, index=world["loaded_index"], progress=False)
     assert {a["path"] for a in results["answers"]} == {"pipeline"}
-    engine = build_query_engine(LAGPipelineConfig(mode="rag+lag", index=world["index"], knowledge=world["know"],
-                                                  k=3, max_new_tokens=6, similarity_top_k=2),
+    engine = build_query_engine(LAGPipelineConfig(mode="rag+lag", lag_method="paper", index=world["index"],
+                                                  knowledge=world["know"], k=3, max_new_tokens=6,
+                                                  similarity_top_k=2),
                                 llm=small, index=world["loaded_index"])
     questions = {q["id"]: q["question"] for q in results["questions"]}
     for rec in results["answers"]:

@@ -113,12 +113,16 @@ def test_modes_share_one_model_and_none_is_the_bare_model(world, config):
     router = llms[0].router
     with torch.no_grad():
         bare = model.generate(ids, max_new_tokens=6, do_sample=False)  # router default: off
-        with router.using(mode="lag", k=3):
+        focus = llms[0].encode(prompt, 6, [QUESTION])["focus"]  # the request's own tokens (LAGLLM marks them)
+        with router.focus(focus), router.using(LAGConfig.preset("two-level", k=3)):  # the pipeline's default
             routed = model.generate(ids, max_new_tokens=6, do_sample=False)
+        with router.using(mode="lag", k=3):  # the paper's
+            paper = model.generate(ids, max_new_tokens=6, do_sample=False)
     decode = lambda out: tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()  # noqa: E731
     assert str(engines["none"].query(QUESTION)).strip() == decode(bare)
     assert str(engines["lag"].query(QUESTION)).strip() == decode(routed)
-    assert decode(bare) != decode(routed)
+    assert str(_engine(config, "lag", world, lag_method="paper").query(QUESTION)).strip() == decode(paper)
+    assert decode(bare) != decode(routed) and decode(paper) != decode(routed)
 
 
 def test_persisted_index_reloads_with_the_same_retrieval(world, config):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import LAGConfig
+from ..config import PRESETS, LAGConfig
 from ..library import AdapterLibrary
 from ..router import attach_lag
 from .common import (
@@ -40,6 +40,7 @@ MODES: dict[str, dict[str, Any]] = {
     "spectr": dict(mode="spectr"),
     "lag(k=5)": dict(mode="lag", k=5),
     "lag(k=20)": dict(mode="lag", k=20),
+    "two-level": dict(mode="lag", k=20, **PRESETS["two-level"]),  # the pipeline's default LAG routing
 }
 
 
@@ -79,11 +80,21 @@ def bench_modules(ns: list[int], work: Path, *, tokens: int = 256, rank: int = 6
         router = attach_lag(model, lib, LAGConfig(mode="lag"))
         mlp = model.model.layers[0].mlp
 
+        primed: dict[str, Any] = {}
+
         def run(name: str, x: torch.Tensor, calls: int) -> Callable[[], None]:
             def call() -> None:
                 block = bare_mlp if name == "bare" else mlp
                 if name != "bare":
                     router.set(LAGConfig(**MODES[name]))
+                    # a prompt starts a fresh request (centre, shortlist); decoded tokens reuse the prompt's
+                    if x.shape[1] > 1:
+                        router.begin_request()
+                    else:
+                        if name not in primed:
+                            primed[name] = router.begin_request()
+                            block(x_pre)
+                        router.resume_request(primed[name])
                 for _ in range(calls):
                     block(x)
             return call

@@ -9,7 +9,7 @@ import textwrap
 from typing import Any
 
 FIELDS = ("model", "embed_model", "index", "knowledge", "k", "similarity_top_k", "response_mode",
-          "max_new_tokens", "temperature", "dtype")
+          "max_new_tokens", "temperature", "dtype", "lag_method")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--knowledge", default=None, help="knowledge library folder")
     p.add_argument("--task", action="append", default=None, help="task library folder (repeatable)")
     p.add_argument("--k", type=int, default=None, help="Arrow candidates per token (LAG)")
+    p.add_argument("--lag-method", dest="lag_method", default=None, choices=["two-level", "paper"],
+                   help="LAG routing: two-level (default) or the paper's per-token Arrow -> SpectR")
     p.add_argument("--similarity-top-k", dest="similarity_top_k", type=int, default=None)
     p.add_argument("--response-mode", dest="response_mode", default=None)
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
