@@ -11,7 +11,6 @@ import torch
 from llama_index_lag import AdapterLibrary, LAGConfig, attach_lag
 from llama_index_lag.errors import ConfigError
 
-from .conftest import MLP
 from .test_router import _svd, dense_deltas
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 64, 11, 300, 2, 77]])

@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -23,7 +23,7 @@ from llama_index_lag.errors import (
     LibraryFormatError,
     UnsafeOutputError,
 )
-from llama_index_lag.testing import make_lora_adapters, make_tiny_model, make_tiny_model_dir
+from llama_index_lag.testing import make_lora_adapters, make_tiny_model_dir
 
 from .conftest import MLP
 

@@ -15,7 +15,7 @@ from llama_index_lag import AdapterLibrary, LAGConfig, attach_lag
 from llama_index_lag.errors import ConfigError, IncompatibleLibraryError, LibraryError
 from llama_index_lag.testing import make_lora_adapters, make_tiny_model
 
-from .conftest import ATTN, MLP
+from .conftest import MLP
 
 
 # ---- the independent reference ------------------------------------------------------------------
