@@ -17,7 +17,7 @@ SEQUENCE_SCORES = ("mass", "vote")
 CALIBRATIONS = ("none", "request")
 # Named LAG routings (BENCHMARKS.md, "Routing quality", has the measurements behind the choice).
 PRESETS: dict[str, dict[str, Any]] = {
-    "two-level": {"calibration": "request", "shortlist": 2, "shortlist_weight": 0.5},
+    "two-level": {"calibration": "request", "shortlist": 2, "shortlist_weight": 0.25},
     "paper": {},
 }
 DEFAULT_PRESET = "two-level"

@@ -227,10 +227,10 @@ class _Capture(BaseEventHandler):
 def test_prompts_answers_and_routing_equal_the_pipeline(world, tmp_path):
     """Batched harness vs `build_query_engine(...).query(q)` (unbatched, its own LLM): same prompt sent to the
     LLM, same answer, same routing summary, for rag, lag and prag; the harness's `lag` is the paper's method,
-    the pipeline's default LAG routing (two-level) is the harness's `lag-req-sl2-w0.5`."""
-    modes = ("rag", "lag", "prag", "lag-req-sl2-w0.5")
+    the pipeline's default LAG routing (two-level) is the harness's `lag-req-sl2-w0.25`."""
+    modes = ("rag", "lag", "prag", "lag-req-sl2-w0.25")
     pipeline = {"rag": dict(mode="rag"), "lag": dict(mode="lag", lag_method="paper"), "prag": dict(mode="prag"),
-                "lag-req-sl2-w0.5": dict(mode="lag")}
+                "lag-req-sl2-w0.25": dict(mode="lag")}
     harness = EvalHarness(_config(world, tmp_path / "out", modes=",".join(modes), limit=4),
                           llm=world["llm"], index=world["loaded_index"], progress=False)
     results = harness.run()
