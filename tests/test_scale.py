@@ -231,12 +231,17 @@ def test_concurrent_readers_during_updates(big, tmp_path):
     assert len(AdapterLibrary.load(tmp_path / "lib")) == 32
 
 
-def test_packed_file_larger_than_ram_and_swap_is_mapped(tmp_path):
+def test_packed_file_larger_than_ram_and_swap_is_mapped(tmp_path, monkeypatch):
     """A library larger than RAM + swap still opens: its packed file is mapped read-only. (A writable
     private map, as safetensors makes, is charged in full against the commit limit: ENOMEM.)"""
     from pathlib import Path
 
+    from llama_index_lag.library import packed
     from llama_index_lag.library.packed import PackedReader, PackedWriter
+
+    # The writer reserves its blocks (posix_fallocate) against a full disk; this file must stay sparse,
+    # or it would take RAM + swap x 1.5 of real disk.
+    monkeypatch.setattr(packed, "reserve", lambda fd, size: None)
 
     meminfo = Path("/proc/meminfo")
     if not meminfo.is_file():
@@ -253,7 +258,12 @@ def test_packed_file_larger_than_ram_and_swap_is_mapped(tmp_path):
     except OSError as exc:  # e.g. a file-size limit
         pytest.skip(f"cannot create a {N}-row sparse file here: {exc}")
     if path.stat().st_blocks * 512 > 1 << 30:
+        path.unlink()
         pytest.skip("this filesystem has no sparse files")
     assert path.stat().st_size > limit
     A = PackedReader(path).tensor("layers.0.mlp.A")
-    assert A.shape == (N, r, n) and not bool(A[N - 1].any())  # the last row, past RAM + swap: paged in
+    try:
+        assert A.shape == (N, r, n) and not bool(A[N - 1].any())  # the last row, past RAM + swap: paged in
+    finally:
+        del A
+        path.unlink()
