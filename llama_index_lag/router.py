@@ -28,10 +28,12 @@ from .config import LAGConfig
 from .errors import ConfigError, IncompatibleLibraryError, LibraryError
 from .library.base import BaseModelSpec, fingerprint_diff, linear_shape
 from .library.store import AdapterLibrary
+from .routing import kernels
 from .routing.engine import (
     PoolTensors,
     Routed,
     add_fused,
+    add_shortlist_fused,
     apply_fixed,
     request_centre,
     route_shortlist,
@@ -63,15 +65,18 @@ class RequestState:
     # k of the decode fast path (LAGRouter._decode_in_place) under these settings: exact lag (k) or Arrow
     # top-1 (1), one adapter per token, nothing to record; None: the general path.
     fused_k: int | None = field(init=False, default=None)
+    # two-level routing's decode fast path (LAGRouter._decode_shortlist_in_place) applies
+    fused_shortlist: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         cfg = self.config
         plain = (not self.traces and not self.timings and not self.fixed_idx and cfg.libraries is None
-                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch"
-                 and cfg.calibration == "none" and cfg.shortlist is None)
-        if plain and cfg.mode == "lag":
+                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch")
+        if plain and cfg.shortlist is not None:
+            self.fused_shortlist = cfg.mode in ("arrow", "spectr", "lag")
+        elif plain and cfg.calibration == "none" and cfg.mode == "lag":
             self.fused_k = cfg.k
-        elif plain and cfg.mode == "arrow" and cfg.arrow_top_k == 1:
+        elif plain and cfg.calibration == "none" and cfg.mode == "arrow" and cfg.arrow_top_k == 1:
             self.fused_k = 1
 
     def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None,
@@ -180,6 +185,8 @@ class LAGLinear(nn.Module):
         if cfg.mode == "none":
             return out
         if state.fused_k is not None and router._decode_in_place(self, x, out, state.fused_k, cfg):
+            return out
+        if state.fused_shortlist and router._decode_shortlist_in_place(self, x, out, cfg):
             return out
         start = time.perf_counter() if state.timings else 0.0
         delta = None
@@ -444,6 +451,27 @@ class LAGRouter:
         if not t.fused_exact(APPROXIMATE[cfg.arrow_backend], _effort(cfg, t)):
             return False
         add_fused(x, t, k, out)
+        return True
+
+    def _decode_shortlist_in_place(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
+                                   cfg: LAGConfig) -> bool:
+        """Two-level decode fast path: one float32 token of a request whose prompt chose its shortlist (and
+        centre), on the CPU, without autograd, one library kind at this module. Adds what
+        :meth:`_route_shortlist` would into ``out`` in place. False: nothing done."""
+        fwd = self._forward.get(None)
+        if (fwd is None or len(layer.pools) != 1 or x.numel() != x.shape[-1] or x.dtype != torch.float32
+                or not x.is_cpu or out.dtype != torch.float32 or torch.is_grad_enabled()
+                or not x.is_contiguous() or not out.is_contiguous()):
+            return False
+        ((kind, t),) = layer.pools.items()
+        module = layer.module_name
+        lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
+        centre = fwd.centres.get(module) if cfg.calibration == "request" else None
+        if (lists is None or lists[0].shape[0] != 1 or (cfg.calibration == "request" and centre is None)
+                or t.bits is None or t.valid is not None or not kernels.available()):
+            return False
+        add_shortlist_fused(x, t, lists[0][0], lists[1][0], cfg.shortlist_weight,
+                            None if centre is None else centre[0], out)
         return True
 
     def _route(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,

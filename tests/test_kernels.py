@@ -47,7 +47,7 @@ def _loop(x: torch.Tensor, t: PoolTensors, mode: str, k: int) -> tuple[int, torc
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records which fused kernel ran, so a test cannot pass on the PyTorch fallback."""
     calls: list[str] = []
-    for name in ("lag_one", "rerank_one", "add_one"):
+    for name in ("lag_one", "rerank_one", "add_one", "add_shortlist_one"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
@@ -155,6 +155,38 @@ def test_in_place_decoding_equals_the_general_path(tiny_model, knowledge_dirs, s
         tiny_model(ids[:, 4:], past_key_values=tiny_model(ids[:, :4], use_cache=True).past_key_values)
     tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past))  # autograd on
     assert "add_one" not in spy
+
+
+@pytest.mark.parametrize("cfg", [LAGConfig.preset("two-level"),
+                                 LAGConfig(mode="lag", k=3, shortlist=3, shortlist_weight=1.0),
+                                 LAGConfig(mode="spectr", shortlist=2, shortlist_weight=0.0)],
+                         ids=["default", "uncentred-M3-w1", "w0"])
+def test_two_level_in_place_decoding_equals_the_general_path(tiny_model, knowledge_dirs, spy, cfg) -> None:
+    """Two-level decode steps run in the fused kernel (the token among its prompt's shortlist, centred on the
+    prompt's mean) and generate what the PyTorch ops generate; a traced step takes the general path and gives
+    the same logits (to float32 rounding: the general path's products are PyTorch's)."""
+    lib = AdapterLibrary.compile(knowledge_dirs, kind="knowledge", base_model=tiny_model,
+                                 out=knowledge_dirs[0].parent / "lib")
+    router = attach_lag(tiny_model, lib, cfg)
+    ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(6))
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        fused = tiny_model.generate(ids, **kw)
+        assert spy == ["add_shortlist_one"] * 7 * len(lib.modules)
+        spy.clear()
+        router.set(decode_kernel="torch")
+        ops = tiny_model.generate(ids, **kw)
+        assert spy == [] and torch.equal(fused, ops)
+        router.set(decode_kernel="auto")
+        out = tiny_model(ids, use_cache=True)
+        step = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
+        assert len(spy) == len(lib.modules)
+        with router.trace():
+            traced = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
+        with router.using(mode="none"):
+            bare = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
+    assert len(spy) == len(lib.modules)
+    assert torch.allclose(step, traced, rtol=1e-5, atol=1e-5) and not torch.allclose(bare, traced, atol=1e-3)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -195,6 +195,16 @@ def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> int
     return kernels.add_one(protos, A, B, x, k, out)
 
 
+def add_shortlist_fused(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float,
+                        centre: torch.Tensor | None, out: torch.Tensor) -> int:
+    """Decode in place for two-level routing: out [.., m] += B*_w A*_w x for one float32 token x [.., n], w
+    the shortlisted candidate cand [M] with the best prior [M] + weight * log ||A*_w (x - centre)||: what
+    :func:`route_shortlist` adds for that token, without its tensors. Needs ``t.bits`` and ``t.valid`` None.
+    Returns w."""
+    _, A, B = t.bits  # type: ignore[misc]
+    return kernels.add_shortlist_one(A, B, x, centre, cand, prior, weight, out)
+
+
 def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Named adapters for every token: sum_f w_f B*_f A*_f x. x [T, n], idx [F], weights [F] -> [T, m]."""
     proj = project_all(x, t.A[idx])  # [T, F, r]

@@ -153,6 +153,32 @@ if numba is not None:
         return _rerank_apply(A, B, x, _topk(scores, k), out)
 
 
+    @njit(fastmath=True, cache=True)
+    def _shortlist_apply(A: Any, B: Any, x: Any, centre: Any, cand: Any, prior: Any, weight: float,
+                         out: Any) -> int:
+        """Two-level routing of one token among its sequence's shortlist: w = argmax_c prior_c + weight *
+        log ||A*_c (x - centre)||, then out += B*_w (A*_w x). A [N, r, n], B [N, m, r], x [n] f32, centre [n]
+        f32 (zeros: uncentred), cand [M], prior [M] log mass shares, out [m] f32 -> w."""
+        best = 0
+        if weight != 0.0 and cand.shape[0] > 1:
+            xs = x - centre  # [n]
+            proj = np.empty(A.shape[1], np.float32)  # [r]
+            top = -np.inf
+            for c in range(cand.shape[0]):  # M is a handful: serial
+                _project(A, cand[c], xs, proj)
+                sq = np.float64(np.sum(proj * proj))
+                score = np.float64(prior[c]) + weight * 0.5 * np.log(max(sq, 1e-60))  # log clamp_min(norm, 1e-30)
+                if score > top:
+                    top, best = score, c
+        elif cand.shape[0] > 1:
+            best = np.argmax(prior)
+        winner = cand[best]
+        proj = np.empty(A.shape[1], np.float32)  # [r]
+        _project(A, winner, x, proj)
+        _add_delta(B, winner, proj, out)
+        return winner
+
+
 def lag_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor,
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One token x [1, n], exact Arrow top-k -> SpectR -> apply: (delta [1, m] float32, winner [1])."""
@@ -176,6 +202,18 @@ def add_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor, k
     x [..., n] and out [..., m] contiguous CPU tensors without autograd. Returns the winner."""
     _match_threads()
     return _lag_apply(protos, A, B, x.numpy().reshape(-1), min(k, protos.shape[0]), out.numpy().reshape(-1))
+
+
+def add_shortlist_one(A: np.ndarray, B: np.ndarray, x: torch.Tensor, centre: torch.Tensor | None,
+                      cand: torch.Tensor, prior: torch.Tensor, weight: float, out: torch.Tensor) -> int:
+    """Two-level routing's token level for one float32 token, adding the winner's delta into ``out`` in place
+    (see :func:`..engine.route_shortlist`): x [..., n], out [..., m] contiguous CPU tensors without autograd,
+    centre [n] (None: score x itself), cand [M] shortlisted rows, prior [M] their log mass shares. Returns the
+    winner."""
+    xv = x.numpy().reshape(-1)
+    c = np.zeros_like(xv) if centre is None else centre.detach().float().contiguous().numpy().reshape(-1)
+    return _shortlist_apply(A, B, xv, c, cand.numpy().astype(np.int64, copy=False),
+                            prior.detach().float().numpy(), float(weight), out.numpy().reshape(-1))
 
 
 def _vector(x: torch.Tensor) -> np.ndarray:
