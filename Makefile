@@ -8,7 +8,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/lag demo
 
-test: install
+# the import layers (pyproject's [tool.importlinter]) and the linter
+lint: install
+	$(BIN)/lint-imports --no-cache
+	# ruff: added once clean
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-slow: install

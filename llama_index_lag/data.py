@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._fs import atomic_write_text
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.core import Document
@@ -426,3 +426,19 @@ __all__ = [
     "MAX_ID_LENGTH",
     "FACT_ANSWERS",
 ]
+
+
+# ---- committed instances -----------------------------------------------------------------------------
+DATA_DIR = Path(__file__).resolve().parent / "data"
+"""Folder of the committed instances: ``demo/``, ``benchmark/`` and ``benchmark-seed1/`` (written by
+:mod:`llama_index_lag.eval.synthetic`)."""
+PACKAGED = ("demo", "benchmark", "benchmark-seed1")
+
+
+def packaged_path(name: str) -> Path:
+    """Folder of a committed instance: ``"demo"``, ``"benchmark"`` (60 documents, seed 0) or
+    ``"benchmark-seed1"`` (60 documents, seed 1)."""
+    if name not in PACKAGED:
+        raise ConfigError(f"unknown packaged instance {name!r} (expected one of {', '.join(PACKAGED)})",
+                          field="name")
+    return DATA_DIR / name

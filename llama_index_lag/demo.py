@@ -8,16 +8,14 @@ cache (``demo/``), so a second run only answers.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._fs import cache_dir
-from .data import QuestionRecord, read_documents, read_questions
+from .data import QuestionRecord, packaged_path, read_documents, read_questions
 from .eval.metrics import contains_match, parse_bool
-from .eval.synthetic import packaged_path
 
 MODES = ("none", "rag", "lag", "rag+lag")
 
@@ -170,9 +168,3 @@ def _wrap(text: str, width: int) -> list[str]:
     import textwrap
 
     return textwrap.wrap(text, width)
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - thin wrapper
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *(argv or sys.argv[1:])])

@@ -42,35 +42,15 @@ from .config import DEFAULT_PRESET, LAGConfig
 from .data import check_text
 from .errors import ConfigError, DataError, LAGError
 from .library import AdapterLibrary
+from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
+from .trace import collect_routing, record_routing  # noqa: F401  (collect_routing: re-exported)
 
 logger = logging.getLogger(__name__)
 
 _CALL_ROUTING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("lag_llm_routing",
                                                                                        default=None)
 _GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
-
-
-_COLLECT: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("lag_collect",
-                                                                                        default=None)
-
-
-@contextlib.contextmanager
-def collect_routing() -> Iterator[list[dict[str, Any]]]:
-    """Collect the routing summaries of the LAGLLM calls made inside the block (this request only)."""
-    sink: list[dict[str, Any]] = []
-    token = _COLLECT.set(sink)
-    try:
-        yield sink
-    finally:
-        _COLLECT.reset(token)
-
-
-def record_routing(summary: dict[str, Any] | None) -> None:
-    """Called by LAGLLM after each generation."""
-    sink = _COLLECT.get()
-    if sink is not None and summary is not None:
-        sink.append(summary)
 
 
 def _number(value: Any, field: str, minimum: float, maximum: float = math.inf) -> float:
@@ -160,9 +140,7 @@ class LAGLLM(CustomLLM):
     # ---- construction helpers -------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> LAGLLM:
-        """Build from a :class:`~llama_index_lag.pipeline.LAGPipelineConfig` (or a path to one)."""
-        from .pipeline import LAGPipelineConfig, shared_llm
-
+        """Build from a :class:`~llama_index_lag.pipeline_config.LAGPipelineConfig` (or a path to one)."""
         if not isinstance(config, LAGPipelineConfig):
             config = LAGPipelineConfig.load(config)
         return shared_llm(config, **kwargs)
@@ -191,7 +169,7 @@ class LAGLLM(CustomLLM):
             raise ConfigError(f"routing mode {config.mode!r} needs at least one adapter library",
                               field="mode")
         if self._router is not None:
-            self._router._resolve_fixed(config)  # unknown adapter names fail here, not mid-generation
+            self._router.check_config(config)  # unknown adapter names fail here, not mid-generation
 
     # ---- properties -----------------------------------------------------------------------------
     @classmethod
@@ -449,6 +427,26 @@ async def _aiter_thread(sync_gen: Iterator[Any]) -> AsyncGenerator[Any, None]:
         if item is done:
             return
         yield item
+
+
+# ---- process-wide sharing: one model per (model, dtype, libraries), whatever the routing ----------------
+_SHARED_LOCK = threading.Lock()
+_SHARED: dict[tuple, LAGLLM] = {}
+
+
+def shared_llm(config: LAGPipelineConfig, **kwargs: Any) -> LAGLLM:
+    """The process's LAGLLM for (model, dtype, libraries), viewed with this config's routing."""
+    libs = tuple([config.knowledge] if config.knowledge else []) + tuple(config.task)
+    key = (config.model, config.dtype, libs)
+    with _SHARED_LOCK:
+        base = _SHARED.get(key)
+        if base is None:
+            base = LAGLLM(config.model, libraries=list(libs), lag_config=LAGConfig(mode="none"),
+                          dtype=config.dtype)
+            _SHARED[key] = base
+    view = base.with_routing(config.lag_config())
+    return view.model_copy(update={"max_new_tokens": config.max_new_tokens,
+                                   "temperature": config.temperature, **kwargs})
 
 
 def _user_texts(messages: Sequence[ChatMessage]) -> list[str]:

@@ -351,6 +351,11 @@ class LAGRouter:
     def state(self) -> RequestState:
         return self._state.get(self._default)
 
+    def check_config(self, config: LAGConfig) -> None:
+        """Raise :class:`ConfigError` / :class:`LibraryError` if ``config`` names a library kind or adapter
+        that is not attached (so a request fails before it generates)."""
+        self._resolve_fixed(config)
+
     def _resolve_fixed(self, config: LAGConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
         for kind, weights in (config.fixed or {}).items():

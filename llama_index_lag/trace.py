@@ -1,10 +1,14 @@
-"""Routing trace: which adapter each token chose at each module, and per-adapter shares."""
+"""Routing trace: which adapter each token chose at each module, and per-adapter shares; the routing
+summaries of the LLM calls a request made (:func:`collect_routing`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -127,3 +131,25 @@ class RoutingTrace:
             self._counts.clear()
             self._tokens.clear()
             self._candidates.clear()
+
+
+_COLLECT: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("lag_collect",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def collect_routing() -> Iterator[list[dict[str, Any]]]:
+    """Collect the routing summaries of the LAGLLM calls made inside the block (this request only)."""
+    sink: list[dict[str, Any]] = []
+    token = _COLLECT.set(sink)
+    try:
+        yield sink
+    finally:
+        _COLLECT.reset(token)
+
+
+def record_routing(summary: dict[str, Any] | None) -> None:
+    """Called by LAGLLM after each generation."""
+    sink = _COLLECT.get()
+    if sink is not None and summary is not None:
+        sink.append(summary)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -15,38 +13,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .. import __version__
+from .._env import machine  # noqa: F401  (re-exported for the benchmarks)
 from .._fs import atomic_write_json
 
 # SmolLM2-135M-Instruct's shapes (LlamaForCausalLM): what the benchmarks default to.
 SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152)
-
-
-def machine() -> dict[str, Any]:
-    """What ran the benchmark: CPU, cores, threads, library versions."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import peft
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "llama_index_lag": __version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
 
 
 def timeit(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:

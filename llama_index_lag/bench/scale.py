@@ -37,8 +37,7 @@ BYTES_PER_LAYER = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def _text() -> str:
-    from ..data import read_documents
-    from ..eval.synthetic import packaged_path
+    from ..data import packaged_path, read_documents
 
     docs = read_documents(packaged_path("benchmark") / "documents.jsonl")
     return " ".join(d.text for d in docs[:12])

@@ -580,7 +580,7 @@ class EvalHarness:
         self.view = self.engines["question" if "question" in self.engines else "rag"].llm
 
     def _fingerprint_parts(self) -> dict[str, Any]:
-        from .. import __version__
+        from .._env import __version__
 
         cfg = self.config
         llm = self.llm
@@ -839,7 +839,7 @@ class EvalHarness:
         import torch
         from llama_index.core.schema import QueryBundle
 
-        from ..llm import collect_routing
+        from ..trace import collect_routing
         from ..pipeline import merge_summaries
 
         engine = self.engines[item.mode.prompt if item.mode.prompt == "rag" else "question"]
@@ -873,7 +873,7 @@ class EvalHarness:
     # ---- collect --------------------------------------------------------------------------------------
     def collect(self, store: ResultStore) -> dict[str, Any]:
         """The results dict (``results.json``) of the planned (mode, question) pairs, in plan order."""
-        from ..bench.common import machine
+        from .._env import machine
         from .report import score_answer, summarize
 
         answers = []

@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from .._fs import atomic_write_json
-from ..data import (
+from ..data import (  # DATA_DIR, packaged_path: re-exported (they moved to data)
+    DATA_DIR,
     DocumentRecord,
     QuestionRecord,
     TaskExample,
+    packaged_path,
     write_documents,
     write_questions,
     write_task_examples,
@@ -2049,18 +2051,7 @@ def make_demo() -> Benchmark:
 
 # ---- files -----------------------------------------------------------------------------------------------
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-"""Folder of the committed instances: ``demo/`` (:func:`make_demo`) and ``benchmark/`` (default)."""
 DEFAULT_N_DOCS, DEFAULT_SEED = 60, 0
-
-
-def packaged_path(name: str) -> Path:
-    """Folder of a committed instance: ``"demo"`` or ``"benchmark"`` (``make_benchmark(60, 0)``)."""
-    if name not in ("demo", "benchmark"):
-        raise ConfigError(
-            f"unknown packaged instance {name!r} (expected 'demo' or 'benchmark')", field="name"
-        )
-    return DATA_DIR / name
 
 
 def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict[str, Path]:

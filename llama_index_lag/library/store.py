@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._env import __version__
 from .._fs import atomic_write_json, check_output, disk_full_error, file_lock, is_disk_full, replace_dir
 from ..errors import (
     AdapterError,

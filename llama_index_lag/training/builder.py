@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .._env import __version__
 from .._fs import atomic_dir, atomic_write_json, check_output, file_lock, free_bytes
 from ..data import DocumentRecord, TaskExample, check_text, id_key, read_documents, read_task_examples, validate_id
 from ..errors import ConfigError, DataError, LAGError, UnsafeOutputError
