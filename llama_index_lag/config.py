@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .modes import ROUTING_MODES as MODES
 from .routing.dispatch import STRATEGIES
 
-Mode = Literal["none", "arrow", "spectr", "lag", "fixed"]
-MODES: tuple[str, ...] = ("none", "arrow", "spectr", "lag", "fixed")
+Mode = Literal["none", "arrow", "spectr", "lag", "fixed"]  # = modes.ROUTING_MODES (a test checks)
 GRANULARITIES = ("token", "sequence")
 SEQUENCE_SCORES = ("mass", "vote")
 CALIBRATIONS = ("none", "request")
 # Named LAG routings (BENCHMARKS.md, "Routing quality", has the measurements behind the choice).
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {  # keys: modes.LAG_METHODS
     "two-level": {"calibration": "request", "shortlist": 2, "shortlist_weight": 0.25},
     "paper": {},
 }

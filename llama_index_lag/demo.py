@@ -16,8 +16,9 @@ from typing import Any
 from ._fs import cache_dir
 from .data import QuestionRecord, packaged_path, read_documents, read_questions
 from .eval.metrics import contains_match, parse_bool
+from .modes import DEMO_MODES
 
-MODES = ("none", "rag", "lag", "rag+lag")
+MODES = DEMO_MODES  # the pipeline modes the demo compares
 
 
 def _say(msg: str) -> None:

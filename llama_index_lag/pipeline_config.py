@@ -12,10 +12,11 @@ from llama_index.core.bridge.pydantic import BaseModel, ConfigDict, Field, Valid
 from ._fs import atomic_write_text
 from .config import LAGConfig
 from .errors import ConfigError
+from .modes import PIPELINE_MODES, RETRIEVAL_MODES
 
-MODES = ("none", "rag", "lag", "rag+lag", "prag", "prag+lag")
-Mode = Literal["none", "rag", "lag", "rag+lag", "prag", "prag+lag"]
-RETRIEVAL_MODES = ("rag", "rag+lag", "prag", "prag+lag")
+MODES = PIPELINE_MODES
+Mode = Literal["none", "rag", "lag", "rag+lag", "prag", "prag+lag"]  # = modes.PIPELINE_MODES (a test checks)
+LAGMethod = Literal["two-level", "paper"]  # = modes.LAG_METHODS
 PATH_FIELDS = ("model", "embed_model", "index", "knowledge")
 
 
@@ -39,7 +40,7 @@ class LAGPipelineConfig(BaseModel):
     max_new_tokens: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     dtype: str = Field(default="float32", description="model dtype: float32 | bfloat16")
-    lag_method: Literal["two-level", "paper"] = Field(
+    lag_method: LAGMethod = Field(
         default="two-level", description="LAG routing of the lag modes: 'two-level' (request-centred scores, a "
         "shortlist per sequence, then per token) or 'paper' (the LAG paper's per-token Arrow -> SpectR)")
     routing: dict[str, Any] = Field(default_factory=dict,

@@ -405,10 +405,12 @@ def test_measure_recall_runs_on_a_tiny_library(tmp_path, tiny):
     qs = [QuestionRecord(f"{d.id}.q", f"What about {d.title}?", (d.title,), d.id) for d in DOCS]
     res = measure_recall(model, tok, qs, tmp_path / "lib", modes=["none", "oracle", "lag", "seq-spectr"],
                          max_new_tokens=4)
-    assert set(res) == {"none", "oracle", "lag", "seq-spectr"}
+    assert set(res) == {"none", "oracle", "lag", "spectr-seq-mass"}  # seq-spectr: the earlier spelling
     assert 0 <= res["lag"]["routing_accuracy"] <= 1 and res["oracle"]["routing_accuracy"] is None
     assert "| lag |" in recall_table(res)
     assert not any("LAG" in type(m).__name__ for m in model.modules())  # detached
+    with pytest.raises(ConfigError, match="use lag eval"):
+        measure_recall(model, tok, qs, tmp_path / "lib", modes=["rag"])
 
 
 # ---------------------------------------------------------------------------------------------- CLI, workers

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ..config import PRESETS, LAGConfig
+from ..config import LAGConfig
 from ..library import AdapterLibrary
+from ..modes import parse_mode
 from ..router import attach_lag
 from .common import (
     SMOLLM2_SHAPES,
@@ -35,12 +36,11 @@ from .common import (
     write_random_peft_lora,
 )
 
+# table label -> evaluated mode (llama_index_lag.modes); "two-level" is the pipeline's default LAG routing
 MODES: dict[str, dict[str, Any]] = {
-    "arrow": dict(mode="arrow"),
-    "spectr": dict(mode="spectr"),
-    "lag(k=5)": dict(mode="lag", k=5),
-    "lag(k=20)": dict(mode="lag", k=20),
-    "two-level": dict(mode="lag", k=20, **PRESETS["two-level"]),  # the pipeline's default LAG routing
+    label: dict(parse_mode(name, k=20).routing)
+    for label, name in (("arrow", "arrow"), ("spectr", "spectr"), ("lag(k=5)", "lag-k5"), ("lag(k=20)", "lag"),
+                        ("two-level", "lag-req-sl2-w0.25"))
 }
 
 

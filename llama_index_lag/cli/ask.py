@@ -8,17 +8,19 @@ import shutil
 import textwrap
 from typing import Any
 
+from ..modes import LAG_METHODS, PIPELINE_MODES
+
 FIELDS = ("model", "embed_model", "index", "knowledge", "k", "similarity_top_k", "response_mode",
           "max_new_tokens", "temperature", "dtype", "lag_method")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ask", help="answer a question (modes none / rag / lag / rag+lag / prag / prag+lag)",
+    p = sub.add_parser("ask", help=f"answer a question (modes {' / '.join(PIPELINE_MODES)})",
                        description="Answer QUESTION with the pipeline in --config (JSON/YAML/TOML); flags of "
                        "the same names override the config's fields.")
     p.add_argument("question")
     p.add_argument("--config", default=None, help="pipeline config file (LAGPipelineConfig fields)")
-    p.add_argument("--mode", default=None, help="none | rag | lag | rag+lag | prag | prag+lag")
+    p.add_argument("--mode", default=None, help=" | ".join(PIPELINE_MODES))
     p.add_argument("--compare", default=None, metavar="MODES",
                    help="comma-separated modes answered side by side, e.g. none,rag,lag,rag+lag")
     p.add_argument("--model", default=None, help="model folder (default: embedded SmolLM2-135M-Instruct)")
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--knowledge", default=None, help="knowledge library folder")
     p.add_argument("--task", action="append", default=None, help="task library folder (repeatable)")
     p.add_argument("--k", type=int, default=None, help="Arrow candidates per token (LAG)")
-    p.add_argument("--lag-method", dest="lag_method", default=None, choices=["two-level", "paper"],
+    p.add_argument("--lag-method", dest="lag_method", default=None, choices=LAG_METHODS,
                    help="LAG routing: two-level (default) or the paper's per-token Arrow -> SpectR")
     p.add_argument("--similarity-top-k", dest="similarity_top_k", type=int, default=None)
     p.add_argument("--response-mode", dest="response_mode", default=None)
@@ -52,7 +54,7 @@ def answer(engine_config: Any, question: str) -> dict[str, Any]:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from ..pipeline import MODES, LAGPipelineConfig
+    from ..pipeline import LAGPipelineConfig
 
     overrides = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
     if args.task:
@@ -60,10 +62,11 @@ def _ask(args: argparse.Namespace) -> int:
     base = LAGPipelineConfig.load(args.config, **overrides) if args.config else LAGPipelineConfig(**overrides)
     modes = [m.strip() for m in args.compare.split(",")] if args.compare else [args.mode or base.mode]
     for mode in modes:
-        if mode not in MODES:
+        if mode not in PIPELINE_MODES:
             from ..errors import ConfigError
 
-            raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}", field="mode")
+            raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(PIPELINE_MODES)}",
+                              field="mode")
     results = [answer(LAGPipelineConfig(**{**base.model_dump(), "mode": mode}), args.question) for mode in modes]
     if args.json:
         print(json.dumps(results, indent=2))

@@ -6,12 +6,12 @@ import argparse
 import sys
 from typing import Any
 
-DEFAULT_MODES = "none,arrow,spectr,lag,oracle,rag,rag+lag,prag,prag+lag"
+from ..modes import BASE_MODES, DEFAULT_MODES, RETRIEVAL_BASES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="evaluate modes (none/arrow/spectr/lag/oracle/rag/rag+lag/prag/prag+lag, variants) on questions",
+        "eval", help=f"evaluate modes ({'/'.join(BASE_MODES)}, variants) on questions",
         description="Answer every question in every mode with the LlamaIndex pipeline's own prompts (greedy, "
         "batched), score (EM / F1 / contains, true-false accuracy, the LAG paper's normalised score), measure "
         "routing accuracy, and write RESULTS_DIR/results.json, results.md and plots. Resumable: re-running the "
@@ -27,8 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="FAISS index from `lag index` (needed by rag, rag+lag, prag, prag+lag)")
     p.add_argument("--embed-model", metavar="DIR", default=None, help="embedder folder (default: offline MiniLM)")
     p.add_argument("--modes", default=None,
-                   help=f"comma-separated modes (default: {DEFAULT_MODES}, retrieval modes only with --index); "
-                   "variants: lag-seq-mass, spectr-seq-mass, lag-seq-vote, lag-dyn0.9, lag-k5, ...")
+                   help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)}, retrieval modes only with "
+                   "--index); variants add -k<int>, -seq-mass / -seq-vote, -dyn<margin>, -req, -sl<M>, -w<weight>, "
+                   "e.g. lag-k5, lag-seq-mass, lag-req-sl2-w0.25 (the pipeline's two-level LAG; plain lag is the "
+                   "paper's)")
     p.add_argument("--k", type=int, default=20, help="Arrow candidates per token for lag modes (default 20)")
     p.add_argument("--sweep-k", default=None, metavar="LIST",
                    help="k sweep of the lag mode, e.g. 1,2,5,10,20,N (N = all knowledge adapters): table + PNG")
@@ -70,7 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"lag eval needs {', '.join(missing)}", field=missing[0].lstrip("-"))
     modes: Any = args.modes
     if modes is None:
-        modes = [m for m in DEFAULT_MODES.split(",") if args.index or m not in ("rag", "rag+lag", "prag", "prag+lag")]
+        modes = [m for m in DEFAULT_MODES if args.index or m not in RETRIEVAL_BASES]
     config = EvalConfig(
         docs=args.docs, questions=args.questions, knowledge=args.knowledge, task=args.task, model=args.model,
         index=args.index, embed_model=args.embed_model, modes=modes, k=args.k, sweep_k=args.sweep_k,

@@ -1,31 +1,7 @@
 """The evaluation harness behind ``lag eval``: answer every question in every mode, score, report.
 
-Modes (``--modes``), each measured on the prompts the LlamaIndex pipeline itself sends:
-
-==========  ==========================  ===============================================================
-mode        prompt                      adapters
-==========  ==========================  ===============================================================
-none        question only               off
-arrow       question only               Arrow top-1 per token over every attached library
-spectr      question only               SpectR per token over every attached library
-lag         question only               LAG (Arrow top-k, SpectR rerank) over every attached library
-oracle      question only               the gold document's knowledge adapter (+ the question's task
-                                        adapter when task libraries are attached and mapped)
-oracle-     question only               the gold document's knowledge adapter alone (each task is
-knowledge                               normalised by the better of the two Oracles)
-rag         top documents in the prompt off
-rag+lag     top documents in the prompt LAG over every attached library
-prag        question only               the top retrieved document's knowledge adapter (fixed)
-prag+lag    question only               that adapter + LAG over the task adapters
-==========  ==========================  ===============================================================
-
-Variants of the routed modes (``arrow``, ``spectr``, ``lag``, ``rag+lag``, ``prag+lag``) add suffixes:
-``-k5`` (Arrow candidates, lag-based modes), ``-seq-mass`` / ``-seq-vote`` (sequence-level routing,
-``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates whose
-Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
-``lag-dyn0.9``, ``lag-k5-dyn0.5``; ``-req`` (``calibration="request"``), ``-sl<M>`` (``shortlist=M``),
-``-w<weight>`` (``shortlist_weight``), e.g. ``lag-req-sl2``. ``--sweep-k 1,2,5,N`` adds ``lag-k<k>`` modes
-(the paper's Fig. 3).
+Modes (``--modes``): see :mod:`llama_index_lag.modes`, each measured on the prompts the LlamaIndex pipeline
+itself sends.
 
 Prompts are built with the pipeline's own objects: :func:`~llama_index_lag.pipeline.build_query_engine` makes
 the engine of the matching pipeline mode and its synthesizer's templates are formatted exactly as
@@ -47,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, LibraryError
+from ..modes import BASE_MODES, DEFAULT_MODES, ModeSpec, split_modes
+from ..modes import parse_mode as parse_mode_name
 
 logger = logging.getLogger(__name__)
 
@@ -64,133 +41,31 @@ ANSWERS_FILE = "answers.jsonl"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "results.md"
 
-BASE_MODES = ("none", "arrow", "spectr", "lag", "oracle", "oracle-knowledge", "rag", "rag+lag", "prag", "prag+lag")
-DEFAULT_MODES = BASE_MODES
-ROUTED_BASES = ("arrow", "spectr", "lag", "rag+lag", "prag+lag")
-LAG_BASES = ("lag", "rag+lag", "prag+lag")
-RETRIEVAL_BASES = ("rag", "rag+lag", "prag", "prag+lag")
 QA_METRICS = ("f1", "em", "contains")
 MISSING_POLICIES = ("skip", "error")
 EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's refine loop answers for an empty generation
 _SUMMARY_TOP = 5
 
 
-# ---- modes -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModeSpec:
-    """One evaluated mode.
-
-    prompt: ``question`` (the pipeline's generation synthesizer) or ``rag`` (its text-QA synthesizer with the
-    retrieved documents). knowledge: ``off``, ``routed`` (per-token / per-sequence routing), ``gold`` (oracle)
-    or ``retrieved`` (PRAG). routing: LAGConfig fields; the fixed adapters are added per question.
-    """
-
-    name: str
-    base: str
-    prompt: str
-    knowledge: str
-    routing: Mapping[str, Any]
-
-    @property
-    def retrieves(self) -> bool:
-        return self.base in RETRIEVAL_BASES
-
-    @property
-    def routes_knowledge(self) -> bool:
-        """Whether the knowledge library is routed (so routing accuracy is meaningful)."""
-        return self.knowledge == "routed"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "base": self.base, "prompt": self.prompt, "knowledge": self.knowledge,
-                "routing": dict(self.routing)}
-
-
-_BASE = {  # base -> (prompt, knowledge, LAGConfig mode)
-    "none": ("question", "off", "none"),
-    "arrow": ("question", "routed", "arrow"),
-    "spectr": ("question", "routed", "spectr"),
-    "lag": ("question", "routed", "lag"),
-    "oracle": ("question", "gold", "fixed"),
-    "oracle-knowledge": ("question", "gold", "fixed"),  # the gold knowledge adapter alone, no task adapter
-    "rag": ("rag", "off", "none"),
-    "rag+lag": ("rag", "routed", "lag"),
-    "prag": ("question", "retrieved", "fixed"),
-    "prag+lag": ("question", "retrieved", "lag"),
-}
-_VARIANT = re.compile(r"^(arrow|spectr|lag|rag\+lag|prag\+lag)-(.+)$")
-_DYN = re.compile(r"^dyn(\d+(?:\.\d*)?|\.\d+)$")
-
-
-def mode_help() -> str:
-    return (f"modes: {', '.join(BASE_MODES)}; variants of {', '.join(ROUTED_BASES)} with suffixes -k<int> "
-            "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, lag-based), "
-            "-req (request-centred scoring), -sl<M> (two-level: a shortlist of M per sequence), -w<weight> (the "
-            "token's weight against the shortlist prior), e.g. lag-seq-mass, spectr-seq-mass, lag-dyn0.9, lag-k5, "
-            "lag-req, lag-req-sl2, lag-req-sl2-w0.5")
-
-
+# ---- modes (names and grammar: llama_index_lag.modes) ------------------------------------------------------
 def parse_mode(name: str, k: int = 20) -> ModeSpec:
-    """A mode name (see the module docstring) -> :class:`ModeSpec`; :class:`ConfigError` if unknown."""
+    """A mode name -> :class:`ModeSpec` with its routing checked by ``LAGConfig``; :class:`ConfigError` if
+    unknown or invalid."""
     from ..config import LAGConfig
 
-    name = str(name).strip()
-    if name in _BASE:
-        prompt, knowledge, mode = _BASE[name]
-        return ModeSpec(name, name, prompt, knowledge, {"mode": mode, "k": k})
-    match = _VARIANT.match(name)
-    if not match:
-        raise ConfigError(f"unknown mode {name!r}; {mode_help()}", field="modes")
-    base, rest = match.groups()
-    prompt, knowledge, mode = _BASE[base]
-    routing: dict[str, Any] = {"mode": mode, "k": k}
-    parts = rest.split("-")
-    seen: set[str] = set()
-    i = 0
-    while i < len(parts):
-        part = parts[i]
-        if part == "seq" and i + 1 < len(parts) and parts[i + 1] in ("mass", "vote"):
-            what, value = "seq", {"granularity": "sequence", "sequence_score": parts[i + 1]}
-            i += 2
-        elif re.fullmatch(r"k\d+", part):
-            if base not in LAG_BASES:
-                raise ConfigError(f"mode {name!r}: -k applies to lag-based modes ({', '.join(LAG_BASES)})",
-                                  field="modes")
-            what, value = "k", {"k": int(part[1:])}
-            i += 1
-        elif part == "req":
-            what, value = "req", {"calibration": "request"}
-            i += 1
-        elif re.fullmatch(r"sl\d+", part):
-            what, value = "sl", {"shortlist": int(part[2:])}
-            i += 1
-        elif re.fullmatch(r"w\d+(?:\.\d*)?", part):
-            what, value = "w", {"shortlist_weight": float(part[1:])}
-            i += 1
-        elif _DYN.match(part):
-            if base not in LAG_BASES:
-                raise ConfigError(f"mode {name!r}: dynamic k (-dyn) applies to lag-based modes "
-                                  f"({', '.join(LAG_BASES)})", field="modes")
-            what, value = "dyn", {"dynamic_k": float(part[3:])}
-            i += 1
-        else:
-            raise ConfigError(f"unknown mode {name!r}: bad suffix {part!r}; {mode_help()}", field="modes")
-        if what in seen:
-            raise ConfigError(f"mode {name!r} repeats its -{what} suffix", field="modes")
-        seen.add(what)
-        routing.update(value)
+    spec = parse_mode_name(name, k)
+    if spec.name == spec.base:  # a base mode (oracle / prag: the fixed adapters are added per question)
+        return spec
     try:
-        LAGConfig(**routing)
+        LAGConfig(**spec.routing)
     except ConfigError as exc:
-        raise ConfigError(f"mode {name!r}: {exc.message}", field="modes") from None
-    return ModeSpec(name, base, prompt, knowledge, routing)
+        raise ConfigError(f"mode {spec.name!r}: {exc.message}", field="modes") from None
+    return spec
 
 
 def parse_modes(modes: str | Sequence[str], k: int = 20) -> list[ModeSpec]:
-    """Comma-separated (or a list of) mode names -> specs, duplicates dropped, order kept."""
-    names = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m and m.strip()]
-    if not names:
-        raise ConfigError("no modes given", field="modes")
-    return [parse_mode(n, k) for n in dict.fromkeys(names)]
+    """Comma-separated (or a list of) mode names -> checked specs, duplicates dropped, order kept."""
+    return [parse_mode(n, k) for n in split_modes(modes)]
 
 
 def parse_sweep(text: str | Sequence[Any] | None) -> list[int | str] | None:
@@ -839,8 +714,8 @@ class EvalHarness:
         import torch
         from llama_index.core.schema import QueryBundle
 
-        from ..trace import collect_routing
         from ..pipeline import merge_summaries
+        from ..trace import collect_routing
 
         engine = self.engines[item.mode.prompt if item.mode.prompt == "rag" else "question"]
         overrides = {k: v for k, v in item.routing.to_dict().items() if k != "extra"}

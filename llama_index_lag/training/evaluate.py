@@ -27,17 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..library import AdapterLibrary
 
-#: mode name -> LAGConfig fields (``oracle`` is ``fixed`` with the gold document's adapter)
-MODES: dict[str, dict[str, Any]] = {
-    "none": {"mode": "none"},
-    "oracle": {"mode": "fixed"},
-    "arrow": {"mode": "arrow"},
-    "spectr": {"mode": "spectr"},
-    "lag": {"mode": "lag"},
-    "seq-spectr": {"mode": "spectr", "granularity": "sequence", "sequence_score": "mass"},
-    "seq-lag": {"mode": "lag", "granularity": "sequence", "sequence_score": "mass"},
-}
-DEFAULT_MODES = ("none", "oracle", "arrow", "spectr", "lag", "seq-spectr", "seq-lag")
+#: the modes measured by default (names and grammar: :mod:`llama_index_lag.modes`)
+DEFAULT_MODES = ("none", "oracle", "arrow", "spectr", "lag", "spectr-seq-mass", "lag-seq-mass")
 
 
 def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
@@ -65,17 +56,23 @@ def measure_recall(
     mode, with a knowledge ``library`` attached to ``model`` for the duration (detached afterwards).
 
     Returns ``{mode: {"recall", "correct", "total", "routing_accuracy", "seconds", "answers": [...]}}``.
-    Modes: ``none``, ``oracle``, ``arrow``, ``spectr``, ``lag`` (top-``k``), ``seq-spectr`` / ``seq-lag``
-    (sequence granularity, ``mass`` score).
+    Modes: the evaluated modes of :mod:`llama_index_lag.modes` that need no index: ``none``, ``oracle``,
+    ``arrow``, ``spectr``, ``lag`` (top-``k``) and their variants, e.g. ``lag-seq-mass`` (sequence
+    granularity, ``mass`` score) or ``lag-req-sl2-w0.25`` (the pipeline's two-level default).
     """
 
     from ..config import LAGConfig
+    from ..eval.harness import parse_modes
     from ..library import AdapterLibrary
     from ..router import attach_lag
 
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ConfigError(f"unknown mode {unknown[0]!r}; expected some of {list(MODES)}", field="modes")
+    specs = parse_modes(modes, k)
+    bad = [s.name for s in specs if s.retrieves or s.base == "oracle-knowledge"]
+    if bad:
+        raise ConfigError(f"mode {bad[0]!r} is not measured here (no index, no task adapters): use lag eval",
+                          field="modes")
+    routing = {s.name: s.routing for s in specs}
+    modes = list(routing)
     if not questions:
         raise DataError("no questions to evaluate")
     if library is None:
@@ -110,7 +107,7 @@ def measure_recall(
                     for i, a in zip(idx, out):
                         answers[i] = a
             else:
-                with router.using(LAGConfig(k=k, **MODES[mode])):
+                with router.using(LAGConfig(**routing[mode])):
                     answers = generate_answers(model, tokenizer, [q.question for q in questions],
                                                max_new_tokens=max_new_tokens, batch_size=batch_size)
             scores = [contains_match(a, q.answers) for a, q in zip(answers, questions)]
@@ -125,7 +122,7 @@ def measure_recall(
             }
             if router is not None and routing_accuracy and mode not in ("none", "oracle"):
                 entry.update(_routing_accuracy(model, tokenizer, router, questions, adapter_of,
-                                               LAGConfig(k=k, **MODES[mode])))
+                                               LAGConfig(**routing[mode])))
             entry["seconds"] = round(time.perf_counter() - start, 2)
             results[mode] = entry
     finally:
@@ -183,4 +180,4 @@ def recall_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_MODES", "MODES", "generate_answers", "measure_recall", "recall_table"]
+__all__ = ["DEFAULT_MODES", "generate_answers", "measure_recall", "recall_table"]
