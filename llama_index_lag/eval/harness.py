@@ -19,264 +19,43 @@ written at the end (:mod:`.report`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, LibraryError
-from ..modes import BASE_MODES, DEFAULT_MODES, ModeSpec, split_modes
-from ..modes import parse_mode as parse_mode_name
+from ..modes import BASE_MODES, DEFAULT_MODES, ModeSpec
+from .accuracy import eos_ids, routing_accuracy, split_trace
+from .prompts import predict_prompt, question_prompt, rag_prompt, template_text
+from .results import (
+    RESULTS_FILE,
+    RESULTS_FORMAT,
+    RESULTS_FORMAT_VERSION,
+    ResultStore,
+    WorkItem,
+    digest,
+    index_digest,
+    library_digest,
+    load_results,
+    model_digest,
+)
+from .settings import (
+    NO_TASK_ADAPTER,
+    EvalConfig,
+    parse_mode,
+    parse_modes,
+    parse_sweep,
+    parse_task_map,
+)
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FORMAT = "llama-index-lag/eval-results"
-RESULTS_FORMAT_VERSION = 1
-ANSWERS_FILE = "answers.jsonl"
-RESULTS_FILE = "results.json"
-REPORT_FILE = "results.md"
 
-QA_METRICS = ("f1", "em", "contains")
-MISSING_POLICIES = ("skip", "error")
 EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's refine loop answers for an empty generation
 _SUMMARY_TOP = 5
-
-
-# ---- modes (names and grammar: llama_index_lag.modes) ------------------------------------------------------
-def parse_mode(name: str, k: int = 20) -> ModeSpec:
-    """A mode name -> :class:`ModeSpec` with its routing checked by ``LAGConfig``; :class:`ConfigError` if
-    unknown or invalid."""
-    from ..config import LAGConfig
-
-    spec = parse_mode_name(name, k)
-    if spec.name == spec.base:  # a base mode (oracle / prag: the fixed adapters are added per question)
-        return spec
-    try:
-        LAGConfig(**spec.routing)
-    except ConfigError as exc:
-        raise ConfigError(f"mode {spec.name!r}: {exc.message}", field="modes") from None
-    return spec
-
-
-def parse_modes(modes: str | Sequence[str], k: int = 20) -> list[ModeSpec]:
-    """Comma-separated (or a list of) mode names -> checked specs, duplicates dropped, order kept."""
-    return [parse_mode(n, k) for n in split_modes(modes)]
-
-
-def parse_sweep(text: str | Sequence[Any] | None) -> list[int | str] | None:
-    """``"1,2,5,10,20,N"`` -> ``[1, 2, 5, 10, 20, "N"]`` (``N`` = every knowledge adapter)."""
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
-    out: list[int | str] = []
-    for item in items:
-        if item in ("", None):
-            continue
-        if isinstance(item, str) and item.upper() == "N":
-            out.append("N")
-            continue
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--sweep-k values must be positive integers or N, got {item!r}",
-                              field="sweep_k") from None
-        if value <= 0:
-            raise ConfigError(f"--sweep-k values must be positive, got {value}", field="sweep_k")
-        out.append(value)
-    if not out:
-        raise ConfigError("--sweep-k lists no k", field="sweep_k")
-    return out
-
-
-NO_TASK_ADAPTER = "none"  # --task-map value: this task has no task adapter
-
-
-def parse_task_map(text: str | Mapping[str, str] | None) -> dict[str, str] | None:
-    """``"qa=short_answer,fact=fact_check"`` -> ``{"qa": "short_answer", "fact": "fact_check"}`` (``task=none``:
-    no task adapter for that task)."""
-    if text is None:
-        return None
-    if isinstance(text, Mapping):
-        return {str(k): str(v) for k, v in text.items()}
-    out: dict[str, str] = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        task, sep, adapter = item.partition("=")
-        if not sep or not task.strip() or not adapter.strip():
-            raise ConfigError(f"--task-map entries are task=adapter, got {item!r}", field="task_map")
-        out[task.strip()] = adapter.strip()
-    return out
-
-
-# ---- configuration ---------------------------------------------------------------------------------------
-@dataclass
-class EvalConfig:
-    """Everything one evaluation run needs (the ``lag eval`` flags)."""
-
-    docs: str | Path
-    questions: str | Path
-    knowledge: str | Path | None
-    out: str | Path
-    task: Sequence[str | Path] = ()
-    model: str | Path | None = None
-    index: str | Path | None = None
-    embed_model: str | Path | None = None
-    modes: str | Sequence[str] = DEFAULT_MODES
-    k: int = 20
-    sweep_k: str | Sequence[Any] | None = None
-    similarity_top_k: int = 1
-    response_mode: str = "compact"
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    task_map: str | Mapping[str, str] | None = None
-    missing: str = "skip"
-    qa_metric: str = "f1"
-    seed: int = 0
-    dtype: str = "float32"
-    limit: int | None = None
-    restart: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("k", "similarity_top_k", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
-            raise ConfigError(f"limit must be a positive integer, got {self.limit!r}", field="limit")
-        if self.missing not in MISSING_POLICIES:
-            raise ConfigError(f"missing must be one of {MISSING_POLICIES}, got {self.missing!r}", field="missing")
-        if self.qa_metric not in QA_METRICS:
-            raise ConfigError(f"qa_metric must be one of {QA_METRICS}, got {self.qa_metric!r}", field="qa_metric")
-        if isinstance(self.task, (str, Path)):
-            self.task = [self.task]
-        self.task = [str(t) for t in self.task]
-        self.mode_specs = parse_modes(self.modes, self.k)
-        self.sweep = parse_sweep(self.sweep_k)
-        self.task_adapters = parse_task_map(self.task_map)
-
-    def settings(self) -> dict[str, Any]:
-        def path(p: Any) -> str | None:
-            return None if p is None else str(p)
-
-        return {
-            "docs": path(self.docs), "questions": path(self.questions), "knowledge": path(self.knowledge),
-            "task": list(self.task), "model": path(self.model), "index": path(self.index),
-            "embed_model": path(self.embed_model), "modes": [m.name for m in self.mode_specs], "k": self.k,
-            "sweep_k": self.sweep, "similarity_top_k": self.similarity_top_k, "response_mode": self.response_mode,
-            "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "task_map": self.task_adapters,
-            "missing": self.missing, "qa_metric": self.qa_metric, "seed": self.seed, "dtype": self.dtype,
-            "limit": self.limit, "decoding": "greedy",
-        }
-
-
-# ---- work items ------------------------------------------------------------------------------------------
-@dataclass
-class _Item:
-    """One (mode, question) to answer."""
-
-    mode: ModeSpec
-    question: Any  # QuestionRecord
-    order: int
-    prompt: str | None = None
-    routing: Any = None  # LAGConfig
-    meta: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    fallback: bool = False  # answered through engine.query (multi-call refine)
-    key: str = ""
-    n_prompt: int = 0
-
-    @property
-    def id(self) -> tuple[str, str]:
-        return (self.mode.name, self.question.id)
-
-
-def _digest(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:n]
-
-
-# ---- result store ----------------------------------------------------------------------------------------
-class ResultStore:
-    """``answers.jsonl``: a header line (run fingerprint) then one line per finished (mode, question).
-
-    Appends are flushed and fsync'ed per batch; a torn last line (crash mid-write) is dropped on open. A run
-    whose fingerprint differs from the file's is refused (``restart=False``) or the old file is archived as
-    ``answers.<old fingerprint>.jsonl`` and a new one started (``restart=True``).
-    """
-
-    def __init__(self, out_dir: str | Path, fingerprint: str, parts: Mapping[str, Any], *,
-                 restart: bool = False) -> None:
-        self.dir = Path(out_dir)
-        self.path = self.dir / ANSWERS_FILE
-        self.fingerprint = fingerprint
-        self.records: dict[tuple[str, str], dict[str, Any]] = {}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            header = self._load()
-            if header is not None and header.get("fingerprint") != fingerprint:
-                changed = sorted(k for k in set(parts) | set(header.get("parts", {}))
-                                 if parts.get(k) != header.get("parts", {}).get(k))
-                if not restart:
-                    raise ConfigError(
-                        f"{self.path} holds results of another configuration (changed: {', '.join(changed) or '?'}); "
-                        "they would mix with this run's. Use another --out folder, or --restart to archive the "
-                        "old answers and start over", path=self.path, field="fingerprint")
-                archived = self.dir / f"answers.{header.get('fingerprint', 'old')}.jsonl"
-                os.replace(self.path, archived)
-                logger.warning("configuration changed (%s): old answers archived as %s, starting over",
-                               ", ".join(changed) or "?", archived)
-                self.records.clear()
-            elif header is None:
-                self.records.clear()
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self._append([{"type": "header", "format": RESULTS_FORMAT, "fingerprint": fingerprint,
-                           "parts": dict(parts), "created": time.strftime("%Y-%m-%d %H:%M:%S")}])
-
-    def _load(self) -> dict[str, Any] | None:
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # torn last line: drop it before appending
-            keep = raw[: raw.rfind(b"\n") + 1]
-            logger.warning("dropping an incomplete last line of %s (interrupted write)", self.path)
-            with open(self.path, "r+b") as fh:
-                fh.truncate(len(keep))
-            raw = keep
-        header = None
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise DataError(f"corrupt results line: {exc.msg}", path=self.path, line=lineno) from None
-            if obj.get("type") == "header":
-                header = obj
-            elif obj.get("type") == "answer":
-                self.records[(obj["mode"], obj["qid"])] = obj
-        if header is None and self.records:
-            raise DataError("results file has no header line", path=self.path)
-        return header
-
-    def done(self, item: _Item) -> bool:
-        rec = self.records.get(item.id)
-        return rec is not None and rec.get("key") == item.key
-
-    def _append(self, objs: Sequence[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in objs)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def add(self, records: Sequence[dict[str, Any]]) -> None:
-        objs = [{"type": "answer", **r} for r in records]
-        self._append(objs)
-        for o in objs:
-            self.records[(o["mode"], o["qid"])] = o
 
 
 # ---- the harness -----------------------------------------------------------------------------------------
@@ -333,7 +112,7 @@ class EvalHarness:
                                   + " retrieve documents: pass --index (a folder from `lag index`)", field="index")
         self._build_engines()
         self.fingerprint_parts = self._fingerprint_parts()
-        self.fingerprint = _digest(self.fingerprint_parts)
+        self.fingerprint = digest(self.fingerprint_parts)
 
     def _load_llm(self) -> Any:
         from ..config import LAGConfig
@@ -463,17 +242,17 @@ class EvalHarness:
         prompts = {}
         for kind, engine in self.engines.items():
             for name, prompt in engine._response_synthesizer.get_prompts().items():
-                prompts[f"{kind}:{name}"] = _template_text(prompt)
+                prompts[f"{kind}:{name}"] = template_text(prompt)
         tokenizer = getattr(tok, "backend_tokenizer", None)
         return {
-            "model": _model_digest(llm.model),
-            "tokenizer": _digest({"json": tokenizer.to_str() if tokenizer is not None else repr(tok),
+            "model": model_digest(llm.model),
+            "tokenizer": digest({"json": tokenizer.to_str() if tokenizer is not None else repr(tok),
                                   "chat_template": getattr(tok, "chat_template", None),
                                   "pad": tok.pad_token_id, "eos": tok.eos_token_id}),
-            "libraries": {kind: [_library_digest(lib) for lib in libs]
+            "libraries": {kind: [library_digest(lib) for lib in libs]
                           for kind, libs in sorted(self.router.libraries.items())},
-            "index": _index_digest(cfg.index) if self.index is not None and cfg.index is not None else None,
-            "prompts": _digest({"templates": prompts, "system_prompt": llm.system_prompt,
+            "index": index_digest(cfg.index) if self.index is not None and cfg.index is not None else None,
+            "prompts": digest({"templates": prompts, "system_prompt": llm.system_prompt,
                                 "chat_model": llm.chat_model, "context_window": llm.context_window}),
             "generation": {"max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "seed": cfg.seed,
                            "dtype": str(next(llm.model.parameters()).dtype)},
@@ -483,17 +262,17 @@ class EvalHarness:
         }
 
     # ---- plan -----------------------------------------------------------------------------------------
-    def _plan(self) -> list[_Item]:
+    def _plan(self) -> list[WorkItem]:
         from llama_index.core.schema import QueryBundle
 
         self._nodes: dict[str, list[Any]] = {}
         self._retrieval_s: dict[str, float] = {}
         self._prompts: dict[tuple[str, str], str | None] = {}
-        items: list[_Item] = []
+        items: list[WorkItem] = []
         retrieval_engine = self.engines.get("rag") or self.engines.get("prag")
         for spec in self.specs:
             for order, q in enumerate(self.questions):
-                item = _Item(spec, q, order)
+                item = WorkItem(spec, q, order)
                 if spec.retrieves and q.id not in self._nodes:
                     start = time.perf_counter()
                     self._nodes[q.id] = retrieval_engine.retrieve(QueryBundle(q.question))
@@ -502,7 +281,7 @@ class EvalHarness:
                 items.append(item)
         return items
 
-    def _fill(self, item: _Item) -> None:
+    def _fill(self, item: WorkItem) -> None:
         from ..config import LAGConfig
 
         spec, q = item.mode, item.question
@@ -532,7 +311,7 @@ class EvalHarness:
             item.prompt, item.fallback = self._prompt(spec.prompt, q, nodes)
             if item.prompt is not None:
                 item.n_prompt = int(self._encode(item.prompt).shape[-1])
-        item.key = _digest({"mode": spec.to_dict(), "question": q.question, "prompt": item.prompt,
+        item.key = digest({"mode": spec.to_dict(), "question": q.question, "prompt": item.prompt,
                             "routing": item.routing.to_dict() if item.routing is not None else None,
                             "error": item.error, "fallback": item.fallback,
                             "retrieved": [r["doc_id"] for r in item.meta.get("retrieved") or []]})
@@ -560,13 +339,13 @@ class EvalHarness:
                                                        getattr(prompt, "focus", None))
         return self._enc_cache[prompt]
 
-    def batches(self, items: Sequence[_Item]) -> list[list[_Item]]:
+    def batches(self, items: Sequence[WorkItem]) -> list[list[WorkItem]]:
         """Deterministic batches over the full plan: by mode, then routing setting (fixed adapters), then
         prompt length; errors and fallbacks alone."""
-        out: list[list[_Item]] = []
+        out: list[list[WorkItem]] = []
         size = self.config.batch_size
         for spec in self.specs:
-            groups: dict[str, list[_Item]] = {}
+            groups: dict[str, list[WorkItem]] = {}
             for item in items:
                 if item.mode.name != spec.name:
                     continue
@@ -620,7 +399,7 @@ class EvalHarness:
                           "wall_seconds": round(time.perf_counter() - started, 3)}
         return results
 
-    def _answer(self, batch: list[_Item]) -> list[dict[str, Any]]:
+    def _answer(self, batch: list[WorkItem]) -> list[dict[str, Any]]:
         first = batch[0]
         if first.error is not None:
             return [self._record(first, answer="", error=first.error)]
@@ -628,7 +407,7 @@ class EvalHarness:
             return [self._answer_with_engine(first)]
         return self._generate(batch)
 
-    def _generate(self, batch: list[_Item]) -> list[dict[str, Any]]:
+    def _generate(self, batch: list[WorkItem]) -> list[dict[str, Any]]:
         import torch
 
         from ..llm import cut_at_stop
@@ -663,12 +442,12 @@ class EvalHarness:
                 out = model.generate(input_ids=ids, attention_mask=mask, **gen_kw)
             seconds = time.perf_counter() - start
         new = out[:, width:]
-        eos = _eos_ids(model, tok)
+        eos = eos_ids(model, tok)
         n_new = []
         for row in new.tolist():
             stop = next((j for j, t in enumerate(row) if t in eos), None)
             n_new.append(len(row) if stop is None else stop + 1)
-        split = _split_trace(trace, lens, n_new, new.shape[1]) if trace is not None else None
+        split = split_trace(trace, lens, n_new, new.shape[1]) if trace is not None else None
         mean_cands = trace.mean_candidates("knowledge") if trace is not None else None
         if mean_cands is None and cfg.mode == "lag" and cfg.granularity == "token":  # static k: all kept
             mean_cands = float(min(cfg.k, len(self.knowledge_names)))
@@ -709,7 +488,7 @@ class EvalHarness:
             out["fixed"] = {kind: list(names) for kind, names in cfg.fixed.items()}
         return out
 
-    def _answer_with_engine(self, item: _Item) -> dict[str, Any]:
+    def _answer_with_engine(self, item: WorkItem) -> dict[str, Any]:
         """The pipeline itself, unbatched: for prompts that need several LLM calls (refine loop)."""
         import torch
         from llama_index.core.schema import QueryBundle
@@ -732,7 +511,7 @@ class EvalHarness:
         return self._record(item, answer=text, raw=text, prompt_tokens=None, new_tokens=new_tokens,
                             seconds=seconds, routing=routing, path="pipeline")
 
-    def _record(self, item: _Item, *, answer: str, raw: str | None = None, error: str | None = None,
+    def _record(self, item: WorkItem, *, answer: str, raw: str | None = None, error: str | None = None,
                 prompt_tokens: int | None = None, new_tokens: int = 0, seconds: float = 0.0,
                 routing: Any = None, routing_accuracy: Any = None, mean_candidates: float | None = None,
                 batch: Any = None, path: str = "batched") -> dict[str, Any]:
@@ -779,170 +558,6 @@ class EvalHarness:
         return results
 
 
-# ---- prompts (exactly what the pipeline sends) ---------------------------------------------------------
-class ChatPrompt(str):
-    """A rendered chat prompt that remembers its user-message texts (``focus``): LAGLLM.chat marks the same
-    tokens as the request's content for sequence-level routing, so the harness does too."""
-
-    focus: list[str] | None = None
-
-
-def predict_prompt(llm: Any, template: Any, **kwargs: Any) -> str:
-    """What ``llm.predict(template, **kwargs)`` hands to ``LAGLLM.complete`` (formatted=True)."""
-    if llm.metadata.is_chat_model:
-        messages = llm._get_messages(template, **kwargs)
-        prompt = ChatPrompt(llm.chat_prompt(messages))
-        prompt.focus = [m.content for m in messages if m.role.value == "user" and m.content]
-        return prompt
-    return llm._get_prompt(template, **kwargs)
-
-
-def question_prompt(engine: Any, question: str) -> str:
-    """The prompt of a question-only pipeline mode (the ``generation`` synthesizer)."""
-    synth = engine._response_synthesizer
-    template = synth.get_prompts().get("simple_template")
-    if template is None:
-        raise ConfigError(f"unexpected synthesizer {type(synth).__name__} for a question-only mode")
-    return predict_prompt(synth._llm, template, query_str=question)
-
-
-def rag_prompt(engine: Any, question: str, nodes: Sequence[Any]) -> str | None:
-    """The prompt of a RAG pipeline mode (compact / refine synthesizer, text-QA template), or None when the
-    pipeline would make more than one LLM call for it (context larger than one window, other modes)."""
-    from llama_index.core.prompts.prompt_utils import get_biggest_prompt
-    from llama_index.core.response_synthesizers import CompactAndRefine, Refine
-    from llama_index.core.schema import MetadataMode
-
-    synth = engine._response_synthesizer
-    if not isinstance(synth, Refine) or getattr(synth, "_multimodal", False) or synth._output_cls is not None:
-        return None
-    texts = [n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
-    if not texts:
-        return None
-    if isinstance(synth, CompactAndRefine):
-        texts = synth._make_compact_text_chunks(question, texts)
-    max_prompt = get_biggest_prompt([synth._text_qa_template, synth._refine_template])
-    chunks = [tc for chunk in texts for tc in synth._prompt_helper.repack(
-        max_prompt, [chunk], llm=synth._llm, padding=synth._response_padding_size)]
-    if len(chunks) != 1:
-        return None
-    template = synth._text_qa_template.partial_format(query_str=question)
-    return predict_prompt(synth._llm, template, context_str=chunks[0])
-
-
-def _template_text(prompt: Any) -> Any:
-    """A serialisable description of a (selector) prompt template, for the run fingerprint."""
-    try:
-        return prompt.get_template()
-    except Exception:  # noqa: BLE001 - selector templates without an llm
-        default = getattr(prompt, "default_template", None)
-        conditionals = getattr(prompt, "conditionals", None) or []
-        return {"default": _template_text(default) if default is not None else repr(prompt),
-                "conditionals": [_template_text(t) for _, t in conditionals]}
-
-
-# ---- routing accuracy -----------------------------------------------------------------------------------
-def routing_accuracy(counts: Any, gold: int) -> dict[str, Any]:
-    """From per-adapter selection counts [N] (token x module): the gold adapter's share, whether it is the
-    strictly most selected adapter, its rank (1 = most selected; ties share the better rank)."""
-    values = [int(v) for v in counts.tolist()]
-    total = sum(values)
-    g = values[gold]
-    others = max((v for j, v in enumerate(values) if j != gold), default=0)
-    return {"gold_share": round(g / total, 6) if total else 0.0, "gold_top": bool(total and g > others),
-            "gold_rank": 1 + sum(1 for v in values if v > g), "selections": total,
-            "wins": {str(j): v for j, v in enumerate(values) if v}}  # sparse, for the mode's hubness
-
-
-def _split_trace(trace: Any, lens: Sequence[int], n_new: Sequence[int], steps: int
-                 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Per-row selection counts out of a batched generate trace.
-
-    A trace records, per module, the prefill call (the real prompt tokens, row-major) then one entry per row
-    for each decode step. Row i's own routing is its prompt plus the generated tokens fed back before it
-    stopped (``n_new[i] - 1``), exactly what an unbatched generation of it routes. Returns
-    (prompt counts, prompt + generated counts) as {kind: [B, N] tensors}, or None if the layout differs.
-    """
-    import torch
-
-    B, P = len(lens), sum(lens)
-    decode = max(steps - 1, 0)
-    owner_prompt = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lens)])
-    step = torch.arange(decode)[:, None].expand(decode, B)
-    row = torch.arange(B)[None, :].expand(decode, B)
-    limit = torch.tensor([max(n - 1, 0) for n in n_new])[None, :]
-    owner_decode = torch.where(step < limit, row, torch.full_like(row, -1)).reshape(-1)
-    prompt_counts, all_counts = {}, {}
-    for kind in trace.kinds:
-        N = len(trace.names[kind])
-        pc = torch.zeros(B, N, dtype=torch.long)
-        ac = torch.zeros(B, N, dtype=torch.long)
-        for module in trace.modules(kind):
-            chosen = trace.tokens(kind, module).long()
-            if chosen.numel() != P + decode * B:
-                logger.debug("unexpected trace layout at %s (%d entries, expected %d)", module, chosen.numel(),
-                             P + decode * B)
-                return None
-            pc.index_put_((owner_prompt, chosen[:P]), torch.ones(P, dtype=torch.long), accumulate=True)
-            dec = chosen[P:]
-            keep = owner_decode >= 0
-            ac.index_put_((owner_decode[keep], dec[keep]), torch.ones(int(keep.sum()), dtype=torch.long),
-                          accumulate=True)
-        prompt_counts[kind] = pc
-        all_counts[kind] = ac + pc
-    return prompt_counts, all_counts
-
-
-def _eos_ids(model: Any, tok: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tok.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
-# ---- fingerprints -----------------------------------------------------------------------------------------
-def _model_digest(model: Any) -> str:
-    """Content hash of the model's weights (any source: folder, default model, object)."""
-    import torch
-
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__name__.encode())
-    h.update(json.dumps(getattr(model.config, "to_diff_dict", lambda: {})(), sort_keys=True, default=str).encode())
-    seen: set[int] = set()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if ".base_layer." in name:  # LAGLinear wrappers keep the original weights under base_layer
-                name = name.replace(".base_layer.", ".")
-            ptr = tensor.data_ptr()
-            if ptr in seen:
-                continue
-            seen.add(ptr)
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _library_digest(lib: Any) -> dict[str, Any]:
-    """Content identity of a library: kind, dtype, base model, adapters' names + source checksums."""
-    m = lib.manifest
-    adapters = [{k: e.get(k) for k in ("name", "doc_id", "sha256", "rank", "lora_alpha", "use_rslora",
-                                       "target_modules", "modules")} for e in m["adapters"]]
-    return {"kind": m["kind"], "adapters": len(adapters),
-            "digest": _digest({"dtype": m["dtype"], "base": m["base_model"], "adapters": adapters,
-                               "r_max": m.get("r_max")})}
-
-
-def _index_digest(index_dir: Any) -> str:
-    from ..indexing import read_index_manifest
-
-    m = read_index_manifest(index_dir)
-    return _digest({"files": m.get("files"), "chunking": m.get("chunking"), "doc_ids": m.get("doc_ids"),
-                    "embedder": {k: v for k, v in m.get("embedder", {}).items() if k != "probe_embedding"},
-                    "probe": m.get("embedder", {}).get("probe_embedding", [])[:8]})
-
-
 # ---- tasks ------------------------------------------------------------------------------------------------
 def _dataset(q: Any) -> str:
     ds = q.metadata.get("dataset") if isinstance(q.metadata, dict) else None
@@ -978,22 +593,6 @@ def run_eval(config: EvalConfig, *, llm: Any = None, index: Any = None, embed_mo
     out = Path(config.out)
     atomic_write_json(out / RESULTS_FILE, results)
     write_report(results, out)
-    return results
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a ``results.json`` (or the folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError("results file not found", path=path) from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read results: {exc}", path=path) from None
-    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-        raise DataError("not a lag eval results.json", path=path)
     return results
 
 
