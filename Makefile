@@ -28,7 +28,7 @@ demo: install
 # the import layers (pyproject's [tool.importlinter]) and the linter
 lint: install
 	$(BIN)/lint-imports --no-cache
-	# ruff: added once clean
+	$(BIN)/ruff check --quiet .
 
 test: lint
 	$(BIN)/python -m pytest

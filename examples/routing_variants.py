@@ -4,12 +4,12 @@ routing scores, measured on the base model's inputs to the knowledge modules for
     python examples/routing_variants.py capture LIB_DIR acts.pt [--docs D.jsonl --questions Q.jsonl]
     python examples/routing_variants.py analyze acts.pt LIB_DIR [VARIANT,...]
 
-``capture`` runs each question's prompt (as ``lag eval`` builds it) through the bare model and stores the input
-of every adapted module (float16; about 2.5 GB for the 365 benchmark questions); ``analyze`` routes those
-tokens under each variant and prints one JSON line per variant: gold share, gold top, k-occurrence skewness,
-the top hub and its share. Variants score the same adapters with the same tokens, so the routing of later
-layers sees the base model's activations (not the routed model's): a cheap, approximate screen, which the
-chosen variants then pass through ``lag eval``. Variants: ``arrow``, ``spectr``, ``lag`` (the paper);
+``capture`` runs each question's prompt (as ``lag eval`` builds it) through the bare model and stores the
+input of every adapted module (float16; about 2.5 GB for the 365 benchmark questions); ``analyze`` routes
+those tokens under each variant and prints one JSON line per variant: gold share, gold top, k-occurrence
+skewness, the top hub and its share. Variants score the same adapters with the same tokens, so the routing of
+later layers sees the base model's activations (not the routed model's): a cheap, approximate screen, which
+the chosen variants then pass through ``lag eval``. Variants: ``arrow``, ``spectr``, ``lag`` (the paper);
 ``zscore`` / ``csls`` / ``center`` (per-adapter statistics over a data-free reference: the other adapters'
 right singular vectors; ``-spectr``: SpectR over all N); ``subspace-m`` (the top-m eigenvectors of the mean
 projector projected out of the scores); ``zq`` / ``isoft-b`` / ``sinkhorn-b`` (normalised over the request's
@@ -61,8 +61,8 @@ def capture(lib_dir: str, out: str, docs: str | None, questions: str | None, scr
         hk.remove()
     lens = [m["len"] for m in meta]
     print("questions", len(meta), "tokens", sum(lens), "s", round(time.time() - t0, 1))
-    torch.save({"names": names, "modules": mods, "meta": meta, "x": {m: torch.cat(v) for m, v in store.items()}},
-               out)
+    torch.save({"names": names, "modules": mods, "meta": meta,
+                "x": {m: torch.cat(v) for m, v in store.items()}}, out)
 
 
 def analyze(acts_path: str, lib_dir: str, only: list[str] | None) -> None:
@@ -91,7 +91,8 @@ def per_module():
 
 
 def scores(A, P, X, Qm=None):
-    """c [T, N] = ||A x|| / ||x||, a [T, N] = |p . x| / ||x||, optionally after projecting out U (Qm: [n, n])."""
+    """c [T, N] = ||A x|| / ||x||, a [T, N] = |p . x| / ||x||, optionally after projecting out U
+    (Qm: [n, n])."""
     if Qm is not None:
         X = X @ Qm
         P = P @ Qm
@@ -109,8 +110,8 @@ def scores(A, P, X, Qm=None):
 
 
 def ref_stats(A, P):
-    """Data-free reference: every adapter's right singular vectors (rows of A*); per adapter i the mean / std /
-    top-10 mean of c_i and a_i over the rows of the other adapters."""
+    """Data-free reference: every adapter's right singular vectors (rows of A*); per adapter i the mean /
+    std / top-10 mean of c_i and a_i over the rows of the other adapters."""
     Nn, r, n = A.shape
     R = A.reshape(Nn * r, n)  # [N r, n] unit rows (zero rows past rank)
     live = R.norm(dim=1) > 0.5
@@ -160,21 +161,25 @@ def summarise(name, winners_per_module, extra=None):
     total = 0
     for w in winners_per_module:
         ok = w >= 0
-        none += int((~ok).sum()); total += w.numel()
+        none += int((~ok).sum())
+        total += w.numel()
         counts.index_put_((qid[ok], w[ok]), torch.ones(int(ok.sum())), accumulate=True)
     sel = counts.sum(1).clamp_min(1)
     share = counts[torch.arange(Q), gold] / sel
     g = counts[torch.arange(Q), gold]
-    others = counts.clone(); others[torch.arange(Q), gold] = -1
+    others = counts.clone()
+    others[torch.arange(Q), gold] = -1
     top = (g > others.max(1).values).float()
     wins = counts.sum(0)
     mu, sd = wins.mean(), wins.std(unbiased=False)
     skew = float(((wins - mu) ** 3).mean() / sd ** 3) if sd > 0 else 0.0
     hub = int(wins.argmax())
-    row = {"variant": name, "gold_share": round(float(share.mean()) * 100, 1), "gold_top": round(float(top.mean()) * 100, 1),
-           "skew": round(skew, 2), "hub": names[hub], "hub_share": round(float(wins[hub] / wins.sum()) * 100, 1),
+    row = {"variant": name, "gold_share": round(float(share.mean()) * 100, 1),
+           "gold_top": round(float(top.mean()) * 100, 1), "skew": round(skew, 2), "hub": names[hub],
+           "hub_share": round(float(wins[hub] / wins.sum()) * 100, 1),
            "none%": round(100 * none / max(total, 1), 1)}
-    if extra: row.update(extra)
+    if extra:
+        row.update(extra)
     print(json.dumps(row), flush=True)
     return row
 
@@ -192,8 +197,9 @@ def run(variants):
     for v in variants:
         winners = []
         if v.startswith("subspace"):
-            mm = int(v.split("-")[1]); kk = v.split("-")[2] if v.count("-") > 1 else "lag"
-            for m, A, P, X, c, a, st in cache:
+            mm = int(v.split("-")[1])
+            kk = v.split("-")[2] if v.count("-") > 1 else "lag"
+            for _m, A, P, X, _c, _a, _st in cache:
                 Nn, r, n = A.shape
                 flat = A.reshape(Nn * r, n)
                 _, s, vh = torch.linalg.svd(flat / math.sqrt(Nn), full_matrices=False)
@@ -201,33 +207,46 @@ def run(variants):
                 Qm = torch.eye(n) - U @ U.T
                 c2, a2 = scores(A, P, X, Qm)
                 winners.append(lag_pick(c2, a2) if kk == "lag" else c2.argmax(1))
-            res[v] = summarise(v, winners); continue
+            res[v] = summarise(v, winners)
+            continue
         if v.startswith("xcenter"):
-            for m, A, P, X, c, a, st in cache:
-                Xc = X.clone(); start = 0
+            for _m, A, P, X, _c, _a, _st in cache:
+                Xc = X.clone()
+                start = 0
                 for L in lens.tolist():
-                    Xc[start:start + L] -= X[start:start + L].mean(0); start += L
+                    Xc[start:start + L] -= X[start:start + L].mean(0)
+                    start += L
                 c2, a2 = scores(A, P, Xc)
                 winners.append(lag_pick(c2, a2) if v == "xcenter" else c2.argmax(1))
-            res[v] = summarise(v, winners); continue
+            res[v] = summarise(v, winners)
+            continue
         if v.startswith("xprior") or v.startswith("mprior") or v.startswith("xlprior"):
             # xprior-M-beta: scores on request-centred tokens; mass summed over modules (mprior: per module)
-            parts = v.split("-"); M = int(parts[1]); beta = float(parts[2]); inner = parts[3] if len(parts) > 3 else "zq"
+            parts = v.split("-")
+            M = int(parts[1])
+            beta = float(parts[2])
+            inner = parts[3] if len(parts) > 3 else "zq"
             cxs, axs = [], []
-            for m, A, P, X, c, a, st in cache:
-                Xc = X.clone(); start = 0
+            for _m, A, P, X, _c, _a, _st in cache:
+                Xc = X.clone()
+                start = 0
                 for L in lens.tolist():
-                    Xc[start:start + L] -= X[start:start + L].mean(0); start += L
-                cx_, ax_ = scores(A, P, Xc); cxs.append(cx_); axs.append(ax_)
-            def mass_of(cs, arrow=None):
+                    Xc[start:start + L] -= X[start:start + L].mean(0)
+                    start += L
+                cx_, ax_ = scores(A, P, Xc)
+                cxs.append(cx_)
+                axs.append(ax_)
+            def mass_of(cs, arrow=None, v=v, axs=axs):
                 mass = torch.zeros(Q, N)
                 for j, cx in enumerate(cs):
                     norm = cx / cx.sum(1, keepdim=True)
                     if v.startswith("xlprior"):  # only the Arrow top-20 candidates of the centred token
-                        keep = torch.zeros_like(cx, dtype=torch.bool).scatter_(1, axs[j].topk(20, dim=1).indices, True)
+                        keep = torch.zeros_like(cx, dtype=torch.bool).scatter_(
+                            1, axs[j].topk(20, dim=1).indices, True)
                         cm = cx * keep
                         norm = cm / cm.sum(1, keepdim=True)
-                    mass.index_put_((qid.repeat_interleave(N), torch.arange(N).repeat(len(qid))), (norm * focus[:, None]).reshape(-1), accumulate=True)
+                    mass.index_put_((qid.repeat_interleave(N), torch.arange(N).repeat(len(qid))),
+                                    (norm * focus[:, None]).reshape(-1), accumulate=True)
                 return mass
             total = mass_of(cxs)
             for cx in cxs:
@@ -238,41 +257,50 @@ def run(variants):
                 if inner == "zq":
                     zc = per_question_norm(cx, "zq").gather(1, cand)
                 elif inner == "tok":
-                    zc = ((cx - cx.mean(1, keepdim=True)) / cx.std(1, keepdim=True).clamp_min(1e-6)).gather(1, cand)
+                    zc = ((cx - cx.mean(1, keepdim=True))
+                          / cx.std(1, keepdim=True).clamp_min(1e-6)).gather(1, cand)
                 elif inner == "rel":
-                    cc = cx.gather(1, cand); zc = cc / cc.mean(1, keepdim=True).clamp_min(1e-6)
+                    cc = cx.gather(1, cand)
+                    zc = cc / cc.mean(1, keepdim=True).clamp_min(1e-6)
                 elif inner == "log":
                     zc = cx.gather(1, cand).clamp_min(1e-6).log()
                 val = share[qid].gather(1, cand).log() + beta * zc
                 winners.append(cand.gather(1, val.argmax(1, keepdim=True)).squeeze(1))
-            res[v] = summarise(v, winners); continue
+            res[v] = summarise(v, winners)
+            continue
         if v.startswith("prior"):
             # prior-M-beta: per token argmax_i in shortlist of log(mass share_i) + beta * z_i(t)
-            _, M, beta = v.split("-"); M = int(M); beta = float(beta)
+            _, M, beta = v.split("-")
+            M = int(M)
+            beta = float(beta)
             mass = torch.zeros(Q, N)
-            for m, A, P, X, c, a, st in cache:
+            for _m, _A, _P, _X, c, _a, _st in cache:
                 norm = c / c.sum(1, keepdim=True)
-                mass.index_put_((qid.repeat_interleave(N), torch.arange(N).repeat(len(qid))), (norm * focus[:, None]).reshape(-1), accumulate=True)
+                mass.index_put_((qid.repeat_interleave(N), torch.arange(N).repeat(len(qid))),
+                                (norm * focus[:, None]).reshape(-1), accumulate=True)
             share = mass / mass.sum(1, keepdim=True)
             short = mass.topk(M, dim=1).indices
-            for m, A, P, X, c, a, st in cache:
+            for _m, _A, _P, _X, c, _a, st in cache:
                 z = (c - st["c"][0]) / st["c"][1]
                 cand = short[qid]
                 val = share[qid].gather(1, cand).log() + beta * z.gather(1, cand)
                 winners.append(cand.gather(1, val.argmax(1, keepdim=True)).squeeze(1))
-            res[v] = summarise(v, winners); continue
+            res[v] = summarise(v, winners)
+            continue
         if v.startswith("twolevel"):
-            # twolevel-M-theta-inner ; mass over all tokens & modules of per-token normalised c among lag candidates
+            # twolevel-M-theta-inner: mass over all tokens & modules of per-token normalised c
+            # among lag candidates
             parts = v.split("-")
             M, inner = int(parts[1]), parts[2]
             theta = float(parts[3]) if len(parts) > 3 else -1e9
             mass = torch.zeros(Q, N)
-            for m, A, P, X, c, a, st in cache:
+            for _m, _A, _P, _X, c, _a, st in cache:
                 cc = c if inner != "z" else (c - st["c"][0]) / st["c"][1]
                 norm = c / c.sum(1, keepdim=True)
-                mass.index_put_((qid.repeat_interleave(N), torch.arange(N).repeat(len(qid))), (norm * focus[:, None]).reshape(-1), accumulate=True)
+                mass.index_put_((qid.repeat_interleave(N), torch.arange(N).repeat(len(qid))),
+                                (norm * focus[:, None]).reshape(-1), accumulate=True)
             short = mass.topk(M, dim=1).indices  # [Q, M]
-            for m, A, P, X, c, a, st in cache:
+            for _m, _A, _P, _X, c, _a, st in cache:
                 sc = c if inner == "c" else (c - st["c"][0]) / st["c"][1]
                 cand = short[qid]  # [T, M]
                 val = sc.gather(1, cand)
@@ -281,8 +309,9 @@ def run(variants):
                 if theta > -1e8:
                     w = torch.where(val.max(1).values >= theta, w, torch.full_like(w, -1))
                 winners.append(w)
-            res[v] = summarise(v, winners); continue
-        for m, A, P, X, c, a, st in cache:
+            res[v] = summarise(v, winners)
+            continue
+        for _m, _A, _P, _X, c, a, st in cache:
             if v == "lag":
                 w = lag_pick(c, a)
             elif v == "spectr":
@@ -302,7 +331,8 @@ def run(variants):
                 sa = a - st["a"][0]
                 w = lag_pick(sc, sa) if v == "center" else sc.argmax(1)
             elif v.startswith("zq"):
-                zc = per_question_norm(c, "zq"); za = per_question_norm(a, "zq")
+                zc = per_question_norm(c, "zq")
+                za = per_question_norm(a, "zq")
                 w = lag_pick(zc, za) if v == "zq" else zc.argmax(1)
             elif v.startswith("isoft"):
                 b = float(v.split("-")[1])
@@ -318,10 +348,10 @@ def run(variants):
 
 
 
-DEFAULT = ["arrow", "spectr", "lag", "zscore", "zscore-spectr", "csls", "csls-spectr", "center", "center-spectr",
-               "zq", "zq-spectr", "isoft-10", "isoft-30", "isoft-100", "sinkhorn-30", "subspace-1", "subspace-2",
-               "subspace-4", "subspace-8", "subspace-8-spectr", "twolevel-1-c", "twolevel-2-c",
-               "twolevel-3-c", "twolevel-2-z", "twolevel-3-z"]
+DEFAULT = ["arrow", "spectr", "lag", "zscore", "zscore-spectr", "csls", "csls-spectr", "center",
+               "center-spectr", "zq", "zq-spectr", "isoft-10", "isoft-30", "isoft-100", "sinkhorn-30",
+               "subspace-1", "subspace-2", "subspace-4", "subspace-8", "subspace-8-spectr", "twolevel-1-c",
+               "twolevel-2-c", "twolevel-3-c", "twolevel-2-z", "twolevel-3-z"]
 
 
 def main() -> None:

@@ -151,15 +151,16 @@ def check_output(
         src = Path(source).resolve()
         if _is_within(target, src) or _is_within(src, target):
             raise UnsafeOutputError(
-                f"the output {what} folder {str(out)!r} is, contains or lies inside the input {str(source)!r}; "
-                "writing it would replace the input: choose another output path", path=out)
+                f"the output {what} folder {str(out)!r} is, contains or lies inside the input "
+                f"{str(source)!r}; writing it would replace the input: choose another output path", path=out)
     if not os.path.lexists(out):
         return out
     if out.is_symlink() or not out.is_dir():
         if force:
             return out
         raise UnsafeOutputError(f"the output path exists and is not a folder; refusing to replace it with a "
-                                f"{what} (remove it, choose another path, or pass --force / force=True)", path=out)
+                                f"{what} (remove it, choose another path, or pass --force / force=True)",
+                                path=out)
     if ours(out) or not any(out.iterdir()) or force:
         return out
     raise UnsafeOutputError(

@@ -30,8 +30,10 @@ class LAGConfig:
     mode:
         ``none``   adapters off (logits bit-identical to the bare model).
         ``arrow``  Arrow: per token per module the adapter whose prototype best aligns with the token
-                   (``arrow_top_k > 1``: PEFT's soft variant, softmax(score / temperature) over the kept ones).
-        ``spectr`` SpectR: argmax over all N of ||A*_i x|| (``spectr_top_k > 1``: uniform merge of the top-k).
+                   (``arrow_top_k > 1``: PEFT's soft variant, softmax(score / temperature) over the kept
+                   ones).
+        ``spectr`` SpectR: argmax over all N of ||A*_i x|| (``spectr_top_k > 1``: uniform merge of the
+                   top-k).
         ``lag``    Arrow keeps the top-``k`` (clamped to N), SpectR picks one of them: the paper's method.
         ``fixed``  only the adapters named in ``fixed`` (Oracle / PRAG); other libraries off.
     fixed:
@@ -48,16 +50,18 @@ class LAGConfig:
         one extra adapter-free forward over the prompt and applies one adapter per library everywhere;
         ``module`` decides per module from that module's scores (no extra forward).
     calibration:
-        ``none`` (the paper): tokens are scored as they are. ``request``: each token is scored after subtracting
-        the mean of its request's tokens at that module (data-free: the reference is the request itself), which
-        removes what every token of the prompt shares (template, generic words) and leaves what is particular
-        to it; the winner is still applied to the token itself. Measured on the benchmark: the gold document's
-        adapter becomes the most selected for ~90 % of questions instead of a few "hub" adapters.
+        ``none`` (the paper): tokens are scored as they are. ``request``: each token is scored after
+        subtracting the mean of its request's tokens at that module (data-free: the reference is the request
+        itself), which removes what every token of the prompt shares (template, generic words) and leaves
+        what is particular to it; the winner is still applied to the token itself. Measured on the
+        benchmark: the gold document's adapter becomes the most selected for ~90 % of questions instead of a
+        few "hub" adapters.
     shortlist:
-        two-level routing: ``M`` adapters per sequence by score mass over the prompt (``sequence_score='mass'``,
-        one adapter-free forward, as ``granularity='sequence'``; clamped to N), then per token the one of them
-        maximising ``log(mass share) + shortlist_weight * log ||A*_i x||`` (a sequence prior times the token's
-        own evidence). None: every adapter is a candidate for every token (the paper).
+        two-level routing: ``M`` adapters per sequence by score mass over the prompt
+        (``sequence_score='mass'``, one adapter-free forward, as ``granularity='sequence'``; clamped to N),
+        then per token the one of them maximising ``log(mass share) + shortlist_weight * log ||A*_i x||``
+        (a sequence prior times the token's own evidence). None: every adapter is a candidate for every
+        token (the paper).
     shortlist_weight:
         weight of the token's evidence against the sequence prior (0: the sequence winner everywhere).
     dynamic_k:
@@ -114,7 +118,8 @@ class LAGConfig:
         if self.sequence_score not in SEQUENCE_SCORES:
             raise ConfigError(f"sequence_score must be one of {SEQUENCE_SCORES}", field="sequence_score")
         if self.dynamic_k is not None and not 0 < self.dynamic_k <= 1:
-            raise ConfigError(f"dynamic_k is a score margin in (0, 1], got {self.dynamic_k!r}", field="dynamic_k")
+            raise ConfigError(f"dynamic_k is a score margin in (0, 1], got {self.dynamic_k!r}",
+                              field="dynamic_k")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}",
                               field="calibration")

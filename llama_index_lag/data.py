@@ -110,13 +110,13 @@ def validate_id(value: object, *, field: str = "id") -> str:
 
 
 def check_text(value: str, field: str) -> str:
-    """Refuse strings that are not valid unicode text (lone surrogates, e.g. from a ``"\\ud800"`` JSON escape):
-    no tokenizer or file system takes them."""
+    """Refuse strings that are not valid unicode text (lone surrogates, e.g. from a ``"\\ud800"`` JSON
+    escape): no tokenizer or file system takes them."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise DataError(f"field {field!r} is not valid unicode text (a lone surrogate at position {exc.start})",
-                        field=field) from None
+        raise DataError(f"field {field!r} is not valid unicode text (a lone surrogate at position "
+                        f"{exc.start})", field=field) from None
     return value
 
 

@@ -77,7 +77,8 @@ def correct(q: QuestionRecord, answer: str) -> bool:
 
 
 def run_demo(out: Path | None = None, *, n_questions: int = 4, k: int = 3, workers: int = 1,
-             max_new_tokens: int = 32, docs: Path | None = None, questions: Path | None = None) -> dict[str, Any]:
+             max_new_tokens: int = 32, docs: Path | None = None,
+             questions: Path | None = None) -> dict[str, Any]:
     from .pipeline import LAGPipelineConfig, build_query_engine
 
     out = Path(out) if out else cache_dir("demo")
@@ -118,7 +119,8 @@ def run_demo(out: Path | None = None, *, n_questions: int = 4, k: int = 3, worke
     write_heatmap(heatmap, rows, traces, router.names("knowledge"))
     _say(f"routing heat-map: {heatmap}")
     _say(f"pipeline config:  {out / 'pipeline.toml'}\n"
-         f"try:  lag ask \"{qs[0].question}\" --config {out / 'pipeline.toml'} --compare none,rag,lag,rag+lag")
+         f"try:  lag ask \"{qs[0].question}\" --config {out / 'pipeline.toml'} "
+         "--compare none,rag,lag,rag+lag")
     return {"rows": rows, "totals": totals, "heatmap": str(heatmap), "config": str(out / "pipeline.toml")}
 
 

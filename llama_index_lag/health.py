@@ -48,8 +48,8 @@ def module_spectrum(A: torch.Tensor, ranks: torch.Tensor, m: int = SHARED_M,
     mean_rank = float(ranks.float().mean())
     iso = mean_rank / n
     return {"eigenvalues": [round(float(v), 6) for v in eig[:m]], "isotropic": round(iso, 6),
-            "top_ratio": round(float(eig[0]) / iso, 3), "shared_mass": round(float(eig[:m].sum()) / mean_rank, 4),
-            "overlap": overlap}
+            "top_ratio": round(float(eig[0]) / iso, 3),
+            "shared_mass": round(float(eig[:m].sum()) / mean_rank, 4), "overlap": overlap}
 
 
 def library_spectrum(lib: AdapterLibrary, m: int = SHARED_M, modules: Sequence[str] | None = None,
@@ -155,8 +155,8 @@ class HealthReport:
         spectrum["overlap_mean"] = round(float(overlap.nanmean()), 4)
         if per_module:
             spectrum["modules"] = self.spectrum["modules"]
-        out = {"path": self.path, "adapters": len(self.adapters), "spectrum": spectrum, "routing": self.routing,
-               "flags": self.flags}
+        out = {"path": self.path, "adapters": len(self.adapters), "spectrum": spectrum,
+               "routing": self.routing, "flags": self.flags}
         if self.counts is not None:
             out["wins"] = {name: int(c) for name, c in zip(self.adapters, self.counts.tolist())}
         return out
@@ -176,12 +176,13 @@ class HealthReport:
             ax = axes[0][0]
             ax.bar(range(len(order)), (self.counts[order].double() / max(int(self.counts.sum()), 1)).tolist())
             ax.axhline(1 / len(order), color="grey", linestyle="--", label="even share")
-            ax.set(title=f"wins per adapter (skewness {self.routing['skewness']})", xlabel="adapters, by wins",
-                   ylabel="share of selections")
+            ax.set(title=f"wins per adapter (skewness {self.routing['skewness']})",
+                   xlabel="adapters, by wins", ylabel="share of selections")
             ax.legend()
             ax = axes[0][1]
             ax.scatter(overlap.tolist(), self.counts.tolist(), s=10)
-            ax.set(title=f"wins vs overlap with the shared subspace (r = {self.routing.get('wins_overlap_r')})",
+            ax.set(title="wins vs overlap with the shared subspace (r = "
+                         f"{self.routing.get('wins_overlap_r')})",
                    xlabel="overlap h_i", ylabel="wins N_i")
         else:
             ax = axes[0][0]
@@ -201,8 +202,8 @@ def library_health(lib: AdapterLibrary, model: Any = None, prompts: Sequence[str
     report = HealthReport(str(lib.path), lib.names, spectrum)
     iso_ratio = spectrum["top_ratio"]["median"]
     if iso_ratio > 10:
-        report.flags.append(f"shared input subspace: P's top eigenvalue is {iso_ratio:.0f}x the isotropic r/n "
-                            "(median over modules)")
+        report.flags.append(f"shared input subspace: P's top eigenvalue is {iso_ratio:.0f}x the isotropic "
+                            "r/n (median over modules)")
     if prompts:
         if model is None or isinstance(model, (str, Path)):
             from .models import load_causal_lm
@@ -219,8 +220,8 @@ def library_health(lib: AdapterLibrary, model: Any = None, prompts: Sequence[str
         report.routing["wins_overlap_r"] = _pearson(counts.double(), spectrum["overlap"].double())
         if report.routing["hub_dominated"]:
             hub = report.routing["hubs"][0]
-            report.flags.append(f"hub-dominated routing: {hub['adapter']} wins {100 * hub['share']:.1f} % of the "
-                                f"selections (even share {100 / len(lib):.1f} %), skewness "
+            report.flags.append(f"hub-dominated routing: {hub['adapter']} wins {100 * hub['share']:.1f} % of "
+                                f"the selections (even share {100 / len(lib):.1f} %), skewness "
                                 f"{report.routing['skewness']}")
     return report
 

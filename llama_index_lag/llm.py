@@ -2,8 +2,8 @@
 
 The torch model, tokenizer, libraries and router live in private attributes (llama-index serialises the public
 fields on every call). Routing settings are per instance (``llm.with_routing(mode=...)`` makes a view that
-shares the model) and per call (``llm.complete(..., routing={...})`` or ``with llm.routing(...):``), carried in
-context variables so concurrent threads / asyncio tasks never see each other's settings.
+shares the model) and per call (``llm.complete(..., routing={...})`` or ``with llm.routing(...):``), carried
+in context variables so concurrent threads / asyncio tasks never see each other's settings.
 """
 
 from __future__ import annotations
@@ -223,8 +223,8 @@ class LAGLLM(CustomLLM):
             elif isinstance(overrides, Mapping) and overrides:
                 config = config.replace(**overrides)
             elif overrides:
-                raise ConfigError(f"routing must be a LAGConfig or a mapping of its fields, got {overrides!r}",
-                                  field="routing")
+                raise ConfigError("routing must be a LAGConfig or a mapping of its fields, got "
+                                  f"{overrides!r}", field="routing")
         self._check_routing(config)
         return config
 
@@ -275,7 +275,8 @@ class LAGLLM(CustomLLM):
         return kw
 
     def _run(self, prompt: str, formatted: bool, routing: Any, opts: dict[str, Any],
-             streamer: Any = None, focus: Sequence[str] | None = None) -> tuple[str, dict[str, Any] | None, int]:
+             streamer: Any = None,
+             focus: Sequence[str] | None = None) -> tuple[str, dict[str, Any] | None, int]:
         """Generate (in the calling thread); returns (text, routing summary, prompt tokens)."""
         full = prompt if formatted else self.completion_prompt(prompt)
         focus = focus if formatted else [prompt]
@@ -391,7 +392,8 @@ class LAGLLM(CustomLLM):
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         routing, opts = self._split_kwargs(kwargs)
         focus = opts.pop("focus")
-        return self._response(*await asyncio.to_thread(self._run, prompt, formatted, routing, opts, None, focus))
+        return self._response(*await asyncio.to_thread(self._run, prompt, formatted, routing, opts, None,
+                                                       focus))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,

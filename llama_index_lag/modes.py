@@ -24,8 +24,8 @@
 
   Variants of the routed modes (``arrow``, ``spectr``, ``lag``, ``rag+lag``, ``prag+lag``) add suffixes:
   ``-k5`` (Arrow candidates, lag-based modes), ``-seq-mass`` / ``-seq-vote`` (sequence-level routing,
-  ``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates whose
-  Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
+  ``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates
+  whose Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
   ``lag-dyn0.9``, ``lag-k5-dyn0.5``; ``-req`` (``calibration="request"``), ``-sl<M>`` (``shortlist=M``),
   ``-w<weight>`` (``shortlist_weight``), e.g. ``lag-req-sl2``. ``--sweep-k 1,2,5,N`` adds ``lag-k<k>`` modes
   (the paper's Fig. 3).
@@ -107,16 +107,16 @@ _DYN = re.compile(r"^dyn(\d+(?:\.\d*)?|\.\d+)$")
 
 def mode_help() -> str:
     return (f"modes: {', '.join(BASE_MODES)}; variants of {', '.join(ROUTED_BASES)} with suffixes -k<int> "
-            "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, lag-based), "
-            "-req (request-centred scoring), -sl<M> (two-level: a shortlist of M per sequence), -w<weight> (the "
-            "token's weight against the shortlist prior), e.g. lag-seq-mass, spectr-seq-mass, lag-dyn0.9, lag-k5, "
-            "lag-req, lag-req-sl2, lag-req-sl2-w0.5")
+            "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, "
+            "lag-based), -req (request-centred scoring), -sl<M> (two-level: a shortlist of M per sequence), "
+            "-w<weight> (the token's weight against the shortlist prior), e.g. lag-seq-mass, "
+            "spectr-seq-mass, lag-dyn0.9, lag-k5, lag-req, lag-req-sl2, lag-req-sl2-w0.5")
 
 
 def parse_mode(name: str, k: int = 20) -> ModeSpec:
     """A mode name (see the module docstring) -> :class:`ModeSpec`; :class:`ConfigError` if unknown. The
-    values of its routing are checked by ``LAGConfig(**spec.routing)`` (:func:`llama_index_lag.eval.harness.parse_mode`
-    does both)."""
+    values of its routing are checked by ``LAGConfig(**spec.routing)``
+    (:func:`llama_index_lag.eval.harness.parse_mode` does both)."""
     name = ALIASES.get(str(name).strip(), str(name).strip())
     if name in EVAL_BASES:
         prompt, knowledge, mode = EVAL_BASES[name]

@@ -1,4 +1,5 @@
-"""One config, six modes: ``none | rag | lag | rag+lag | prag | prag+lag`` as standard LlamaIndex query engines.
+"""One config, six modes: ``none | rag | lag | rag+lag | prag | prag+lag`` as standard LlamaIndex query
+engines.
 
 =========  ==========================================  =========================================
 mode       retrieval (FAISS)                           adapters
@@ -138,7 +139,8 @@ class LAGQueryEngine(RetrieverQueryEngine):
     def _synth_nodes(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         return [] if self.mode in ("prag", "prag+lag") else nodes
 
-    def _finish(self, response: RESPONSE_TYPE, nodes: list[NodeWithScore], sink: list[dict[str, Any]]) -> RESPONSE_TYPE:
+    def _finish(self, response: RESPONSE_TYPE, nodes: list[NodeWithScore],
+                sink: list[dict[str, Any]]) -> RESPONSE_TYPE:
         response.source_nodes = nodes
         response.metadata = dict(response.metadata or {})
         if isinstance(response, StreamingResponse) and response.response_gen is not None:
@@ -157,7 +159,8 @@ class LAGQueryEngine(RetrieverQueryEngine):
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         nodes = self.retrieve(query_bundle)
         with collect_routing() as sink, self._routing(nodes):
-            response = self._response_synthesizer.synthesize(query=query_bundle, nodes=self._synth_nodes(nodes))
+            response = self._response_synthesizer.synthesize(query=query_bundle,
+                                                             nodes=self._synth_nodes(nodes))
         return self._finish(response, nodes, sink)
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
@@ -191,7 +194,8 @@ def build_query_engine(
     if llm is None:
         llm = shared_llm(config)
     else:
-        llm = llm.with_routing(config.lag_config()).model_copy(update={"max_new_tokens": config.max_new_tokens})
+        llm = llm.with_routing(config.lag_config()).model_copy(
+            update={"max_new_tokens": config.max_new_tokens})
     doc_to_adapter = None
     if config.mode in ("prag", "prag+lag"):
         know = [lib for lib in (llm.router.libraries.get("knowledge", []) if llm.router else [])]

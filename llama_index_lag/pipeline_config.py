@@ -1,5 +1,5 @@
-"""The pipeline's configuration: one :class:`LAGPipelineConfig` (mode, libraries, index, model, routing), loaded
-from and saved to JSON / YAML / TOML. Below the LLM and the pipeline, which both build from it."""
+"""The pipeline's configuration: one :class:`LAGPipelineConfig` (mode, libraries, index, model, routing),
+loaded from and saved to JSON / YAML / TOML. Below the LLM and the pipeline, which both build from it."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class LAGPipelineConfig(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0)
     dtype: str = Field(default="float32", description="model dtype: float32 | bfloat16")
     lag_method: LAGMethod = Field(
-        default="two-level", description="LAG routing of the lag modes: 'two-level' (request-centred scores, a "
-        "shortlist per sequence, then per token) or 'paper' (the LAG paper's per-token Arrow -> SpectR)")
+        default="two-level", description="LAG routing of the lag modes: 'two-level' (request-centred scores, "
+        "a shortlist per sequence, then per token) or 'paper' (the LAG paper's per-token Arrow -> SpectR)")
     routing: dict[str, Any] = Field(default_factory=dict,
                                     description="extra LAGConfig fields, e.g. {'granularity': 'sequence'}")
 
@@ -70,14 +70,15 @@ class LAGPipelineConfig(BaseModel):
         if self.mode in ("none", "rag"):
             return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})
         if self.mode == "prag":
-            return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})  # fixed adapter added per query
+            # fixed adapter added per query
+            return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})
         return LAGConfig.preset(self.lag_method, k=self.k, **extra)
 
     def check(self) -> None:
         """Fail early with a clear message when the mode lacks what it needs."""
         if self.mode in RETRIEVAL_MODES and not self.index:
-            raise ConfigError(f"mode {self.mode!r} retrieves documents: set index (a folder from `lag index`)",
-                              field="index")
+            raise ConfigError(f"mode {self.mode!r} retrieves documents: set index "
+                              "(a folder from `lag index`)", field="index")
         if self.mode in ("lag", "rag+lag") and not (self.knowledge or self.task):
             raise ConfigError(f"mode {self.mode!r} routes adapters: set knowledge and/or task libraries",
                               field="knowledge")

@@ -138,7 +138,7 @@ class Pool:
                 parts.append((t.proto, t.A, t.B, torch.ones(len(lib), dtype=torch.bool) if present is None
                               else present))
             else:  # a library of this kind that does not adapt the module: zero rows, never valid
-                m, n = next(l.module_shape(module) for l in self.libraries if module in l.modules)
+                m, n = next(lb.module_shape(module) for lb in self.libraries if module in lb.modules)
                 N, r = len(lib), lib.r_max
                 parts.append((torch.zeros(N, n), torch.zeros(N, r, n), torch.zeros(N, m, r),
                               torch.zeros(N, dtype=torch.bool)))
@@ -211,8 +211,8 @@ class LAGRouter:
         self._config = config
         self._state: contextvars.ContextVar[RequestState] = contextvars.ContextVar(f"lag_state_{next(_ids)}")
         self._forward: contextvars.ContextVar[_ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
-        self._focus: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(f"lag_focus_{next(_ids)}",
-                                                                                          default=None)
+        self._focus: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+            f"lag_focus_{next(_ids)}", default=None)
         self._default = RequestState(config)
         kinds = sorted({lib.kind for lib in libraries})
         self.pools = {kind: Pool(kind, [lib for lib in libraries if lib.kind == kind], config.arrow_backend)
@@ -229,8 +229,8 @@ class LAGRouter:
         for name in modules:
             original = self.model.get_submodule(name)
             if isinstance(original, LAGLinear):
-                raise IncompatibleLibraryError("module is already routed by another LAG router; detach it first",
-                                               module=name)
+                raise IncompatibleLibraryError("module is already routed by another LAG router; detach it "
+                                               "first", module=name)
             shape = linear_shape(original)
             device = next(original.parameters(), torch.empty(0)).device
             pools = {kind: pool.tensors(name, device) for kind, pool in self.pools.items()
@@ -239,7 +239,8 @@ class LAGRouter:
                 if shape is None or (t.B.shape[1], t.A.shape[2]) != shape[:2]:
                     raise IncompatibleLibraryError(
                         f"library expects a Linear of shape {(t.B.shape[1], t.A.shape[2])}, model has "
-                        f"{type(original).__name__} {shape}", module=name, path=self.pools[kind].libraries[0].path,
+                        f"{type(original).__name__} {shape}", module=name,
+                        path=self.pools[kind].libraries[0].path,
                     )
             wrapped[name] = LAGLinear(original, name, self, pools)
         for name, module in wrapped.items():  # swap only after every check passed
@@ -282,7 +283,8 @@ class LAGRouter:
 
     def set(self, config: LAGConfig | None = None, **changes: Any) -> LAGConfig:
         """Change the default routing (for requests without their own ``using``); no reload."""
-        new = (config or self._default.config).replace(**changes) if changes else (config or self._default.config)
+        new = ((config or self._default.config).replace(**changes) if changes
+               else (config or self._default.config))
         fixed = self._resolve_fixed(new)
         self._default = RequestState(new, self._default.traces, self._default.timings, fixed)
         return new
@@ -397,7 +399,8 @@ class LAGRouter:
             self._forward.set(fwd)
         fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cfg = self.state().config
-        two_level = cfg.shortlist is not None or (cfg.granularity == "sequence" and cfg.sequence_scope == "model")
+        two_level = cfg.shortlist is not None or (cfg.granularity == "sequence"
+                                                  and cfg.sequence_scope == "model")
         if start == 0 and two_level and cfg.mode in ("arrow", "spectr", "lag"):
             self._choose_for_sequences(fwd, kwargs)
 
@@ -409,7 +412,8 @@ class LAGRouter:
                   if kwargs.get(k) is not None}
         fwd.scoring = {}
         current = self.state()
-        token = self._state.set(RequestState(current.config, (), current.timings, current.fixed_idx))  # untraced
+        # untraced
+        token = self._state.set(RequestState(current.config, (), current.timings, current.fixed_idx))
         try:
             self.model(**inputs, use_cache=False)
             scores = fwd.scoring
@@ -444,7 +448,8 @@ class LAGRouter:
         return focus if mask is None else focus & mask
 
     @staticmethod
-    def _decode_in_place(layer: LAGLinear, x: torch.Tensor, out: torch.Tensor, k: int, cfg: LAGConfig) -> bool:
+    def _decode_in_place(layer: LAGLinear, x: torch.Tensor, out: torch.Tensor, k: int,
+                         cfg: LAGConfig) -> bool:
         """Decode fast path: one float32 token on the CPU, no autograd, one library kind at this module. The
         fused kernel adds the winner's delta into ``out`` in place: the general path's result bit for bit,
         without its tensors and Python (~6 ms of a ~75 ms SmolLM2 token at N=1000). False: nothing done."""
@@ -507,8 +512,9 @@ class LAGRouter:
             out = self._route_shortlist(module, kind, t, x, flat, score_x, cfg)
         else:
             out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k,
-                               temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch,
-                               margin=cfg.dynamic_k, approximate=APPROXIMATE[cfg.arrow_backend],
+                               temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k,
+                               strategy=cfg.dispatch, margin=cfg.dynamic_k,
+                               approximate=APPROXIMATE[cfg.arrow_backend],
                                effort=_effort(cfg, t), kernel=cfg.decode_kernel, score_x=score_x)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
@@ -555,7 +561,8 @@ class LAGRouter:
             lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
             fwd.shortlists[(kind, module)] = lists
         idx, prior = (v.repeat_interleave(x.shape[1], dim=0) for v in lists)  # [T, M] per token's row
-        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x, strategy=cfg.dispatch)
+        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x,
+                               strategy=cfg.dispatch)
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                         state: RequestState) -> torch.Tensor:

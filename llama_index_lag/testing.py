@@ -229,8 +229,8 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **
     model = make_tiny_model(arch, seed=seed, **kw)
     if model.config.vocab_size < len(make_tiny_tokenizer()):
         raise ConfigError(
-            f"vocab_size {model.config.vocab_size} is smaller than the tiny tokenizer ({len(make_tiny_tokenizer())})",
-            field="vocab_size",
+            f"vocab_size {model.config.vocab_size} is smaller than the tiny tokenizer "
+            f"({len(make_tiny_tokenizer())})", field="vocab_size",
         )
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -264,8 +264,8 @@ def make_lora_adapters(
 ) -> list[Path]:
     """Write ``n`` random PEFT LoRA adapters for ``model`` into ``out_dir/{prefix}{i}``; return their folders.
 
-    Standard PEFT folders (``save_pretrained``). Each adapted module gets ``B @ A`` with orthonormal factors and
-    a decaying spectrum ``scale * decay**j`` (j = 0..rank-1), so iterative SVD methods converge on them.
+    Standard PEFT folders (``save_pretrained``). Each adapted module gets ``B @ A`` with orthonormal factors
+    and a decaying spectrum ``scale * decay**j`` (j = 0..rank-1), so iterative SVD methods converge on them.
     ``lora_alpha`` defaults to ``rank`` (scaling 1). Deterministic in ``seed``; ``model`` is not modified.
     """
     import copy
@@ -284,7 +284,8 @@ def make_lora_adapters(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(copy.deepcopy(model), config)
-    layers = [(name, m) for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    layers = [(name, m) for name, m in peft_model.named_modules()
+              if hasattr(m, "lora_A") and "default" in m.lora_A]
     spectrum = scale * decay ** torch.arange(rank, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     out_dir = Path(out_dir)

@@ -1,5 +1,6 @@
 """Request-centred scoring and two-level (shortlist) routing against a slow, independent reference: dense PEFT
-deltas, loops over tokens and adapters; batching, KV-cached decoding and the limits of the two-level scheme."""
+deltas, loops over tokens and adapters; batching, KV-cached decoding and the limits of the two-level
+scheme."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ RANK = 4
 
 @pytest.fixture
 def lib(tmp_path, tiny_model, knowledge_dirs):
-    return AdapterLibrary.compile(knowledge_dirs, kind="knowledge", base_model=tiny_model, out=tmp_path / "lib",
-                                  progress=False)
+    return AdapterLibrary.compile(knowledge_dirs, kind="knowledge", base_model=tiny_model,
+                                  out=tmp_path / "lib", progress=False)
 
 
 @pytest.fixture
@@ -113,7 +114,8 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.calibration}-M{c.shortlist}-w{c.shortlist_weight}")
+@pytest.mark.parametrize("cfg", CONFIGS,
+                         ids=lambda c: f"{c.mode}-{c.calibration}-M{c.shortlist}-w{c.shortlist_weight}")
 def test_matches_the_slow_reference(tiny_model, lib, deltas, cfg):
     expected, chosen = _reference(tiny_model, deltas, cfg, IDS)
     router = attach_lag(tiny_model, lib, cfg)
@@ -150,14 +152,15 @@ def test_batched_generation_equals_each_prompt_alone(tiny_model, lib, cfg):
     alone = []
     with torch.no_grad():
         for p in prompts:
-            alone.append(tiny_model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=6, do_sample=False,
-                                             pad_token_id=0)[0, p.shape[1]:])
+            alone.append(tiny_model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=6,
+                                             do_sample=False, pad_token_id=0)[0, p.shape[1]:])
         width = max(p.shape[1] for p in prompts)
         ids = torch.zeros(2, width, dtype=torch.long)
         mask = torch.zeros(2, width, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - p.shape[1]:], mask[i, width - p.shape[1]:] = p[0], 1
-        batched = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        batched = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0)
     router.detach()
     for i in range(2):
         assert batched[i, width:].tolist() == alone[i].tolist()
@@ -172,7 +175,8 @@ def test_decoding_keeps_the_prompts_shortlist(tiny_model, lib):
         step = tiny_model(torch.tensor([[123]]), past_key_values=out.past_key_values, use_cache=True)
     router.detach()
     assert torch.isfinite(step.logits).all()
-    shortlisted = {w for m in trace.modules("knowledge") for w in trace.tokens("knowledge", m)[: IDS.shape[1]].tolist()}
+    shortlisted = {w for m in trace.modules("knowledge")
+                   for w in trace.tokens("knowledge", m)[: IDS.shape[1]].tolist()}
     decoded = {int(trace.tokens("knowledge", m)[-1]) for m in trace.modules("knowledge")}
     assert len(shortlisted) <= 2 and decoded <= shortlisted
 

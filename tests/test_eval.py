@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from scipy.stats import skew as scipy_skew
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMCompletionStartEvent
+from scipy.stats import skew as scipy_skew
 
-from llama_index_lag import AdapterLibrary, LAGConfig, LAGLLM
+from llama_index_lag import LAGLLM, AdapterLibrary, LAGConfig
 from llama_index_lag.cli import main as cli_main
 from llama_index_lag.data import read_documents
 from llama_index_lag.errors import ConfigError, DataError, IncompatibleLibraryError
@@ -50,9 +50,10 @@ def world(tmp_path_factory):
     docs = read_documents(DEMO / "documents.jsonl")
     raw = make_lora_adapters(model, root / "raw", len(docs), rank=4, seed=1)
     dirs = [path.rename(root / "raw" / doc.id) for path, doc in zip(raw, docs)]
-    AdapterLibrary.compile(dirs[:-1], kind="knowledge", base_model=model_dir, out=root / "know", progress=False)
-    task_dirs = make_lora_adapters(model, root / "traw", 2, rank=2, target_modules=("q_proj", "v_proj"), seed=2,
-                                   prefix="style")
+    AdapterLibrary.compile(dirs[:-1], kind="knowledge", base_model=model_dir, out=root / "know",
+                           progress=False)
+    task_dirs = make_lora_adapters(model, root / "traw", 2, rank=2, target_modules=("q_proj", "v_proj"),
+                                   seed=2, prefix="style")
     AdapterLibrary.compile(task_dirs, kind="task", base_model=model_dir, out=root / "task", progress=False)
     embed = load_embed_model()
     build_index(docs, root / "index", embed_model=embed, show_progress=False)
@@ -64,8 +65,8 @@ def world(tmp_path_factory):
 
 def _config(world, out, **kw) -> EvalConfig:
     base = dict(docs=DEMO / "documents.jsonl", questions=DEMO / "questions.jsonl", knowledge=world["know"],
-                task=[world["task"]], model=world["model"], index=world["index"], out=out, k=3, max_new_tokens=6,
-                batch_size=4, task_map=TASK_MAP)
+                task=[world["task"]], model=world["model"], index=world["index"], out=out, k=3,
+                max_new_tokens=6, batch_size=4, task_map=TASK_MAP)
     base.update(kw)
     return EvalConfig(**base)
 
@@ -98,9 +99,9 @@ def test_mode_names_and_variants():
     assert parse_mode("lag-dyn0.9").routing["dynamic_k"] == 0.9
     assert parse_mode("lag-k5-dyn0.5").routing == {"mode": "lag", "k": 5, "dynamic_k": 0.5}
     assert parse_mode("rag+lag-seq-mass").routing["granularity"] == "sequence"
-    for bad, match in [("best", "unknown mode 'best'"), ("arrow-k3", "lag-based"), ("spectr-dyn0.5", "lag-based"),
-                       ("lag-dyn1.5", "dynamic_k"), ("lag-seq-sum", "bad suffix"), ("lag-k2-k3", "repeats"),
-                       ("none-k2", "unknown mode")]:
+    for bad, match in [("best", "unknown mode 'best'"), ("arrow-k3", "lag-based"),
+                       ("spectr-dyn0.5", "lag-based"), ("lag-dyn1.5", "dynamic_k"),
+                       ("lag-seq-sum", "bad suffix"), ("lag-k2-k3", "repeats"), ("none-k2", "unknown mode")]:
         with pytest.raises(ConfigError, match=match):
             parse_mode(bad)
     assert parse_sweep("1,2,5,N") == [1, 2, 5, "N"]
@@ -118,8 +119,8 @@ def test_mode_names_and_variants():
 # ---- metrics, normalised score, report (pure functions of results.json) ---------------------------------
 def _synthetic_results() -> dict:
     questions = [
-        {"id": "q1", "question": "?", "answers": ["Drelmouth", "the town of Drelmouth"], "task": "qa", "dataset": "qa",
-         "doc_id": "d1", "gold_adapter": "d1"},
+        {"id": "q1", "question": "?", "answers": ["Drelmouth", "the town of Drelmouth"], "task": "qa",
+         "dataset": "qa", "doc_id": "d1", "gold_adapter": "d1"},
         {"id": "q2", "question": "?", "answers": ["Pimsy"], "task": "qa", "dataset": "qa", "doc_id": "d1",
          "gold_adapter": "d1"},
         {"id": "f1", "question": "?", "answers": ["true"], "task": "fact", "dataset": "fa", "doc_id": "d1",
@@ -137,8 +138,8 @@ def _synthetic_results() -> dict:
         rec("oracle", "q1", "The town of Drelmouth."), rec("oracle", "q2", "Pimsy the parrot"),
         rec("oracle", "f1", "True."), rec("oracle", "f2", "That is false"), rec("oracle", "f3", "no"),
         # lag: qa EM 0, F1 (2/3 + 0)/2, contains 1/2; fact: fa 1/2, fb 0/1
-        rec("lag", "q1", "born in Drelmouth", routing_accuracy={**acc(0.5, True, 1), "wins": {"0": 4, "3": 1}},
-            mean_candidates=3.0),
+        rec("lag", "q1", "born in Drelmouth",
+            routing_accuracy={**acc(0.5, True, 1), "wins": {"0": 4, "3": 1}}, mean_candidates=3.0),
         rec("lag", "q2", "a dog", routing_accuracy={**acc(0.1, False, 3), "wins": {"0": 2, "1": 1}},
             mean_candidates=3.0),
         rec("lag", "f1", "yes, true", routing_accuracy=acc(0.3, True, 1), mean_candidates=3.0),
@@ -167,7 +168,8 @@ def test_metrics_and_normalised_score_match_hand_computed_values():
     assert oracle["tasks"]["qa"]["contains"] == pytest.approx(1.0)
     assert oracle["tasks"]["fact"]["accuracy"] == pytest.approx(1.0)
     # "born in Drelmouth" vs "Drelmouth": P 1/3, R 1 -> 0.5
-    assert lag["tasks"]["qa"] == pytest.approx({"n": 2, "em": 0.0, "f1": 0.25, "contains": 0.5, "primary": 0.25})
+    assert lag["tasks"]["qa"] == pytest.approx({"n": 2, "em": 0.0, "f1": 0.25, "contains": 0.5,
+                                                "primary": 0.25})
     assert lag["tasks"]["fact"]["accuracy"] == pytest.approx(1 / 3)
     # Eq. 9: qa: 0.25 / (5/6); fact: datasets fa (2 questions: 0.5 / 1.0) and fb (1 question: 0 / 1)
     assert lag["normalised"]["qa"] == pytest.approx(100 * 0.25 / (5 / 6))
@@ -184,7 +186,8 @@ def test_metrics_and_normalised_score_match_hand_computed_values():
     assert s["chance_share"] == pytest.approx(0.25)
     md = render_markdown(_synthetic_results())
     assert "| % of Oracle | fact | qa | AVG | tokens/s |" in md
-    assert "| lag (k=3) | 33.3 | 30.0 | 31.7 | 8.0 |" in md and "| oracle | 100.0 | 100.0 | 100.0 | 8.0 |" in md
+    assert ("| lag (k=3) | 33.3 | 30.0 | 31.7 | 8.0 |" in md
+            and "| oracle | 100.0 | 100.0 | 100.0 | 8.0 |" in md)
     assert "| lag | 5 | 33.3 | 0.0 | 25.0 | 50.0 | 30.0 | 60.0 | 1.0 | d0 75.0 | – | 8.0 | 1 |" in md
 
 
@@ -204,8 +207,9 @@ def test_normalised_score_without_oracle_or_with_zero_oracle():
 
 
 def test_routing_accuracy_of_counts():
-    assert routing_accuracy(torch.tensor([5, 3, 0, 2]), 0) == {"gold_share": 0.5, "gold_top": True, "gold_rank": 1,
-                                                               "selections": 10, "wins": {"0": 5, "1": 3, "3": 2}}
+    assert routing_accuracy(torch.tensor([5, 3, 0, 2]), 0) == {"gold_share": 0.5, "gold_top": True,
+                                                               "gold_rank": 1, "selections": 10,
+                                                               "wins": {"0": 5, "1": 3, "3": 2}}
     tie = routing_accuracy(torch.tensor([4, 4, 2]), 1)
     assert tie["gold_top"] is False and tie["gold_rank"] == 1
     assert routing_accuracy(torch.tensor([1, 2, 7]), 0)["gold_rank"] == 3
@@ -229,8 +233,8 @@ def test_prompts_answers_and_routing_equal_the_pipeline(world, tmp_path):
     LLM, same answer, same routing summary, for rag, lag and prag; the harness's `lag` is the paper's method,
     the pipeline's default LAG routing (two-level) is the harness's `lag-req-sl2-w0.25`."""
     modes = ("rag", "lag", "prag", "lag-req-sl2-w0.25")
-    pipeline = {"rag": dict(mode="rag"), "lag": dict(mode="lag", lag_method="paper"), "prag": dict(mode="prag"),
-                "lag-req-sl2-w0.25": dict(mode="lag")}
+    pipeline = {"rag": dict(mode="rag"), "lag": dict(mode="lag", lag_method="paper"),
+                "prag": dict(mode="prag"), "lag-req-sl2-w0.25": dict(mode="lag")}
     harness = EvalHarness(_config(world, tmp_path / "out", modes=",".join(modes), limit=4),
                           llm=world["llm"], index=world["loaded_index"], progress=False)
     results = harness.run()
@@ -238,9 +242,9 @@ def test_prompts_answers_and_routing_equal_the_pipeline(world, tmp_path):
     records = {(a["mode"], a["qid"]): a for a in results["answers"]}
     root = get_dispatcher()
     for mode in modes:
-        engine = build_query_engine(LAGPipelineConfig(
-            **pipeline[mode], model=world["model"], index=world["index"], knowledge=world["know"], task=[world["task"]],
-            k=3, max_new_tokens=6, similarity_top_k=1), embed_model=world["embed"])  # its own LAGLLM
+        engine = build_query_engine(LAGPipelineConfig(  # its own LAGLLM
+            **pipeline[mode], model=world["model"], index=world["index"], knowledge=world["know"],
+            task=[world["task"]], k=3, max_new_tokens=6, similarity_top_k=1), embed_model=world["embed"])
         for q in harness.questions:
             capture = _Capture()
             root.add_event_handler(capture)
@@ -272,8 +276,9 @@ def test_prompts_of_a_model_without_chat_template_equal_the_pipeline(world, tmp_
     q = harness.questions[0]
     root = get_dispatcher()
     for mode in ("none", "rag"):
-        engine = build_query_engine(LAGPipelineConfig(mode=mode, index=world["index"], knowledge=world["know"],
-                                                      max_new_tokens=6, similarity_top_k=1),
+        engine = build_query_engine(LAGPipelineConfig(mode=mode, index=world["index"],
+                                                      knowledge=world["know"], max_new_tokens=6,
+                                                      similarity_top_k=1),
                                     llm=plain, index=world["loaded_index"])
         capture = _Capture()
         root.add_event_handler(capture)
@@ -319,7 +324,8 @@ def test_batched_equals_unbatched_and_routing_accuracy_is_independent_of_the_bat
     assert all(a["routing_accuracy"] is None for m in ("oracle", "prag+lag") for a in by_mode[m])
     oracle = by_mode["oracle"][0]["routing"]
     assert oracle["fixed"]["knowledge"] == [by_mode["oracle"][0]["qid"].split(".")[0]]
-    assert oracle["fixed"]["task"] == ["style0" if by_mode["oracle"][0]["qid"].split(".")[1][0] == "q" else "style1"]
+    assert oracle["fixed"]["task"] == ["style0" if by_mode["oracle"][0]["qid"].split(".")[1][0] == "q"
+                                       else "style1"]
     dyn = [a["mean_candidates"] for a in by_mode["lag-dyn0.5"]]
     assert all(1.0 <= c <= 3.0 for c in dyn)
 
@@ -336,7 +342,8 @@ def test_routing_accuracy_matches_an_independent_trace(world, tmp_path):
         item = items[(rec["mode"], rec["qid"])]
         enc = llm.encode(item.prompt, 4, getattr(item.prompt, "focus", None))  # the user message is the focus
         ids = enc["input_ids"]
-        with torch.no_grad(), router.using(item.routing), router.focus(enc.get("focus")), router.trace() as trace:
+        with (torch.no_grad(), router.using(item.routing), router.focus(enc.get("focus")),
+              router.trace() as trace):
             llm.model(ids)  # one sequence, no padding: a plain prefill
         counts = trace.counts("knowledge")
         gold = names.index(item.question.doc_id)
@@ -400,7 +407,8 @@ def test_questions_without_document_or_adapter(world, tmp_path, caplog):
     questions.write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="llama_index_lag.eval.harness"):
         results = _run(world, tmp_path / "s", modes="none", questions=questions)
-    assert results["skipped"] == [{"id": "orphan.q1", "doc_id": "nope", "reason": "doc_id not in the documents"}]
+    assert results["skipped"] == [{"id": "orphan.q1", "doc_id": "nope",
+                                   "reason": "doc_id not in the documents"}]
     assert "orphan.q1" in caplog.text and len(results["answers"]) == 2
     # PRAG retrieving a document without adapter: the pipeline refuses the query; scored as a wrong answer
     lines.append(json.dumps({"id": "tess.q1", "question": "What was the Tessaline and what did it carry?",
@@ -411,7 +419,8 @@ def test_questions_without_document_or_adapter(world, tmp_path, caplog):
     assert rec["answer"] == "" and "ship-tessaline" in rec["error"] and rec["scores"]["f1"] == 0.0
     assert results["summary"]["modes"]["prag"]["errors"] == 1
     empty = tmp_path / "empty.jsonl"
-    empty.write_text(json.dumps({"id": "a", "question": "Q?", "answers": [], "doc_id": "town-drelmouth"}) + "\n")
+    empty.write_text(json.dumps({"id": "a", "question": "Q?", "answers": [], "doc_id": "town-drelmouth"})
+                     + "\n")
     with pytest.raises(DataError, match="answers list is empty") as err:
         _run(world, tmp_path / "x", modes="none", questions=empty)
     assert err.value.line == 1
@@ -423,23 +432,24 @@ def test_bad_configurations(world, tmp_path):
     with pytest.raises(ConfigError, match="task 'fact' of the questions is not in --task-map"):
         _run(world, tmp_path / "a", modes="oracle", task_map="qa=style0")
     with pytest.raises(ConfigError, match="pass --index"):
-        run_eval(_config(world, tmp_path / "b", modes="none,rag", index=None), llm=world["llm"], progress=False)
+        run_eval(_config(world, tmp_path / "b", modes="none,rag", index=None), llm=world["llm"],
+                 progress=False)
 
 
 def test_library_of_another_base_model_is_a_clear_error(world, tmp_path, capsys):
     other = make_tiny_model_dir(tmp_path / "other", hidden_size=32, max_position_embeddings=2048)
     with pytest.raises(IncompatibleLibraryError, match="another base model"):
         run_eval(_config(world, tmp_path / "out", model=str(other), modes="none"), progress=False)
-    code = cli_main(["eval", "--docs", str(DEMO / "documents.jsonl"), "--questions", str(DEMO / "questions.jsonl"),
-                     "--knowledge", world["know"], "--model", str(other), "--modes", "none", "-q",
-                     "--out", str(tmp_path / "cli")])
+    code = cli_main(["eval", "--docs", str(DEMO / "documents.jsonl"), "--questions",
+                     str(DEMO / "questions.jsonl"), "--knowledge", world["know"], "--model", str(other),
+                     "--modes", "none", "-q", "--out", str(tmp_path / "cli")])
     assert code == 1
     err = capsys.readouterr().err
     assert "lag eval: error:" in err and "another base model" in err and "Traceback" not in err
     assert not (tmp_path / "cli" / "answers.jsonl").exists()
 
 
-# ---- CLI end to end -----------------------------------------------------------------------------------------
+# ---- CLI end to end ----------------------------------------------------------------------------------------
 def test_cli_end_to_end_writes_results_report_and_plots(world, tmp_path, capsys):
     out = tmp_path / "results"
     args = ["eval", "--docs", str(DEMO / "documents.jsonl"), "--questions", str(DEMO / "questions.jsonl"),
@@ -455,7 +465,8 @@ def test_cli_end_to_end_writes_results_report_and_plots(world, tmp_path, capsys)
     assert (out / "k_sweep.png").read_bytes()[:4] == b"\x89PNG"
     results = load_results(out)
     modes = [m["name"] for m in results["modes"]]
-    assert modes == ["none", "lag", "oracle", "rag+lag", "prag", "lag-seq-mass", "lag-dyn0.5", "lag-k1", "lag-k4"]
+    assert modes == ["none", "lag", "oracle", "rag+lag", "prag", "lag-seq-mass", "lag-dyn0.5", "lag-k1",
+                     "lag-k4"]
     assert [p["label"] for p in results["sweep"]] == ["1", "N"]
     assert len(results["answers"]) == 9 * 4 and results["complete"]
     md = (out / "results.md").read_text()

@@ -33,12 +33,14 @@ def tiny(tmp_path_factory):
 def test_spectrum_matches_a_dense_reference(tmp_path, tiny):
     _, model, _ = tiny
     dirs = make_lora_adapters(model, tmp_path / "ad", 7, rank=4, target_modules=MLP, seed=4)
-    lib = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=tmp_path / "lib", progress=False)
+    lib = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=tmp_path / "lib",
+                                 progress=False)
     spec = library_spectrum(lib, m=3)
     overlaps = []
     for module in lib.modules:
         A = lib.tensors(module).A.double()  # [N, r, n]
-        P = sum(A[i].T @ A[i] for i in range(len(lib))) / len(lib)  # the mean projector, one adapter at a time
+        # the mean projector, one adapter at a time
+        P = sum(A[i].T @ A[i] for i in range(len(lib))) / len(lib)
         eig, vec = torch.linalg.eigh(P)
         eig, vec = eig.flip(0), vec.flip(1)
         got = spec["modules"][module]
@@ -86,11 +88,13 @@ def _plant_hub(model, tok, adapter_dir, rank):
 def test_a_planted_hub_is_flagged_and_a_plain_library_is_not(tmp_path, tiny):
     folder, model, tok = tiny
     dirs = make_lora_adapters(model, tmp_path / "ad", 12, rank=4, target_modules=MLP, seed=5)
-    plain = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=tmp_path / "plain", progress=False)
+    plain = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=tmp_path / "plain",
+                                   progress=False)
     report = plain.health(model, PROMPTS, tokenizer=tok, config=LAGConfig(mode="spectr"))
     assert not report.hub_dominated, report.routing
     _plant_hub(model, tok, dirs[3], 4)
-    hubbed = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=tmp_path / "hub", progress=False)
+    hubbed = AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=tmp_path / "hub",
+                                    progress=False)
     report = hubbed.health(model, PROMPTS, tokenizer=tok, config=LAGConfig(mode="spectr"))
     assert report.hub_dominated and report.routing["hubs"][0]["adapter"] == "doc3"
     assert report.counts.sum() == report.routing["selections"] and int(report.counts.argmax()) == 3
@@ -99,8 +103,8 @@ def test_a_planted_hub_is_flagged_and_a_plain_library_is_not(tmp_path, tiny):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     png = tmp_path / "wins.png"
-    assert cli_main(["inspect", str(tmp_path / "hub"), "--health", "--prompts", str(prompts), "--model", str(folder),
-                     "--routing", '{"mode": "spectr"}', "--plot", str(png), "--json"]) == 0
+    assert cli_main(["inspect", str(tmp_path / "hub"), "--health", "--prompts", str(prompts), "--model",
+                     str(folder), "--routing", '{"mode": "spectr"}', "--plot", str(png), "--json"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,6 +116,7 @@ def test_health_cli_text_and_bad_input(tmp_path, tiny, capsys):
     assert "spectrum" in capsys.readouterr().out
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"nothing": 1}) + "\n")
-    assert cli_main(["inspect", str(tmp_path / "lib"), "--health", "--prompts", str(bad), "--model", str(folder)]) == 1
+    assert cli_main(["inspect", str(tmp_path / "lib"), "--health", "--prompts", str(bad), "--model",
+                     str(folder)]) == 1
     assert "question" in capsys.readouterr().err
     assert cli_main(["inspect", str(tmp_path / "lib"), "--health", "--routing", "{bad"]) == 1

@@ -17,7 +17,6 @@ import pytest
 
 from llama_index_lag.data import DocumentRecord, write_documents
 from llama_index_lag.errors import ConfigError, DataError, ModelError, UnsafeOutputError, VectorIndexError
-from llama_index_lag.models import default_embed_model_dir, load_embed_model
 from llama_index_lag.indexing import (
     MANIFEST_FILE,
     build_index,
@@ -25,6 +24,7 @@ from llama_index_lag.indexing import (
     read_index_manifest,
     retrieve_documents,
 )
+from llama_index_lag.models import default_embed_model_dir, load_embed_model
 
 LONG_FACT = (
     "In the last winter the archivist found a map of the sunken city of Orlume hidden inside a clay jar."

@@ -18,7 +18,8 @@ from llama_index_lag.routing.engine import PoolTensors, route_tokens
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
 
-def _library(dtype: torch.dtype, N: int = 40, r: int = 5, n: int = 96, m: int = 72, seed: int = 0) -> PoolTensors:
+def _library(dtype: torch.dtype, N: int = 40, r: int = 5, n: int = 96, m: int = 72,
+             seed: int = 0) -> PoolTensors:
     """Aligned random adapters with mixed ranks (zero-padded to r) and a decaying spectrum."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(N, r, n, generator=g)
@@ -49,7 +50,8 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     for name in ("lag_one", "rerank_one", "add_one", "add_shortlist_one"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
 
 
@@ -66,7 +68,8 @@ def test_fused_decode_matches_float64_loop(dtype: torch.dtype, spy: list[str]) -
             assert int(out.chosen[0]) == w, (dtype, mode, k, trial)
             assert out.delta.shape == (1, 72) and out.delta.dtype == torch.float32
             scale = float(delta.abs().max())
-            assert torch.allclose(out.delta[0].double(), delta, atol=1e-5 * scale, rtol=1e-5), (dtype, mode, k)
+            assert torch.allclose(out.delta[0].double(), delta,
+                                  atol=1e-5 * scale, rtol=1e-5), (dtype, mode, k)
     assert spy.count("lag_one") == 30 * 5 and spy.count("rerank_one") == 30  # spectr reranks all N
 
 

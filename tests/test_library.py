@@ -38,7 +38,8 @@ def _compile(dirs, model, out, **kw) -> AdapterLibrary:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file()}
 
 
 def _peft_deltas(model, path: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +90,8 @@ def test_aligned_factors_reproduce_peft_deltas_with_mixed_ranks_and_scalings(tmp
 def test_manifest_and_packed_tensors(tmp_path, llama, dirs):
     lib = _compile(dirs, llama, tmp_path / "lib", dtype="bfloat16")
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["kind"] == "knowledge" and manifest["dtype"] == "bfloat16"
+    assert (manifest["format_version"] == 2 and manifest["kind"] == "knowledge"
+            and manifest["dtype"] == "bfloat16")
     assert manifest["base_model"]["fingerprint"]["architecture"] == "LlamaForCausalLM"
     assert manifest["base_model"]["fingerprint"]["hidden_size"] == 64
     assert [a["name"] for a in manifest["adapters"]] == [d.name for d in dirs]
@@ -99,7 +101,8 @@ def test_manifest_and_packed_tensors(tmp_path, llama, dirs):
     with safe_open(str(tmp_path / "lib" / "adapters.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     m = "model.layers.0.mlp.down_proj"
-    assert shapes[f"{m}.A"] == (5, 4, 96) and shapes[f"{m}.B"] == (5, 64, 4) and shapes[f"{m}.proto"] == (5, 96)
+    assert (shapes[f"{m}.A"] == (5, 4, 96) and shapes[f"{m}.B"] == (5, 64, 4)
+            and shapes[f"{m}.proto"] == (5, 96))
     assert lib.tensors(m).A.dtype == torch.bfloat16
     f32 = _compile(dirs, llama, tmp_path / "lib32")
     assert torch.allclose(lib.tensors(m).B.float(), f32.tensors(m).B, atol=1e-2, rtol=1e-2)
@@ -154,12 +157,14 @@ def test_adapters_stored_in_other_dtypes(tmp_path, llama, dirs, dtype):
     """Factors are read in place from the weights file's bytes: float16 / bfloat16 / float64 files give
     the library of the same values stored as float32 (as safetensors decodes them)."""
     values = {k: v.to(dtype) for k, v in load_file(str(dirs[0] / "adapter_model.safetensors")).items()}
-    stored, as_f32 = shutil.copytree(dirs[0], tmp_path / "stored"), shutil.copytree(dirs[0], tmp_path / "as_f32")
+    stored, as_f32 = (shutil.copytree(dirs[0], tmp_path / "stored"),
+                      shutil.copytree(dirs[0], tmp_path / "as_f32"))
     save_file(values, str(stored / "adapter_model.safetensors"))
     save_file({k: v.float() for k, v in values.items()}, str(as_f32 / "adapter_model.safetensors"))
     got, ref = _compile([stored], llama, tmp_path / "got"), _compile([as_f32], llama, tmp_path / "ref")
     for m in ref.modules:
-        assert torch.equal(got.tensors(m).A, ref.tensors(m).A) and torch.equal(got.tensors(m).B, ref.tensors(m).B)
+        assert (torch.equal(got.tensors(m).A, ref.tensors(m).A)
+                and torch.equal(got.tensors(m).B, ref.tensors(m).B))
 
 
 def test_weights_file_checked_against_its_header(tmp_path, llama, dirs):
@@ -303,8 +308,9 @@ def test_cli_compile_and_inspect(tmp_path, llama, dirs, capsys):
     assert cli_main(["compile", *map(str, dirs[:3]), "--kind", "task", "--base", str(base), "--out",
                      str(tmp_path / "indexed"), "--arrow-index", "ivf"]) == 0
     assert AdapterLibrary.load(tmp_path / "indexed").arrow_index_type() == "ivf"
-    assert cli_main(["compile", *map(str, dirs[3:]), "--kind", "task", "--add", "--out", str(tmp_path / "indexed"),
-                     "--arrow-index", "hnsw"]) == 0  # added, and the index rebuilt as HNSW
+    # added, and the index rebuilt as HNSW
+    assert cli_main(["compile", *map(str, dirs[3:]), "--kind", "task", "--add", "--out",
+                     str(tmp_path / "indexed"), "--arrow-index", "hnsw"]) == 0
     capsys.readouterr()
     assert cli_main(["inspect", str(tmp_path / "indexed"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -182,7 +182,8 @@ def test_invalid_dtype(tiny_dir) -> None:
 
 @pytest.mark.parametrize(
     "dtype, expected",
-    [("float32", torch.float32), ("bfloat16", torch.bfloat16), (torch.float16, torch.float16), ("auto", torch.float32)],
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16), (torch.float16, torch.float16),
+     ("auto", torch.float32)],
 )
 def test_load_causal_lm_tiny(tiny_dir, dtype, expected) -> None:
     model, tok = load_causal_lm(tiny_dir, dtype=dtype, device="cpu")
@@ -258,7 +259,8 @@ def test_describe_tiny_model(tiny_dir) -> None:
 def test_cli_model_info(tiny_dir, capsys) -> None:
     assert cli_main(["model", "info", str(tiny_dir)]) == 0
     out = capsys.readouterr().out
-    assert "LlamaForCausalLM" in out and "model.layers.*.mlp.gate_proj" in out and "chat template:   yes" in out
+    assert ("LlamaForCausalLM" in out and "model.layers.*.mlp.gate_proj" in out
+            and "chat template:   yes" in out)
     assert cli_main(["model", "info", str(tiny_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hidden_size"] == 64
 

@@ -17,7 +17,8 @@ from llama_index_lag.eval import harness
 def test_every_layer_uses_the_one_table():
     assert config.MODES is modes.ROUTING_MODES and get_args(config.Mode) == modes.ROUTING_MODES
     assert pipeline.MODES is modes.PIPELINE_MODES and get_args(pipeline_config.Mode) == modes.PIPELINE_MODES
-    assert pipeline.RETRIEVAL_MODES is modes.RETRIEVAL_MODES and set(modes.RETRIEVAL_MODES) < set(modes.PIPELINE_MODES)
+    assert (pipeline.RETRIEVAL_MODES is modes.RETRIEVAL_MODES
+            and set(modes.RETRIEVAL_MODES) < set(modes.PIPELINE_MODES))
     assert get_args(pipeline_config.LAGMethod) == modes.LAG_METHODS == tuple(config.PRESETS)
     assert demo.MODES is modes.DEMO_MODES and set(modes.DEMO_MODES) <= set(modes.PIPELINE_MODES)
     assert harness.BASE_MODES is modes.BASE_MODES and harness.ModeSpec is modes.ModeSpec

@@ -16,7 +16,7 @@ from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugH
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, SimpleChatEngine
 from llama_index.core.llms import ChatMessage
 
-from llama_index_lag import AdapterLibrary, LAGConfig, LAGLLM
+from llama_index_lag import LAGLLM, AdapterLibrary, LAGConfig
 from llama_index_lag.cli import main as cli_main
 from llama_index_lag.data import read_documents
 from llama_index_lag.errors import ConfigError, LibraryError, VectorIndexError
@@ -41,10 +41,10 @@ def world(tmp_path_factory):
     dirs = []
     for path, doc in zip(raw, docs):
         dirs.append(path.rename(root / "raw" / doc.id))
-    know = AdapterLibrary.compile(dirs[:-1], kind="knowledge", base_model=model_dir, out=root / "know",
-                                  progress=False)  # the last document has no adapter
-    task_dirs = make_lora_adapters(model, root / "traw", 2, rank=2, target_modules=("q_proj", "v_proj"), seed=2,
-                                   prefix="style")
+    AdapterLibrary.compile(dirs[:-1], kind="knowledge", base_model=model_dir, out=root / "know",
+                           progress=False)  # the last document has no adapter
+    task_dirs = make_lora_adapters(model, root / "traw", 2, rank=2, target_modules=("q_proj", "v_proj"),
+                                   seed=2, prefix="style")
     AdapterLibrary.compile(task_dirs, kind="task", base_model=model_dir, out=root / "task", progress=False)
     embed = load_embed_model()
     build_index(docs, root / "index", embed_model=embed, show_progress=False)
@@ -130,7 +130,8 @@ def test_persisted_index_reloads_with_the_same_retrieval(world, config):
     fresh = load_index(world["index"], embed_model=load_embed_model())
     a = _engine(config, "rag", world).retrieve(QueryBundle(QUESTION))
     b = fresh.as_retriever(similarity_top_k=2).retrieve(QUESTION)
-    assert [(n.node.node_id, round(n.score, 5)) for n in a] == [(n.node.node_id, round(n.score, 5)) for n in b]
+    assert [(n.node.node_id, round(n.score, 5)) for n in a] == [(n.node.node_id, round(n.score, 5))
+                                                                for n in b]
 
 
 def test_concurrent_requests_in_different_modes_do_not_mix(world, config):
@@ -160,8 +161,8 @@ def test_concurrent_requests_in_different_modes_do_not_mix(world, config):
 # ---- LAGLLM ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def llm(world) -> LAGLLM:
-    return LAGLLM(world["model"], libraries=[world["know"], world["task"]], lag_config=LAGConfig(mode="lag", k=3),
-                  max_new_tokens=8)
+    return LAGLLM(world["model"], libraries=[world["know"], world["task"]],
+                  lag_config=LAGConfig(mode="lag", k=3), max_new_tokens=8)
 
 
 def test_streaming_equals_complete_and_carries_the_summary(llm):
@@ -205,7 +206,8 @@ def test_async_does_not_block_the_event_loop(llm):
 
         task = asyncio.create_task(ticker())
         results = await asyncio.gather(llm.acomplete("one two", max_new_tokens=24),
-                                       llm.acomplete("three four", max_new_tokens=24, routing={"mode": "spectr"}))
+                                       llm.acomplete("three four", max_new_tokens=24,
+                                                     routing={"mode": "spectr"}))
         stop = True
         await task
         gen = await llm.astream_complete("one two", max_new_tokens=24)
@@ -309,10 +311,11 @@ def test_prag_document_without_adapter(world, config):
 
 
 def test_cli_ask_json_and_compare(world, tmp_path, capsys):
-    cfg = LAGPipelineConfig(model=world["model"], index=world["index"], knowledge=world["know"], max_new_tokens=4,
-                            k=3)
+    cfg = LAGPipelineConfig(model=world["model"], index=world["index"], knowledge=world["know"],
+                            max_new_tokens=4, k=3)
     path = cfg.save(tmp_path / "pipeline.toml")
-    assert cli_main(["ask", QUESTION, "--config", str(path), "--compare", "none,rag,lag,rag+lag", "--json"]) == 0
+    assert cli_main(["ask", QUESTION, "--config", str(path), "--compare", "none,rag,lag,rag+lag",
+                     "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [o["mode"] for o in out] == ["none", "rag", "lag", "rag+lag"]
     assert out[0]["lag"] is None and out[0]["sources"] == []

@@ -86,10 +86,11 @@ def test_compile_never_replaces_a_users_folder_or_file(tmp_path, model_dir, dirs
 
 def test_build_adapters_refuses_to_compile_into_its_own_adapters(tmp_path, model_dir, capsys):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text(json.dumps({"id": "d1", "title": "D", "text": "Ada was born in Pivo. She built boats."}) + "\n")
+    docs.write_text(json.dumps({"id": "d1", "title": "D", "text": "Ada was born in Pivo. She built boats."})
+                    + "\n")
     out = tmp_path / "AD"
-    code = cli_main(["build-adapters", "--docs", str(docs), "--out", str(out), "--compile", str(out), "--base",
-                     str(model_dir), "--no-generate", "--steps", "1", "--quiet"])
+    code = cli_main(["build-adapters", "--docs", str(docs), "--out", str(out), "--compile", str(out),
+                     "--base", str(model_dir), "--no-generate", "--steps", "1", "--quiet"])
     assert code == 1 and "input" in capsys.readouterr().err
     assert not (out / "d1").exists()  # refused before any training
 
@@ -156,7 +157,8 @@ def test_injected_disk_full_keeps_the_old_library(tmp_path, model, dirs, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(packed.os, failing, full)
-    with pytest.raises(DiskFullError, match=r"disk full: writing the library .* needs about .* MB, .* free") as info:
+    with pytest.raises(DiskFullError,
+                       match=r"disk full: writing the library .* needs about .* MB, .* free") as info:
         AdapterLibrary.load(tmp_path / "lib").add(_mixed_ranks(model, tmp_path), progress=False)
     assert info.value.extra["needed"] > 0 and info.value.extra["free"] is not None
     monkeypatch.undo()
@@ -192,8 +194,8 @@ def test_real_full_disk_compile_and_index_writes(tmp_path, model_dir, model, sma
     filler = small_fs / "filler"
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
     filler.write_bytes(b"\0" * (free - (8 << 10)))  # 8 KB left: the header fits, the ~150 KB of rows do not
-    run = subprocess.run([sys.executable, "-c", script, str(model_dir), str(small_fs / "lib"), *map(str, adapters)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script, str(model_dir), str(small_fs / "lib"),
+                          *map(str, adapters)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr  # a SIGBUS would be -7
     assert "TYPED disk full" in run.stdout and "free" in run.stdout
     assert sorted(p.name for p in small_fs.iterdir()) == [".lib.lock", "filler"]
@@ -275,8 +277,8 @@ def test_readers_attaching_during_writes_never_fail(tmp_path, model, dirs):
             AdapterLibrary.load(lib).add(extra, progress=False)
             AdapterLibrary.load(lib).remove([p.rsplit("/", 1)[-1] for p in extra])
     """)
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "lib"), *map(str, dirs[6:])], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "lib"), *map(str, dirs[6:])],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
     ids = torch.tensor([[1, 5, 9, 13]])
     attached, failures = 0, []
     try:
@@ -338,8 +340,9 @@ def _wait_for(condition, timeout: float) -> bool:
 @pytest.fixture
 def many_docs(tmp_path):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"id": f"d{i}", "title": f"D{i}", "text": f"Ada{i} was born in Pivo{i}. "
-                                        "She built boats. Her brother sold fish."}) + "\n" for i in range(8)))
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "title": f"D{i}",
+                                        "text": f"Ada{i} was born in Pivo{i}. She built boats. Her brother "
+                                        "sold fish."}) + "\n" for i in range(8)))
     return docs
 
 
@@ -349,9 +352,10 @@ def test_killing_the_build_stops_its_workers(tmp_path, model_dir, many_docs, sig
     import signal
 
     out = tmp_path / "AD"
-    proc = subprocess.Popen([sys.executable, "-m", "llama_index_lag", "build-adapters", "--docs", str(many_docs),
-                             "--out", str(out), "--base", str(model_dir), "--workers", "2", "--no-generate",
-                             "--steps", "30", "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_index_lag", "build-adapters", "--docs",
+                             str(many_docs), "--out", str(out), "--base", str(model_dir), "--workers", "2",
+                             "--no-generate", "--steps", "30", "--quiet"], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
     try:
         # both workers running and at least one adapter finished: the pool is busy
         assert _wait_for(lambda: len(_children(proc.pid)) >= 2 and any(out.glob("d*/lag_adapter.json")), 240)
@@ -387,8 +391,8 @@ def test_a_live_worker_of_an_earlier_build_blocks_a_new_one(tmp_path, model_dir,
     """), str(out / ".lag-build-workers.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        code = cli_main(["build-adapters", "--docs", str(many_docs), "--out", str(out), "--base", str(model_dir),
-                         "--no-generate", "--steps", "1", "--quiet"])
+        code = cli_main(["build-adapters", "--docs", str(many_docs), "--out", str(out), "--base",
+                         str(model_dir), "--no-generate", "--steps", "1", "--quiet"])
         assert code == 1 and "a worker of an earlier build still runs" in capsys.readouterr().err
         assert not list(out.glob("d*"))
     finally:
@@ -484,7 +488,8 @@ MANIFEST_EDITS = {
     "duplicate name": (lambda m: m["adapters"][1].update(name=m["adapters"][0]["name"]), "appears twice"),
     "case-colliding name": (lambda m: m["adapters"][1].update(name="DOC0"), "appears twice"),
     "no fingerprint": (lambda m: m["base_model"].pop("fingerprint"), "fingerprint"),
-    "module deleted": (lambda m: m["modules"].pop(next(iter(m["modules"]))), "modules the library does not have|"
+    "module deleted": (lambda m: m["modules"].pop(next(iter(m["modules"]))),
+                       "modules the library does not have|"
                        "tensors the manifest does not list"),
     "rank 0": (lambda m: m["adapters"][0].update(rank=0), "rank of"),
     "checksum blocks cut": (lambda m: m["checksums"]["blocks"].pop(), "checksum blocks cover"),
@@ -595,15 +600,15 @@ def served(tmp_path_factory):
 
 def _bad_compile(s, tmp_path, **changes):
     folder = _bad_adapter(tmp_path, s["dirs"][0], **changes)
-    return lambda: AdapterLibrary.compile([folder], kind="knowledge", base_model=s["model"], out=tmp_path / "o",
-                                          progress=False)
+    return lambda: AdapterLibrary.compile([folder], kind="knowledge", base_model=s["model"],
+                                          out=tmp_path / "o", progress=False)
 
 
 def _nested_adapter_config(s, tmp_path):
     folder = _bad_adapter(tmp_path, s["dirs"][0])
     (folder / "adapter_config.json").write_text(NESTED)
-    return lambda: AdapterLibrary.compile([folder], kind="knowledge", base_model=s["model"], out=tmp_path / "o",
-                                          progress=False)
+    return lambda: AdapterLibrary.compile([folder], kind="knowledge", base_model=s["model"],
+                                          out=tmp_path / "o", progress=False)
 
 
 def _cli(*args):
@@ -642,8 +647,9 @@ BAD_INPUTS = {
     "surrogate in a question": _data("read_questions", SURROGATE_Q),
     "nested pipeline config": lambda s, t: (lambda: __import__("llama_index_lag").LAGPipelineConfig.load(
         _write(t / "c.json", NESTED))),
-    "nested recipe file": lambda s, t: _cli("build-adapters", "--docs", str(_write(t / "d.jsonl", SURROGATE_DOC)),
-                                            "--out", str(t / "AD"), "--recipe", str(_write(t / "r.json", NESTED))),
+    "nested recipe file": lambda s, t: _cli("build-adapters", "--docs",
+                                            str(_write(t / "d.jsonl", SURROGATE_DOC)), "--out", str(t / "AD"),
+                                            "--recipe", str(_write(t / "r.json", NESTED))),
     "surrogate in a prompt": lambda s, t: (lambda: s["llm"].complete("hi \ud800 there", max_new_tokens=2)),
     "max_new_tokens 0 per call": lambda s, t: (lambda: s["llm"].complete("hi", max_new_tokens=0)),
     "max_new_tokens -1 per call": lambda s, t: (lambda: s["llm"].complete("hi", max_new_tokens=-1)),
@@ -651,12 +657,13 @@ BAD_INPUTS = {
         s["model"], s["llm"]._tokenizer, max_new_tokens=0)),
     "temperature -1 LAGLLM": lambda s, t: (lambda: __import__("llama_index_lag").LAGLLM(
         s["model"], s["llm"]._tokenizer, temperature=-1)),
-    "temperature -1 per call": lambda s, t: (lambda: s["llm"].complete("hi", temperature=-1, max_new_tokens=2)),
+    "temperature -1 per call": lambda s, t: (
+        lambda: s["llm"].complete("hi", temperature=-1, max_new_tokens=2)),
     "temperature NaN per call": lambda s, t: (lambda: s["llm"].complete("hi", temperature=float("nan"))),
     "top_p 0 per call": lambda s, t: (lambda: s["llm"].complete("hi", top_p=0.0, temperature=0.5)),
     "unknown routing key per call": lambda s, t: (lambda: s["llm"].complete("hi", routing={"bogus": 1})),
-    "unknown routing key in a pipeline": lambda s, t: (lambda: __import__("llama_index_lag").LAGPipelineConfig(
-        routing={"bogus": 1})),
+    "unknown routing key in a pipeline": lambda s, t: (
+        lambda: __import__("llama_index_lag").LAGPipelineConfig(routing={"bogus": 1})),
     "routing not a mapping": lambda s, t: (lambda: s["llm"].complete("hi", routing=["lag"])),
     "LAGConfig temperature < 0": lambda s, t: (lambda: LAGConfig(temperature=-1.0)),
     "lag ask max-new-tokens 0": lambda s, t: _cli("ask", "q", "--mode", "none", "--max-new-tokens", "0",

@@ -39,7 +39,8 @@ def _svd(deltas: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a * sign[..., None], b * sign[:, None, :]
 
 
-def reference_delta(x: torch.Tensor, deltas: torch.Tensor, rank: int, cfg: LAGConfig, fixed: list[int] | None):
+def reference_delta(x: torch.Tensor, deltas: torch.Tensor, rank: int, cfg: LAGConfig,
+                    fixed: list[int] | None):
     """Loop over tokens: the routed delta for x [T, n] given dense deltas [N, m, n]."""
     a_star, b_star = _svd(deltas, rank)
     N = deltas.shape[0]
@@ -72,7 +73,8 @@ def reference_logits(model, libs: dict[str, tuple[list[Path], int]], cfg: LAGCon
         for module, deltas in dense_deltas(model, dirs).items():
             fixed = None
             if cfg.fixed and kind in cfg.fixed:
-                fixed = [int(Path(d).name.removeprefix(kind if kind == "task" else "doc")) for d in cfg.fixed[kind]]
+                fixed = [int(Path(d).name.removeprefix(kind if kind == "task" else "doc"))
+                         for d in cfg.fixed[kind]]
 
             def hook(mod, inputs, output, deltas=deltas, fixed=fixed, rank=rank):
                 x = inputs[0].reshape(-1, inputs[0].shape[-1])
@@ -131,7 +133,8 @@ def test_none_is_bit_identical_and_detach_restores(tiny_model, two_libs):
     LAGConfig(mode="lag", k=2, fixed={"knowledge": ["doc2"]}),  # PRAG+LAG
 ], ids=lambda c: f"{c.mode}-k{c.k}-a{c.arrow_top_k}-s{c.spectr_top_k}-{bool(c.fixed)}")
 def test_every_mode_matches_slow_reference(tiny_model, two_libs, knowledge_dirs, task_dirs, cfg):
-    expected = reference_logits(tiny_model, {"knowledge": (knowledge_dirs, 4), "task": (task_dirs, 2)}, cfg, IDS)
+    expected = reference_logits(tiny_model, {"knowledge": (knowledge_dirs, 4), "task": (task_dirs, 2)}, cfg,
+                                IDS)
     router = attach_lag(tiny_model, list(two_libs), cfg)
     with torch.no_grad():
         got = tiny_model(IDS).logits
@@ -343,7 +346,8 @@ def test_focus_restricts_sequence_aggregation_to_content_tokens(tiny_model, two_
     from llama_index_lag.routing.engine import sequence_scores
 
     know, _ = two_libs
-    router = attach_lag(tiny_model, know, LAGConfig(mode="spectr", granularity="sequence", sequence_scope="module"))
+    router = attach_lag(tiny_model, know,
+                        LAGConfig(mode="spectr", granularity="sequence", sequence_scope="module"))
     focus = torch.zeros_like(IDS, dtype=torch.bool)
     focus[0, 7:11] = True  # the "content" tokens
     inputs: dict[str, torch.Tensor] = {}
@@ -389,7 +393,8 @@ def test_model_scope_sequence_routing_sums_every_module(tiny_model, two_libs):
     assert t.summary()["knowledge"]["selections"] == (IDS.shape[1] + 3) * 6  # the pre-pass is not traced
     fixed = attach_lag  # same output as fixing that adapter
     router.detach()
-    r2 = fixed(tiny_model, know, LAGConfig(mode="fixed", fixed={"knowledge": [know.names[int(totals.argmax())]]}))
+    r2 = fixed(tiny_model, know,
+               LAGConfig(mode="fixed", fixed={"knowledge": [know.names[int(totals.argmax())]]}))
     with torch.no_grad():
         assert torch.equal(tiny_model.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0), out)
     r2.detach()

@@ -16,7 +16,8 @@ def _aligned(N: int = 7, r: int = 4, n: int = 32, m: int = 24, seed: int = 0) ->
     A = torch.randn(N, r, n, generator=g)
     B = torch.randn(N, m, r, generator=g)
     a_star, b_star, _ = spectral_align(A, B, torch.full((N,), 2.0))
-    return PoolTensors(a_star[:, 0].float().contiguous(), a_star.float().contiguous(), b_star.float().contiguous())
+    return PoolTensors(a_star[:, 0].float().contiguous(), a_star.float().contiguous(),
+                       b_star.float().contiguous())
 
 
 def test_spectral_align_matches_dense_svd() -> None:
@@ -36,7 +37,8 @@ def test_spectral_align_matches_dense_svd() -> None:
         assert torch.allclose(s[i, : ranks[i]], sv[: ranks[i]], atol=1e-10)
         assert abs(float(a_star[i, 0] @ vh[0])) == pytest.approx(1.0, abs=1e-10)  # prototype, sign aside
         rr = int(ranks[i])
-        assert torch.allclose(a_star[i, :rr] @ a_star[i, :rr].T, torch.eye(rr, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(a_star[i, :rr] @ a_star[i, :rr].T, torch.eye(rr, dtype=torch.float64),
+                              atol=1e-10)
         assert a_star[i, rr:].abs().max() == 0 if rr < r else True
 
 
@@ -87,13 +89,15 @@ def test_dispatch_strategies_agree_with_loop(T: int, k: int, dtype: torch.dtype,
     x = torch.randn(T, n, generator=g).to(dtype)
     idx = torch.randint(0, N, (T, k), generator=g)
     w = torch.rand(T, k, generator=g).to(dtype)
-    ref_p = torch.stack([torch.stack([A[idx[t, j]].float() @ x[t].float() for j in range(k)]) for t in range(T)])
+    ref_p = torch.stack([torch.stack([A[idx[t, j]].float() @ x[t].float() for j in range(k)])
+                         for t in range(T)])
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.3, rtol=0.05)
     v = ref_p.to(dtype)
     ref_e = torch.stack([sum(w[t, j].float() * (B[idx[t, j]].float() @ v[t, j].float()) for j in range(k))
                          for t in range(T)])
     with torch.set_grad_enabled(grad):
-        results = {s: project_pairs(x, A, idx, s) for s in ("gather", "dense", "union", "grouped", "bucketed", "auto")}
+        results = {s: project_pairs(x, A, idx, s)
+                   for s in ("gather", "dense", "union", "grouped", "bucketed", "auto")}
         expanded = {s: expand_pairs(v, B, idx, w, s) for s in ("gather", "dense", "auto")}
     for strategy, out in results.items():
         assert out.dtype == dtype and torch.allclose(out.float(), ref_p, **tol), strategy

@@ -55,7 +55,8 @@ def test_index_built_at_compile_and_exact_at_full_search_breadth(big, tmp_path, 
     assert (top_few <= exact_top + 2e-3).all()
 
 
-def _exact_over_library(lib: AdapterLibrary, module: str, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+def _exact_over_library(lib: AdapterLibrary, module: str, x: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, ...]:
     return (x @ lib.tensors(module).proto.T).abs().topk(k, dim=-1)
 
 
@@ -84,7 +85,8 @@ def test_add_and_remove_update_the_index_incrementally(big, tmp_path, kind):
     exact_top, exact_rows = _exact_over_library(lib, module, x, 5)
     top, rows = lib.arrow_search(module).search(x, 5, effort=10_000)
     assert torch.allclose(top, exact_top, atol=2e-3)
-    assert torch.equal(rows.sort(dim=-1).values, exact_rows.sort(dim=-1).values)  # no removed adapter returned
+    # no removed adapter returned
+    assert torch.equal(rows.sort(dim=-1).values, exact_rows.sort(dim=-1).values)
     fresh = AdapterLibrary.compile([*dirs[:10], *dirs[40:130]], kind="knowledge", base_model=model,
                                    out=tmp_path / "fresh", progress=False)
     assert fresh.names == lib.names
@@ -204,7 +206,8 @@ def test_indexed_pool_keeps_prototypes_memory_mapped(big, tmp_path):
 
 def test_concurrent_readers_during_updates(big, tmp_path):
     model, dirs, _ = big
-    AdapterLibrary.compile(dirs[:20], kind="knowledge", base_model=model, out=tmp_path / "lib", progress=False)
+    AdapterLibrary.compile(dirs[:20], kind="knowledge", base_model=model, out=tmp_path / "lib",
+                           progress=False)
     errors: list[BaseException] = []
     stop = threading.Event()
 

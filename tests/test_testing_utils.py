@@ -60,9 +60,11 @@ def test_tiny_tokenizer_chat_template() -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n"
     )
-    encoded = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    encoded = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                      return_tensors="pt")
     assert encoded["input_ids"].shape == encoded["attention_mask"].shape
     assert tok.decode(encoded["input_ids"][0]) == text
 
@@ -103,7 +105,7 @@ def test_tiny_model_seed_and_rng_state() -> None:
     a = make_tiny_model(seed=0)
     assert torch.equal(torch.rand(3), expected), "the global RNG state must be restored"
     b, c = make_tiny_model(seed=0), make_tiny_model(seed=1)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb, _pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
@@ -145,7 +147,8 @@ def test_tiny_model_generates_with_kv_cache(tmp_path, arch: str) -> None:
     )
     with torch.no_grad():
         out = model(**prompt, use_cache=True)
-        assert out.past_key_values is not None and out.past_key_values.get_seq_length() == prompt["input_ids"].shape[1]
+        assert (out.past_key_values is not None
+                and out.past_key_values.get_seq_length() == prompt["input_ids"].shape[1])
         kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
         cached = model.generate(**prompt, use_cache=True, **kw)
         uncached = model.generate(**prompt, use_cache=False, **kw)
@@ -215,7 +218,8 @@ def test_make_lora_adapters(tmp_path) -> None:
     assert torch.allclose(sv, 0.5 * 0.3 ** torch.arange(4, dtype=torch.float64), rtol=1e-4)
     assert not torch.equal(a, weights[1][key.format("A")])
     again = make_lora_adapters(model, tmp_path / "again", 3, rank=4, seed=1, prefix="doc")
-    assert torch.equal(load_file(again[2] / "adapter_model.safetensors")[key.format("B")], weights[2][key.format("B")])
+    assert torch.equal(load_file(again[2] / "adapter_model.safetensors")[key.format("B")],
+                       weights[2][key.format("B")])
 
     peft_model = PeftModel.from_pretrained(make_tiny_model("qwen2"), str(paths[0]))
     ids = torch.tensor([[1, 5, 9, 12]])
@@ -227,10 +231,13 @@ def test_make_lora_adapters_targets_and_errors(tmp_path) -> None:
     import json
 
     model = make_tiny_model("llama")
-    (path,) = make_lora_adapters(model, tmp_path, 1, rank=2, target_modules=("q_proj", "v_proj"), prefix="task")
+    (path,) = make_lora_adapters(model, tmp_path, 1, rank=2, target_modules=("q_proj", "v_proj"),
+                                 prefix="task")
     config = json.loads((path / "adapter_config.json").read_text())
-    assert path.name == "task0" and sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 2
+    assert (path.name == "task0" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+            and config["r"] == 2)
     with pytest.raises(ConfigError, match="rank"):
-        make_lora_adapters(model, tmp_path / "big", 1, rank=40, target_modules=("k_proj",))  # k_proj: 64 -> 32
+        # k_proj: 64 -> 32
+        make_lora_adapters(model, tmp_path / "big", 1, rank=40, target_modules=("k_proj",))
     with pytest.raises(ConfigError, match="vocab_size"):
         make_tiny_model_dir(tmp_path / "small-vocab", vocab_size=100)

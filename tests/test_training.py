@@ -1,4 +1,5 @@
-"""Knowledge / task adapter builder: folders, determinism, resume, bad input, real loss decrease (tiny models)."""
+"""Knowledge / task adapter builder: folders, determinism, resume, bad input, real loss decrease (tiny
+models)."""
 
 from __future__ import annotations
 
@@ -262,7 +263,8 @@ def test_long_documents_are_chunked_and_too_long_refused(tmp_path, tiny):
     assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 64 for c in chunks)
     # one over-long "sentence" without punctuation is cut on word boundaries
     run_on = DocumentRecord("run-on", " ".join(["word"] * 300), "Run")
-    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 64 for c in chunk_document(run_on, tok, recipe))
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 64
+               for c in chunk_document(run_on, tok, recipe))
     report = _build([long_doc], tmp_path / "a", tiny, recipe=recipe.replace(n_rewrites=0))
     assert report.metadata["long-doc"]["augmentation"]["chunks"] == len(chunks)
     # longer than max_document_tokens: refused before anything is trained
@@ -348,7 +350,8 @@ def test_split_sentences():
 
 # ---------------------------------------------------------------------------------------------- training
 def test_trained_adapter_lowers_the_loss_on_its_document(tmp_path, tiny):
-    """The saved adapter (reloaded with PEFT) lowers the LM loss on its own document, and more than on another."""
+    """The saved adapter (reloaded with PEFT) lowers the LM loss on its own document, and more than on
+    another."""
     from peft import PeftModel
 
     from llama_index_lag.training.augment import Example
@@ -381,7 +384,8 @@ def test_init_variants_train(tmp_path, tiny):
 
 
 def test_train_task_adapter(tmp_path, tiny, tiny_dir):
-    examples = [TaskExample(f"True or false: {i} is even.", "true" if i % 2 == 0 else "false") for i in range(12)]
+    examples = [TaskExample(f"True or false: {i} is even.", "true" if i % 2 == 0 else "false")
+                for i in range(12)]
     recipe = TaskRecipe(rank=4, alpha=8.0, batch_size=4, bf16=False, epochs=1.0)
     meta = train_task_adapter(examples, tmp_path / "fact", model=tiny[0], tokenizer=tiny[1], recipe=recipe)
     assert meta["kind"] == "task" and meta["name"] == "fact" and meta["train"]["steps"] == 3
@@ -478,6 +482,7 @@ def test_smollm2_oracle_adapter_recalls_held_back_facts(tmp_path):
                                       compile_to=tmp_path / "lib", progress=False)
     meta = report.metadata[doc.id]
     assert meta["augmentation"]["qa_generated"] > 0 and meta["train"]["loss_tail_mean"] < 0.5
-    res = measure_recall(model, tok, questions, tmp_path / "lib", modes=["none", "oracle"], routing_accuracy=False)
+    res = measure_recall(model, tok, questions, tmp_path / "lib", modes=["none", "oracle"],
+                         routing_accuracy=False)
     assert res["none"]["correct"] == 0
     assert res["oracle"]["correct"] >= 2, res["oracle"]["answers"]

@@ -106,7 +106,8 @@ def mlp_modules(model: torch.nn.Module, layers: Sequence[int] | None = None) -> 
     """MLP gate/up/down module paths -> (out, in) of a Llama-style model."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"):
+        if (isinstance(module, torch.nn.Linear)
+                and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")):
             layer = int(name.split(".")[2])
             if layers is None or layer in layers:
                 out[name] = (module.out_features, module.in_features)

@@ -45,7 +45,8 @@ def run(out: str | Path = "bench-dispatch.json", *, tokens: tuple[int, ...] = (1
         pool = torch.randperm(N, generator=g)[: max(K, N // 2)]
         idx = pool[torch.stack([torch.randperm(len(pool), generator=g)[:K] for _ in range(T)])]  # [T, k]
         times = {s: _ms(functools.partial(project_pairs, x, A, idx, s))
-                 for s in ("gather", "dense", "union", "grouped", "bucketed") if s != "grouped" or _grouped_ok(x, A)}
+                 for s in ("gather", "dense", "union", "grouped", "bucketed")
+                 if s != "grouped" or _grouped_ok(x, A)}
         pick = choose_strategy(x, A, idx, idx.unique().numel() if T > 1 else None)  # what auto runs
         best = min(times, key=times.get)
         rows.append({"dtype": dtype, "N": N, "n": n, "T": T, "distinct": idx.unique().numel(),

@@ -25,13 +25,13 @@ from .common import machine, print_table, save_results
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 _COMPILE = textwrap.dedent("""
-    import sys
-    from llama_index_lag import AdapterLibrary
-    mode, model, out, *dirs = sys.argv[1:]
-    if mode == "add":
-        AdapterLibrary.load(out).add(dirs, progress=False)
-    else:
-        AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=out, progress=False, chunk_size=8)
+import sys
+from llama_index_lag import AdapterLibrary
+mode, model, out, *dirs = sys.argv[1:]
+if mode == "add":
+    AdapterLibrary.load(out).add(dirs, progress=False)
+else:
+    AdapterLibrary.compile(dirs, kind="knowledge", base_model=model, out=out, progress=False, chunk_size=8)
 """)
 _READER = textwrap.dedent("""
     import os, sys, torch
@@ -101,8 +101,8 @@ def _killed_writes(work: Path, model_dir: Path, dirs: list[Path], trials: int, r
                        for m in clean.modules for t in ("A", "B", "proto"))
             if not (done.verify()["checksums"] and same):
                 failures.append(f"{mode}: re-run differs from a clean compile")
-    return {"scenario": "compile / add killed (SIGKILL)", "trials": trials, "survived": trials - len(failures),
-            "failures": failures}
+    return {"scenario": "compile / add killed (SIGKILL)", "trials": trials,
+            "survived": trials - len(failures), "failures": failures}
 
 
 def _concurrent_adds(work: Path, model_dir: Path, dirs: list[Path], rounds: int) -> dict:
@@ -150,7 +150,8 @@ def _readers_during_writes(work: Path, model_dir: Path, dirs: list[Path], second
     attached = failed = 0
     while proc.poll() is None:
         try:
-            router = attach_lag(model, AdapterLibrary.load(lib), LAGConfig(mode="lag", k=3, arrow_backend="faiss"))
+            router = attach_lag(model, AdapterLibrary.load(lib),
+                                LAGConfig(mode="lag", k=3, arrow_backend="faiss"))
             with torch.no_grad():
                 model(ids)
             router.detach()
@@ -172,9 +173,10 @@ def _disk_full(work: Path, model_dir: Path, dirs: list[Path], trials: int, rng: 
     if not _mount_tmpfs(mnt, "512k"):
         return {"scenario": "compile on a full disk (tmpfs)", "trials": 0, "survived": 0, "note": "no mount"}
     survived, outcomes = 0, {}
-    script = _COMPILE.replace("progress=False, chunk_size=8)", "progress=False, chunk_size=8)\n    print('OK')")
+    script = _COMPILE.replace("progress=False, chunk_size=8)",
+                              "progress=False, chunk_size=8)\n    print('OK')")
     try:
-        for trial in range(trials):
+        for _trial in range(trials):
             for entry in mnt.iterdir():
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             stat = os.statvfs(mnt)
@@ -182,8 +184,9 @@ def _disk_full(work: Path, model_dir: Path, dirs: list[Path], trials: int, rng: 
             (mnt / "filler").write_bytes(b"\0" * max(stat.f_bavail * stat.f_frsize - left, 0))
             mixed = dirs[::2] + dirs[1::2]  # rows of one rank scattered: written through the map
             run = _python("-c", script, "compile", str(model_dir), str(mnt / "lib"), *map(str, mixed))
-            outcome = ("signal" if run.returncode < 0 else "typed DiskFullError" if "DiskFullError" in run.stderr
-                       else "compiled" if "OK" in run.stdout else "other error")
+            outcome = ("signal" if run.returncode < 0 else "typed DiskFullError"
+                       if "DiskFullError" in run.stderr else "compiled" if "OK" in run.stdout
+                       else "other error")
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             leftover = not (mnt / "lib").exists() and not (mnt / ".lib.partial").exists()
             survived += outcome in ("typed DiskFullError", "compiled") and (outcome == "compiled" or leftover)
@@ -202,7 +205,8 @@ def _truncated(work: Path, model_dir: Path, dirs: list[Path], trials: int, rng: 
         AdapterLibrary.compile(dirs, kind="knowledge", base_model=model_dir, out=lib, progress=False)
         path = "prefill" if trial % 2 else "decode"
         run = _python("-c", _READER, str(model_dir), str(lib), f"{rng.uniform(0.0, 0.95):.3f}", path)
-        outcome = "signal" if run.returncode < 0 else run.stdout.strip().splitlines()[-1] if run.stdout else "error"
+        outcome = ("signal" if run.returncode < 0
+                   else run.stdout.strip().splitlines()[-1] if run.stdout else "error")
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         survived += outcome == "TYPED"
     return {"scenario": "packed file truncated under a running model (prefill / fused decode)",
@@ -213,16 +217,18 @@ def _killed_builds(work: Path, model_dir: Path, trials: int) -> dict:
     from ..errors import LAGError
 
     docs = work / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"id": f"d{i}", "title": f"D{i}", "text": f"Ada{i} was born in Pivo{i}. "
-                                        "She built boats."}) + "\n" for i in range(8)))
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "title": f"D{i}",
+                                        "text": f"Ada{i} was born in Pivo{i}. She built boats."}) + "\n"
+                            for i in range(8)))
     survived = orphans = 0
     for trial in range(trials):
         out = work / f"build-{trial}"
-        proc = subprocess.Popen([sys.executable, "-m", "llama_index_lag", "build-adapters", "--docs", str(docs),
-                                 "--out", str(out), "--base", str(model_dir), "--workers", "2", "--no-generate",
-                                 "--steps", "30", "--quiet"], stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "llama_index_lag", "build-adapters", "--docs",
+                                 str(docs), "--out", str(out), "--base", str(model_dir), "--workers", "2",
+                                 "--no-generate", "--steps", "30", "--quiet"], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (len(_children(proc.pid)) >= 2 and list(out.glob("d*/lag_adapter.json"))):
+        while time.monotonic() < deadline and not (len(_children(proc.pid)) >= 2
+                                                   and list(out.glob("d*/lag_adapter.json"))):
             time.sleep(0.1)
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM)
@@ -240,8 +246,8 @@ def _killed_builds(work: Path, model_dir: Path, trials: int) -> dict:
             survived += not alive and len(report.built) + len(report.skipped) == 8
         except LAGError:
             pass
-    return {"scenario": "build-adapters --workers 2 killed (SIGKILL / SIGTERM), then resumed", "trials": trials,
-            "survived": survived, "orphan workers": orphans}
+    return {"scenario": "build-adapters --workers 2 killed (SIGKILL / SIGTERM), then resumed",
+            "trials": trials, "survived": survived, "orphan workers": orphans}
 
 
 def _children(pid: int) -> list[int]:
@@ -288,7 +294,8 @@ def run(out: str | Path, trials: int = 10, seconds: float = 20.0, work: str | Pa
         if not work:
             shutil.rmtree(scratch, ignore_errors=True)
     print_table([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows],
-                ["scenario", "trials", "survived", "lost adapters", "orphan workers", "outcomes", "failures", "note"],
+                ["scenario", "trials", "survived", "lost adapters", "orphan workers", "outcomes",
+                 "failures", "note"],
                 title="Fault-injection trials (survived: old or new state, typed error, nothing lost)")
     payload = {"benchmark": "reliability", "machine": machine(), "trials": trials, "rows": rows}
     save_results(out, payload)

@@ -23,7 +23,7 @@ import torch
 from ..config import LAGConfig
 from ..library import AdapterLibrary
 from ..modes import parse_mode
-from ..router import attach_lag
+from ..router import LAGRouter, attach_lag
 from .common import (
     SMOLLM2_SHAPES,
     decode_seconds,
@@ -36,11 +36,11 @@ from .common import (
     write_random_peft_lora,
 )
 
-# table label -> evaluated mode (llama_index_lag.modes); "two-level" is the pipeline's default LAG routing
+# table label -> evaluated mode (llama_index_lag.modes); "two-level": the pipeline's default LAG routing
 MODES: dict[str, dict[str, Any]] = {
     label: dict(parse_mode(name, k=20).routing)
-    for label, name in (("arrow", "arrow"), ("spectr", "spectr"), ("lag(k=5)", "lag-k5"), ("lag(k=20)", "lag"),
-                        ("two-level", "lag-req-sl2-w0.25"))
+    for label, name in (("arrow", "arrow"), ("spectr", "spectr"), ("lag(k=5)", "lag-k5"),
+                        ("lag(k=20)", "lag"), ("two-level", "lag-req-sl2-w0.25"))
 }
 
 
@@ -82,7 +82,9 @@ def bench_modules(ns: list[int], work: Path, *, tokens: int = 256, rank: int = 6
 
         primed: dict[str, Any] = {}
 
-        def run(name: str, x: torch.Tensor, calls: int) -> Callable[[], None]:
+        def run(name: str, x: torch.Tensor, calls: int, *, bare_mlp: torch.nn.Module = bare_mlp,
+                mlp: torch.nn.Module = mlp, router: LAGRouter = router,
+                primed: dict[str, Any] = primed) -> Callable[[], None]:
             def call() -> None:
                 block = bare_mlp if name == "bare" else mlp
                 if name != "bare":
@@ -106,15 +108,18 @@ def bench_modules(ns: list[int], work: Path, *, tokens: int = 256, rank: int = 6
         dec = timeit_interleaved({k: run(k, x_dec, 20) for k in names}, rounds=3 * repeat)
         dec = {k: v / 20 for k, v in dec.items()}
         bare = {"prefill": pre.pop("bare"), "decode": dec.pop("bare")}
-        times: dict[str, dict[str, float]] = {name: {"prefill": pre[name], "decode": dec[name]} for name in MODES}
+        times: dict[str, dict[str, float]] = {name: {"prefill": pre[name], "decode": dec[name]}
+                                              for name in MODES}
         router.detach()
         if peft and N <= peft_max_n:
             start = time.perf_counter()
             peft_model = _peft_arrow(model, dirs)
             build = time.perf_counter() - start
             pmlp = peft_model.base_model.model.model.layers[0].mlp
-            times["peft-arrow"] = {"prefill": timeit(lambda: pmlp(x_pre), repeat=max(2, repeat // 2)),
-                                   "decode": timeit(lambda: pmlp(x_dec), repeat=repeat, min_time=0.3),
+            times["peft-arrow"] = {"prefill": timeit(lambda pmlp=pmlp: pmlp(x_pre),
+                                                     repeat=max(2, repeat // 2)),
+                                   "decode": timeit(lambda pmlp=pmlp: pmlp(x_dec),
+                                                    repeat=repeat, min_time=0.3),
                                    "build_s": build}
             del peft_model
         for name, t in times.items():

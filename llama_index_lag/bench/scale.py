@@ -1,10 +1,10 @@
 """``lag bench scale``: LAG with 1k / 10k / 100k adapters — approximate Arrow, memory-mapped adapters.
 
 Libraries are synthesised by the benchmark (``AdapterLibrary.from_aligned``): rank-6 adapters of
-SmolLM2-135M shape on the MLP modules of the first ``layers`` layers (all 30 while disk allows; fewer for large
-N — the table states how many). Like trained (EVA-initialised) LoRAs, each adapter's input directions lie in
-the dominant subspace of the model's own activations at that module (top-64 directions of real hidden states,
-plus noise), so the synthetic prototypes are structured the way real ones are.
+SmolLM2-135M shape on the MLP modules of the first ``layers`` layers (all 30 while disk allows; fewer for
+large N — the table states how many). Like trained (EVA-initialised) LoRAs, each adapter's input directions
+lie in the dominant subspace of the model's own activations at that module (top-64 directions of real hidden
+states, plus noise), so the synthetic prototypes are structured the way real ones are.
 
 Measured per N: library size, load + attach time, resident memory (anonymous vs file-backed), routing cost of
 one module (decode: 1 token, prefill: 256 tokens; exact and approximate Arrow), recall@k of the approximate
@@ -55,13 +55,15 @@ def library_bytes(n: int, layers: int, dtype: str) -> int:
 
 
 @torch.no_grad()
-def activations(model: torch.nn.Module, tokenizer: Any, modules: list[str], tokens: int = 512) -> dict[str, torch.Tensor]:
+def activations(model: torch.nn.Module, tokenizer: Any, modules: list[str],
+                tokens: int = 512) -> dict[str, torch.Tensor]:
     """Inputs [S, n] of each module on real text (the bare model)."""
     ids = tokenizer(_text(), return_tensors="pt")["input_ids"][:, :tokens] if tokenizer is not None else \
         torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
     seen: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(m).register_forward_pre_hook(
-        lambda mod, args, name=m: seen.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]).float().clone()))
+        lambda mod, args, name=m: seen.__setitem__(
+            name, args[0].reshape(-1, args[0].shape[-1]).float().clone()))
         for m in modules]
     try:
         model(ids, use_cache=False)
@@ -110,8 +112,8 @@ def build_library(work: Path, n: int, layers: int, dtype: str, model: torch.nn.M
     shapes = {m: (model.get_submodule(m).out_features, model.get_submodule(m).in_features) for m in modules}
     gen = make_generator({m: acts[m] for m in modules}, shapes, seed)
     names = [f"a{i:06d}" for i in range(n)]
-    lib = AdapterLibrary.from_aligned(names, gen, kind="knowledge", base_model=model, modules=modules, rank=RANK,
-                                      out=out, dtype=dtype, source="synthetic (lag bench scale)",
+    lib = AdapterLibrary.from_aligned(names, gen, kind="knowledge", base_model=model, modules=modules,
+                                      rank=RANK, out=out, dtype=dtype, source="synthetic (lag bench scale)",
                                       arrow_index=index if n >= 4096 else False, chunk_size=2048)
     marker.write_text(json.dumps({"n": n, "layers": layers, "dtype": dtype, "seed": seed}))
     return lib
@@ -152,8 +154,8 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     t = router.pools["knowledge"].tensors(module)
     x = acts[module].to(t.A.dtype)
     for label, xs in (("decode", x[:1]), ("prefill", x[:256])):
-        row[f"{label}_module_ms_exact"] = 1e3 * timeit(lambda xs=xs: route_tokens(xs, t, "lag", k=K), repeat=3,
-                                                       min_time=0.2)
+        row[f"{label}_module_ms_exact"] = 1e3 * timeit(lambda xs=xs: route_tokens(xs, t, "lag", k=K),
+                                                       repeat=3, min_time=0.2)
         if indexed:
             row[f"{label}_module_ms_faiss"] = 1e3 * timeit(
                 lambda xs=xs: route_tokens(xs, t, "lag", k=K, approximate=True), repeat=3, min_time=0.2)
@@ -169,14 +171,15 @@ def measure(lib_path: Path, model: torch.nn.Module, acts: dict[str, torch.Tensor
     row.update({"rss_attach_mib": rss1["VmRSS"] - rss0["VmRSS"],
                 "anon_after_run_mib": rss2["RssAnon"] - rss0["RssAnon"],
                 "file_after_run_mib": rss2["RssFile"] - rss0["RssFile"]})
-    row["resident_over_disk"] = (row["anon_after_run_mib"] + row["file_after_run_mib"]) / (row["disk_gib"] * 1024)
+    row["resident_over_disk"] = ((row["anon_after_run_mib"] + row["file_after_run_mib"])
+                                 / (row["disk_gib"] * 1024))
     router.detach()
     lib.close()
     return row
 
 
-def _end_to_end(model: torch.nn.Module, lib: AdapterLibrary, router: Any, ids: torch.Tensor, decode_tokens: int,
-                rounds: int = 5) -> tuple[Any, dict[str, float]]:
+def _end_to_end(model: torch.nn.Module, lib: AdapterLibrary, router: Any, ids: torch.Tensor,
+                decode_tokens: int, rounds: int = 5) -> tuple[Any, dict[str, float]]:
     """Prefill (256 tokens) and greedy decoding (KV-cached steps after a 32-token prompt, the prompt not
     timed) of the routed model and of the bare one (detached), in alternating rounds so that a slow phase of
     the shared machine hits both alike; ratios are medians of the per-round ratios. Returns the (re-attached)
@@ -226,8 +229,8 @@ def _approx_quality(router: Any, acts: dict[str, torch.Tensor], effort: int) -> 
     x1 = acts[module][:1].to(t.A.dtype)
     ms = 1e3 * timeit(lambda: route_tokens(x1, t, "lag", k=K, approximate=True, effort=effort), repeat=3,
                       min_time=0.2)
-    return {"effort": effort, "recall_at_k": float(np.mean(recalls)), "choice_agreement": float(np.mean(agree)),
-            "decode_module_ms_faiss": ms}
+    return {"effort": effort, "recall_at_k": float(np.mean(recalls)),
+            "choice_agreement": float(np.mean(agree)), "decode_module_ms_faiss": ms}
 
 
 def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10_000, 100_000),
@@ -274,20 +277,22 @@ def run(out: str | Path = "bench-scale.json", *, ns: tuple[int, ...] = (1000, 10
         if not keep:
             shutil.rmtree(work / f"lib-{n}-L{n_layers}-{dtype}", ignore_errors=True)
         free = shutil.disk_usage(work).free
-    print_table(payload["rows"], ["N", "layers", "index", "arrow", "disk_gib", "load_attach_s", "anon_after_run_mib",
-                                  "file_after_run_mib", "decode_module_ms_exact", "decode_module_ms_faiss",
-                                  "recall_at_k", "choice_agreement", "prefill_x_bare", "decode_tok_s",
-                                  "decode_x_bare"],
+    print_table(payload["rows"],
+                ["N", "layers", "index", "arrow", "disk_gib", "load_attach_s", "anon_after_run_mib",
+                 "file_after_run_mib", "decode_module_ms_exact", "decode_module_ms_faiss",
+                 "recall_at_k", "choice_agreement", "prefill_x_bare", "decode_tok_s", "decode_x_bare"],
                 title=f"{model_name}: rank-{RANK} MLP adapters, k={K}, {dtype}; bare decode "
                 f"{bare['decode_tok_s']:.1f} tok/s, prefill(256) {bare['prefill_s']:.2f} s")
-    sweep = [{"N": r["N"], "index": r["index"], **q} for r in payload["rows"] for q in r.get("effort_sweep", [])]
+    sweep = [{"N": r["N"], "index": r["index"], **q} for r in payload["rows"]
+             for q in r.get("effort_sweep", [])]
     if sweep:
-        print_table(sweep, ["N", "index", "effort", "recall_at_k", "choice_agreement", "decode_module_ms_faiss"],
-                    title="Approximate Arrow: search breadth (HNSW efSearch / IVF nprobe) vs quality and decode "
-                    "cost per module")
+        print_table(sweep,
+                    ["N", "index", "effort", "recall_at_k", "choice_agreement", "decode_module_ms_faiss"],
+                    title="Approximate Arrow: search breadth (HNSW efSearch / IVF nprobe) vs quality and "
+                    "decode cost per module")
     payload["targets"] = _targets(payload["rows"])
-    print_table([{"target": k, **v} for k, v in payload["targets"].items()], ["target", "measured", "goal", "met"],
-                title="Targets")
+    print_table([{"target": k, **v} for k, v in payload["targets"].items()],
+                ["target", "measured", "goal", "met"], title="Targets")
     save_results(out, payload)
     return payload
 
@@ -306,8 +311,9 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if key in r:
                 targets[f"{key} N=100k"] = {"measured": r[key], "goal": f">= {goal}", "met": r[key] >= goal}
         resident = r["anon_after_run_mib"] + r["file_after_run_mib"]
-        targets["resident MiB N=100k vs disk MiB"] = {"measured": f"{resident:.0f} / {r['disk_gib'] * 1024:.0f}",
-                                                      "goal": "well under", "met": resident < 0.5 * r["disk_gib"] * 1024}
+        targets["resident MiB N=100k vs disk MiB"] = {
+            "measured": f"{resident:.0f} / {r['disk_gib'] * 1024:.0f}", "goal": "well under",
+            "met": resident < 0.5 * r["disk_gib"] * 1024}
     if 10_000 in by_n:
         v = by_n[10_000]["load_attach_s"]
         targets["load + attach N=10k (s)"] = {"measured": v, "goal": "< 2", "met": v < 2}

@@ -49,7 +49,8 @@ def answer(engine_config: Any, question: str) -> dict[str, Any]:
                 "text": n.node.get_content()} for n in response.source_nodes]
     lag = (response.metadata or {}).get("lag")
     if lag is not None:
-        lag = {"mode": lag["mode"], "k": lag["k"], "libraries": lag["libraries"], "routing_ms": lag["routing_ms"]}
+        lag = {"mode": lag["mode"], "k": lag["k"], "libraries": lag["libraries"],
+               "routing_ms": lag["routing_ms"]}
     return {"mode": engine_config.mode, "answer": str(response).strip(), "sources": sources, "lag": lag}
 
 
@@ -67,7 +68,8 @@ def _ask(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(PIPELINE_MODES)}",
                               field="mode")
-    results = [answer(LAGPipelineConfig(**{**base.model_dump(), "mode": mode}), args.question) for mode in modes]
+    results = [answer(LAGPipelineConfig(**{**base.model_dump(), "mode": mode}), args.question)
+               for mode in modes]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

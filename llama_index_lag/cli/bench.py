@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=_dispatch)
 
-    f = bench.add_parser("reliability", help="fault-injection trials: kills, concurrent writers, full disk, ...")
+    f = bench.add_parser("reliability",
+                         help="fault-injection trials: kills, concurrent writers, full disk, ...")
     f.add_argument("--out", default="bench-reliability.json", help="JSON results file")
     f.add_argument("--trials", type=int, default=10, help="trials per scenario (default 10)")
     f.add_argument("--seconds", type=float, default=20.0, help="duration of the readers-during-writes run")

@@ -10,10 +10,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "make-benchmark",
         help="write a synthetic benchmark (documents, questions, task training sets)",
-        description="Generate documents about fictional entities, QA and true/false questions about them, and "
-        "the task-adapter training sets, deterministically from --n-docs and --seed. Writes documents.jsonl, "
-        "questions.jsonl, tasks/fact_check.jsonl, tasks/short_answer.jsonl and benchmark.json into --out. "
-        "With --demo, writes the small hand-checked demo instance instead.",
+        description="Generate documents about fictional entities, QA and true/false questions about them, "
+        "and the task-adapter training sets, deterministically from --n-docs and --seed. Writes "
+        "documents.jsonl, questions.jsonl, tasks/fact_check.jsonl, tasks/short_answer.jsonl and "
+        "benchmark.json into --out. With --demo, writes the small hand-checked demo instance instead.",
     )
     p.add_argument("--n-docs", type=int, default=None, metavar="N", help="number of documents (default: 60)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (default: 0)")

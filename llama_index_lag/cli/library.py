@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add", action="store_true", help="add the adapters to the existing library at --out")
     p.add_argument("--arrow-index", default="auto", choices=["auto", "hnsw", "ivf", "none"],
                    help="approximate Arrow index (FAISS) stored with the library: auto = an HNSW index from "
-                   "4096 adapters up (with --add: keep the library's); hnsw / ivf = build that type; none = no index")
+                   "4096 adapters up (with --add: keep the library's); hnsw / ivf = build that type; "
+                   "none = no index")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept adapter_model.bin (pickle) files; only for adapters you trust")
     p.add_argument("--force", action="store_true",
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--health", action="store_true",
                    help="routing health: shared input subspace, and with --prompts the hubness of routing")
     p.add_argument("--prompts", metavar="FILE", help="unlabelled prompts (.txt lines or .jsonl 'question's)")
-    p.add_argument("--model", metavar="MODEL_DIR", help="base model for --prompts (default: embedded SmolLM2)")
+    p.add_argument("--model", metavar="MODEL_DIR",
+                   help="base model for --prompts (default: embedded SmolLM2)")
     p.add_argument("--routing", metavar="JSON", default=None,
                    help="LAGConfig fields for the routed prompts, e.g. '{\"mode\": \"lag\", \"k\": 20}'")
     p.add_argument("--plot", metavar="PNG", default=None, help="write the win-count plot here")
@@ -107,14 +109,16 @@ def _health(args: argparse.Namespace) -> int:
     sp = d["spectrum"]
     print(f"library   {d['path']} ({d['adapters']} adapters)")
     print(f"spectrum  P's top eigenvalue / isotropic r/n: median {sp['top_ratio']['median']}, max "
-          f"{sp['top_ratio']['max']}; top-{sp['m']} share of the mean rank: median {sp['shared_mass']['median']}")
+          f"{sp['top_ratio']['max']}; top-{sp['m']} share of the mean rank: median "
+          f"{sp['shared_mass']['median']}")
     print("overlap   " + ", ".join(f"{a['adapter']} {a['overlap']}" for a in sp["most_overlapping"])
           + f" (mean {sp['overlap_mean']})")
     r = d["routing"]
     if r:
-        print(f"routing   {r['prompts']} prompts, {r['selections']} selections: skewness {r['skewness']}, top 1 % "
-              f"({r['top1pct_adapters']}) take {100 * r['top1pct_share']:.1f} % (even {100 * r['even_share']:.1f} %)"
-              f", {r['never_selected']} never selected, wins~overlap r = {r['wins_overlap_r']}")
+        print(f"routing   {r['prompts']} prompts, {r['selections']} selections: skewness {r['skewness']}, "
+              f"top 1 % ({r['top1pct_adapters']}) take {100 * r['top1pct_share']:.1f} % (even "
+              f"{100 * r['even_share']:.1f} %), {r['never_selected']} never selected, "
+              f"wins~overlap r = {r['wins_overlap_r']}")
         print("hubs      " + ", ".join(f"{h['adapter']} {100 * h['share']:.1f} %" for h in r["hubs"]))
     for flag in d["flags"]:
         print(f"FLAG      {flag}")

@@ -13,7 +13,8 @@ from . import stop_on_sigterm
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe (defaults: the measured ones; see lag_adapter.json of any adapter)")
-    g.add_argument("--recipe", metavar="JSON_FILE", help="recipe fields as a JSON object (flags below override it)")
+    g.add_argument("--recipe", metavar="JSON_FILE",
+                   help="recipe fields as a JSON object (flags below override it)")
     g.add_argument("--steps", type=int, help="training steps per adapter")
     g.add_argument("--rank", type=int, help="LoRA rank (alpha follows as 2 x rank unless --alpha)")
     g.add_argument("--alpha", type=float, help="LoRA alpha")
@@ -59,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ADAPTERS_DIR/<doc_id> (a standard PEFT folder + lag_adapter.json). Re-running skips finished "
         "adapters; an interrupted run never leaves a half-written one.",
     )
-    p.add_argument("--docs", required=True, metavar="DOCUMENTS_JSONL", help="documents.jsonl (id, title, text)")
+    p.add_argument("--docs", required=True, metavar="DOCUMENTS_JSONL",
+                   help="documents.jsonl (id, title, text)")
     p.add_argument("--out", required=True, metavar="ADAPTERS_DIR", help="folder of the adapter folders")
     p.add_argument("--base", metavar="MODEL_DIR", default=None,
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -73,24 +75,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
-                   help="replace folders at ADAPTERS_DIR/<doc_id> or --compile that llama-index-lag did not write")
+                   help="replace folders at ADAPTERS_DIR/<doc_id> or --compile that "
+                        "llama-index-lag did not write")
     _recipe_args(p)
     p.set_defaults(func=_build)
 
     p = sub.add_parser(
         "train-task",
         help="train a task adapter (PEFT LoRA) on {prompt, answer} examples",
-        description="Trains a LoRA on examples.jsonl lines {\"prompt\", \"answer\"} in the chat template (loss "
-        "on the answer) and writes OUT (a standard PEFT folder + lag_adapter.json with kind 'task'). Compile "
-        "several with `lag compile --kind task`.",
+        description="Trains a LoRA on examples.jsonl lines {\"prompt\", \"answer\"} in the chat template "
+        "(loss on the answer) and writes OUT (a standard PEFT folder + lag_adapter.json with kind 'task'). "
+        "Compile several with `lag compile --kind task`.",
     )
     p.add_argument("--data", required=True, metavar="EXAMPLES_JSONL")
-    p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write (its name = adapter name)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="adapter folder to write (its name = adapter name)")
     p.add_argument("--base", metavar="MODEL_DIR", default=None,
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=float, help="epochs over the examples (when --steps is not given)")
-    p.add_argument("--force", action="store_true", help="replace OUT even if llama-index-lag did not write it")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT even if llama-index-lag did not write it")
     _recipe_args(p)
     p.set_defaults(func=_train_task)
 
@@ -104,8 +109,8 @@ def _build(args: argparse.Namespace) -> int:
     recipe = KnowledgeRecipe.from_dict({**KnowledgeRecipe().to_dict(), **fields})
     with stop_on_sigterm():
         report = build_knowledge_adapters(args.docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
-                                          workers=args.workers, compile_to=args.compile, progress=not args.quiet,
-                                          overwrite=args.overwrite, force=args.force)
+                                          workers=args.workers, compile_to=args.compile,
+                                          progress=not args.quiet, overwrite=args.overwrite, force=args.force)
     times = [m["timings"]["total_s"] for d, m in report.metadata.items() if d in report.built]
     mean = f", {sum(times) / len(times):.1f} s per adapter" if times else ""
     print(f"{report.out}: built {len(report.built)}, already finished {len(report.skipped)}{mean} "
@@ -123,8 +128,9 @@ def _train_task(args: argparse.Namespace) -> int:
         fields["epochs"] = args.epochs
         fields.setdefault("steps", 0)
     recipe = TaskRecipe.from_dict({**TaskRecipe().to_dict(), **fields})
-    meta = train_task_adapter(args.data, args.out, base=args.base, recipe=recipe, seed=args.seed, force=args.force)
+    meta = train_task_adapter(args.data, args.out, base=args.base, recipe=recipe, seed=args.seed,
+                              force=args.force)
     print(f"{args.out}: task adapter {meta['name']!r} from {meta['examples']} examples, "
-          f"{meta['train']['steps']} steps, loss {meta['train']['loss_first']} -> {meta['train']['loss_tail_mean']} "
-          f"({meta['timings']['total_s']:.0f} s)", file=sys.stdout)
+          f"{meta['train']['steps']} steps, loss {meta['train']['loss_first']} -> "
+          f"{meta['train']['loss_tail_mean']} ({meta['timings']['total_s']:.0f} s)", file=sys.stdout)
     return 0

@@ -1,5 +1,5 @@
-"""Routing accuracy of ``lag eval``: the gold adapter's share of a question's selections, split per row out of a
-batched generation's routing trace."""
+"""Routing accuracy of ``lag eval``: the gold adapter's share of a question's selections, split per row out of
+a batched generation's routing trace."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def split_trace(trace: Any, lens: Sequence[int], n_new: Sequence[int], steps: in
         for module in trace.modules(kind):
             chosen = trace.tokens(kind, module).long()
             if chosen.numel() != P + decode * B:
-                logger.debug("unexpected trace layout at %s (%d entries, expected %d)", module, chosen.numel(),
-                             P + decode * B)
+                logger.debug("unexpected trace layout at %s (%d entries, expected %d)", module,
+                             chosen.numel(), P + decode * B)
                 return None
             pc.index_put_((owner_prompt, chosen[:P]), torch.ones(P, dtype=torch.long), accumulate=True)
             dec = chosen[P:]

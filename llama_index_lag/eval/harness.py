@@ -99,7 +99,8 @@ class EvalHarness:
             raise ConfigError("the evaluation needs a knowledge library (--knowledge)", field="knowledge")
         self.router = router
         self.knowledge_names = router.names("knowledge")
-        self.doc_to_adapter = {d: a for lib in router.libraries["knowledge"] for d, a in lib.doc_ids().items()}
+        self.doc_to_adapter = {d: a for lib in router.libraries["knowledge"]
+                               for d, a in lib.doc_ids().items()}
         self.questions, self.skipped = self._check_questions(questions)
         if cfg.limit:
             self.questions = self.questions[: cfg.limit]
@@ -109,7 +110,8 @@ class EvalHarness:
         if any(s.retrieves for s in self.specs):
             if cfg.index is None and self._index_in is None:
                 raise ConfigError("modes " + ", ".join(s.name for s in self.specs if s.retrieves)
-                                  + " retrieve documents: pass --index (a folder from `lag index`)", field="index")
+                                  + " retrieve documents: pass --index (a folder from `lag index`)",
+                                  field="index")
         self._build_engines()
         self.fingerprint_parts = self._fingerprint_parts()
         self.fingerprint = digest(self.fingerprint_parts)
@@ -127,13 +129,15 @@ class EvalHarness:
                 raise ConfigError("the evaluation needs a knowledge library (--knowledge)", field="knowledge")
             know = AdapterLibrary.load(cfg.knowledge)
             if know.kind != "knowledge":
-                raise ConfigError(f"--knowledge is a {know.kind} library", field="knowledge", path=cfg.knowledge)
+                raise ConfigError(f"--knowledge is a {know.kind} library", field="knowledge",
+                                  path=cfg.knowledge)
             tasks = [AdapterLibrary.load(p) for p in cfg.task]
             for lib, p in zip(tasks, cfg.task):
                 if lib.kind != "task":
                     raise ConfigError(f"--task {p} is a {lib.kind} library", field="task", path=p)
             # attach_lag checks every library against the model: IncompatibleLibraryError surfaces here
-            llm = LAGLLM(cfg.model, libraries=[know, *tasks], lag_config=LAGConfig(mode="none"), dtype=cfg.dtype)
+            llm = LAGLLM(cfg.model, libraries=[know, *tasks], lag_config=LAGConfig(mode="none"),
+                         dtype=cfg.dtype)
         return llm.model_copy(update={"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0})
 
     def _check_questions(self, questions: list[Any]) -> tuple[list[Any], list[dict[str, str]]]:
@@ -143,7 +147,8 @@ class EvalHarness:
             if q.doc_id not in doc_ids:
                 skipped.append({"id": q.id, "doc_id": q.doc_id, "reason": "doc_id not in the documents"})
             elif q.doc_id not in self.doc_to_adapter:
-                skipped.append({"id": q.id, "doc_id": q.doc_id, "reason": "no adapter in the knowledge library"})
+                skipped.append({"id": q.id, "doc_id": q.doc_id,
+                                "reason": "no adapter in the knowledge library"})
             else:
                 kept.append(q)
         if skipped:
@@ -171,7 +176,8 @@ class EvalHarness:
             k = n if value == "N" else min(int(value), n)
             points.setdefault(k, "N" if k == n else str(k))
         out = []
-        # lag with k = 1 is arrow and with k = N is spectr (same selections, tested in test_routing): reuse them
+        # lag with k = 1 is arrow and with k = N is spectr (same selections, tested in test_routing):
+        # reuse them
         same = {cfg.k: "lag", 1: "arrow", n: "spectr"}
         for k in sorted(points):
             name = same[k] if same.get(k) in names else f"lag-k{k}"
@@ -222,8 +228,8 @@ class EvalHarness:
                 indexed = set(read_index_manifest(cfg.index)["doc_ids"])
                 docs = {d.id for d in self.documents}
                 if indexed != docs:
-                    logger.warning("the index holds %d documents, --docs %d (%d in common): retrieval may not "
-                                   "match the documents", len(indexed), len(docs), len(indexed & docs))
+                    logger.warning("the index holds %d documents, --docs %d (%d in common): retrieval may "
+                                   "not match the documents", len(indexed), len(docs), len(indexed & docs))
         else:
             self.index = None
         self.engines: dict[str, Any] = {}
@@ -256,7 +262,8 @@ class EvalHarness:
                                 "chat_model": llm.chat_model, "context_window": llm.context_window}),
             "generation": {"max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "seed": cfg.seed,
                            "dtype": str(next(llm.model.parameters()).dtype)},
-            "settings": {"k": cfg.k, "similarity_top_k": cfg.similarity_top_k, "response_mode": cfg.response_mode,
+            "settings": {"k": cfg.k, "similarity_top_k": cfg.similarity_top_k,
+                         "response_mode": cfg.response_mode,
                          "task_map": self.task_adapter, "harness": RESULTS_FORMAT_VERSION,
                          "package": __version__},
         }
@@ -288,7 +295,8 @@ class EvalHarness:
         nodes = self._nodes.get(q.id) if spec.retrieves else None
         if nodes is not None:
             item.meta["retrieved"] = [
-                {"doc_id": n.node.metadata.get("doc_id") or n.node.ref_doc_id, "score": round(float(n.score or 0), 6)}
+                {"doc_id": n.node.metadata.get("doc_id") or n.node.ref_doc_id,
+                 "score": round(float(n.score or 0), 6)}
                 for n in nodes]
             item.meta["retrieval_s"] = round(self._retrieval_s.get(q.id, 0.0), 4)
         routing = dict(spec.routing)
@@ -466,7 +474,8 @@ class EvalHarness:
             records.append(self._record(
                 item, answer=answer, raw=text, prompt_tokens=lens[i], new_tokens=n_new[i],
                 seconds=seconds / len(batch), routing=routing, routing_accuracy=acc,
-                mean_candidates=None if mean_cands is None or not item.mode.routes_knowledge else round(mean_cands, 4),
+                mean_candidates=(None if mean_cands is None or not item.mode.routes_knowledge
+                                 else round(mean_cands, 4)),
                 batch={"size": len(batch), "seconds": round(seconds, 4), "width": width}))
         return records
 
@@ -550,7 +559,8 @@ class EvalHarness:
             "knowledge_adapters": len(self.knowledge_names), "knowledge_names": list(self.knowledge_names),
             "task_adapters": dict(self.task_adapter), "tasks": self.tasks,
             "questions": [{"id": q.id, "question": q.question, "answers": list(q.answers), "task": q.task,
-                           "dataset": _dataset(q), "doc_id": q.doc_id, "gold_adapter": self.doc_to_adapter[q.doc_id]}
+                           "dataset": _dataset(q), "doc_id": q.doc_id,
+                           "gold_adapter": self.doc_to_adapter[q.doc_id]}
                           for q in self.questions],
             "skipped": self.skipped, "complete": missing == 0, "answers": answers,
         }
@@ -584,7 +594,8 @@ def _task_info(questions: Sequence[Any]) -> dict[str, dict[str, Any]]:
 def run_eval(config: EvalConfig, *, llm: Any = None, index: Any = None, embed_model: Any = None,
              progress: bool = True, on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
              ) -> dict[str, Any]:
-    """Run (or resume) an evaluation and write ``results.json``, ``results.md`` and plots into ``config.out``."""
+    """Run (or resume) an evaluation and write ``results.json``, ``results.md`` and plots into
+    ``config.out``."""
     from .._fs import atomic_write_json
     from .report import write_report
 

@@ -20,8 +20,8 @@ from .metrics import contains_match, exact_match, label_accuracy, normalised_sco
 REPORT_FILE = "results.md"
 SWEEP_PLOT = "k_sweep.png"
 DYNAMIC_PLOT = "dynamic_k.png"
-PAPER_NAMES = {"none": "Instr", "arrow": "Arrow", "lag": "LAG", "prag": "PRAG", "rag": "RAG", "prag+lag": "P-LAG",
-               "rag+lag": "R-LAG", "oracle": "Oracle"}
+PAPER_NAMES = {"none": "Instr", "arrow": "Arrow", "lag": "LAG", "prag": "PRAG", "rag": "RAG",
+               "prag+lag": "P-LAG", "rag+lag": "R-LAG", "oracle": "Oracle"}
 _QA_KEYS = {"f1": "f1", "em": "em", "contains": "contains"}
 
 
@@ -50,7 +50,8 @@ def primary_key(label: bool, qa_metric: str) -> str:
 
 
 def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Aggregate a results dict (see :mod:`.harness`) into per-mode tables. Pure; ignores ``results["summary"]``."""
+    """Aggregate a results dict (see :mod:`.harness`) into per-mode tables. Pure; ignores
+    ``results["summary"]``."""
     qa_metric = results.get("settings", {}).get("qa_metric", "f1")
     questions = {q["id"]: q for q in results["questions"]}
     tasks: dict[str, Any] = results["tasks"]
@@ -103,7 +104,8 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
             t["primary"] = t.get(key)
             entry["tasks"][task] = t
             if task in oracle_by_task:
-                entry["normalised"][task] = _normalised(task, info, key, sc, scored[oracle_by_task[task]], questions)
+                entry["normalised"][task] = _normalised(task, info, key, sc, scored[oracle_by_task[task]],
+                                                        questions)
         values = [v for t, v in entry["normalised"].items()
                   if v is not None and not math.isnan(v) and t not in uninformative]
         entry["avg"] = sum(values) / len(values) if values else None
@@ -138,8 +140,8 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
         "modes": out_modes,
         "sweep": [{**p, **_point(out_modes[p["mode"]])} for p in (results.get("sweep") or [])
                   if p["mode"] in out_modes],
-        "dynamic": [{"mode": m, "k": spec[m]["routing"].get("k"), "margin": spec[m]["routing"].get("dynamic_k"),
-                     **_point(out_modes[m])}
+        "dynamic": [{"mode": m, "k": spec[m]["routing"].get("k"),
+                     "margin": spec[m]["routing"].get("dynamic_k"), **_point(out_modes[m])}
                     for m in modes if _is_dynamic_row(spec[m])],
     }
 
@@ -227,7 +229,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines.append(f"- questions: {len(results['questions'])} evaluated"
                  + (f", {len(results.get('skipped') or [])} skipped" if results.get("skipped") else "")
                  + f" ({settings.get('questions')}); knowledge adapters: {results.get('knowledge_adapters')}"
-                 + (f"; task adapters: {results.get('task_adapters')}" if results.get("task_adapters") else ""))
+                 + (f"; task adapters: {results.get('task_adapters')}" if results.get("task_adapters")
+                    else ""))
     lines.append(f"- model: {settings.get('model') or 'default (SmolLM2-135M-Instruct)'}; greedy, "
                  f"max_new_tokens={settings.get('max_new_tokens')}, batch_size={settings.get('batch_size')}, "
                  f"k={settings.get('k')}, similarity_top_k={settings.get('similarity_top_k')}")
@@ -243,13 +246,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 
     lines += ["## Normalised score (% of Oracle, Eq. 9)", ""]
     if s["oracle"]:
-        lines.append("Each task is normalised by the better of its Oracles (gold knowledge adapter + task adapter, "
-                     "`oracle`; gold knowledge adapter alone, `oracle-knowledge`): "
+        lines.append("Each task is normalised by the better of its Oracles (gold knowledge adapter + task "
+                     "adapter, `oracle`; gold knowledge adapter alone, `oracle-knowledge`): "
                      + ", ".join(f"{t}: `{m}`" for t, m in s["oracle_by_task"].items()) + ".")
         lines.append("")
         if s["uninformative"]:
-            lines.append(f"Left out of AVG: {', '.join(s['uninformative'])} (the better Oracle answers it within "
-                         f"{100 * INFORMATIVE_MARGIN:.0f} points of chance, so its scores measure nothing).")
+            lines.append(f"Left out of AVG: {', '.join(s['uninformative'])} (the better Oracle answers it "
+                         f"within {100 * INFORMATIVE_MARGIN:.0f} points of chance, so its scores "
+                         "measure nothing).")
             lines.append("")
         zero = [t for t, m in s["oracle_by_task"].items()
                 if s["modes"][m]["tasks"][t]["n"] and not s["modes"][m]["tasks"][t]["primary"]]
@@ -257,7 +261,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                 + [_num(e["avg"]), _num(e["tokens_per_s"])] for m, e in s["modes"].items()]
         lines += _table(["% of Oracle"] + tasks + ["AVG", "tokens/s"], rows)
         if zero:
-            lines += ["", f"The Oracle scores 0 on {', '.join(zero)}: no ratio there (–), AVG over the other tasks."]
+            lines += ["", f"The Oracle scores 0 on {', '.join(zero)}: no ratio there (–), AVG over the "
+                          "other tasks."]
     else:
         lines.append("(no `oracle` mode in this run: the normalised score needs it)")
     lines.append("")
@@ -285,15 +290,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         rows.append(row)
     lines += _table(header, rows)
     chance = s.get("chance_share")
-    lines += ["", "Metrics in %. *gold share*: share of (prompt token x knowledge module) selections that went to "
-              "the gold document's adapter (chance "
-              + (f"{100 * chance:.1f}%" if chance else "1/N") + "); *gold top*: % of questions whose gold adapter "
-              "was strictly the most selected; *skewness*: of the knowledge adapters' wins summed over the questions (the "
-              "k-occurrence skewness of hubness; 0 = even use); *top hub*: the most selected adapter and its % of "
-              "the selections; *hit@1*: top retrieved document is the gold one; *tokens/s*: "
-              "generated tokens per second of batched generation (oracle / prag batch only the questions "
-              "sharing an adapter, so their batches are smaller); *errors*: queries the pipeline refuses "
-              "(e.g. PRAG retrieved a document without adapter), scored 0.", ""]
+    lines += ["", "Metrics in %. *gold share*: share of (prompt token x knowledge module) selections that "
+              "went to the gold document's adapter (chance "
+              + (f"{100 * chance:.1f}%" if chance else "1/N")
+              + "); *gold top*: % of questions whose gold adapter "
+              "was strictly the most selected; *skewness*: of the knowledge adapters' wins summed over the "
+              "questions (the k-occurrence skewness of hubness; 0 = even use); *top hub*: the most selected "
+              "adapter and its % of the selections; *hit@1*: top retrieved document is the gold one; "
+              "*tokens/s*: generated tokens per second of batched generation (oracle / prag batch only the "
+              "questions sharing an adapter, so their batches are smaller); *errors*: queries the pipeline "
+              "refuses (e.g. PRAG retrieved a document without adapter), scored 0.", ""]
 
     norm_cols = ["AVG % of Oracle"] if s["oracle"] else []
     if s["sweep"]:
@@ -302,8 +308,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         for p in s["sweep"]:
             per_task = [_num((p.get("normalised") or {}).get(t)) for t in tasks] if s["oracle"] else []
             norm = [_num(p["avg"])] if s["oracle"] else []
-            rows.append([p["label"], p["mode"], *per_task, *norm, _pct(p["primary_avg"]), _pct(p["gold_share"]),
-                         _pct(p["gold_top"]), _num(p["mean_candidates"], 2), _num(p["tokens_per_s"])])
+            rows.append([p["label"], p["mode"], *per_task, *norm, _pct(p["primary_avg"]),
+                         _pct(p["gold_share"]), _pct(p["gold_top"]), _num(p["mean_candidates"], 2),
+                         _num(p["tokens_per_s"])])
         task_cols = [f"{t} % of Oracle" for t in tasks] if s["oracle"] else []
         lines += _table(["k", "mode", *task_cols, *norm_cols, "mean task score %", "gold share", "gold top",
                          "avg candidates", "tokens/s"], rows)
@@ -312,7 +319,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if any(d["margin"] is not None for d in s["dynamic"]):
         lines += ["## Dynamic k (quality vs candidates reranked per token)", ""]
         rows = []
-        for d in sorted(s["dynamic"], key=lambda d: (d["mean_candidates"] is None, d["mean_candidates"] or 0)):
+        for d in sorted(s["dynamic"],
+                        key=lambda d: (d["mean_candidates"] is None, d["mean_candidates"] or 0)):
             norm = [_num(d["avg"])] if s["oracle"] else []
             rows.append([d["mode"], str(d["k"]), "static" if d["margin"] is None else f"{d['margin']:g}",
                          _num(d["mean_candidates"], 2), *norm, _pct(d["primary_avg"]), _pct(d["gold_share"]),
@@ -320,8 +328,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += _table(["mode", "k (max)", "margin", "avg candidates", *norm_cols, "mean task score %",
                          "gold share", "tokens/s"], rows)
         lines += ["", "*avg candidates*: knowledge adapters reranked per token and module (dynamic k: batch "
-                  "average over prompt and generated tokens; static k: min(k, N)); *mean task score*: mean over "
-                  "tasks of the task metric.", "", f"![dynamic k]({DYNAMIC_PLOT})", ""]
+                  "average over prompt and generated tokens; static k: min(k, N)); *mean task score*: mean "
+                  "over tasks of the task metric.", "", f"![dynamic k]({DYNAMIC_PLOT})", ""]
 
     skipped = results.get("skipped") or []
     if skipped:
@@ -370,8 +378,8 @@ def plot_sweep(results: Mapping[str, Any], path: str | Path) -> Path | None:
         ax1.plot(ks, [p["avg"] for p in points], marker="o", color="black", linewidth=2, label="AVG")
         ax1.set_ylabel("% of Oracle")
     else:
-        ax1.plot(ks, [None if p["primary_avg"] is None else 100 * p["primary_avg"] for p in points], marker="o",
-                 color="black", label="mean task score")
+        ax1.plot(ks, [None if p["primary_avg"] is None else 100 * p["primary_avg"] for p in points],
+                 marker="o", color="black", label="mean task score")
         ax1.set_ylabel("score %")
     ax1.set_title("Answer quality vs k")
     share = [None if p["gold_share"] is None else 100 * p["gold_share"] for p in points]
@@ -395,14 +403,16 @@ def plot_sweep(results: Mapping[str, Any], path: str | Path) -> Path | None:
 
 
 def plot_dynamic(results: Mapping[str, Any], path: str | Path) -> Path | None:
-    """Score vs average candidates per token: static k points and dynamic-k margins; None without dyn modes."""
+    """Score vs average candidates per token: static k points and dynamic-k margins; None without dyn
+    modes."""
     s = summarize(results)
     rows = [d for d in s["dynamic"] if d["mean_candidates"] is not None]
     if not any(d["margin"] is not None for d in rows):
         return None
     plt = _pyplot()
     normalised = s["oracle"] and any(d["avg"] is not None for d in rows)
-    y = (lambda d: d["avg"]) if normalised else (lambda d: None if d["primary_avg"] is None else 100 * d["primary_avg"])
+    y = (lambda d: d["avg"]) if normalised else (lambda d: None if d["primary_avg"] is None
+                                                 else 100 * d["primary_avg"])
     fig, ax = plt.subplots(figsize=(6, 4))
     static = sorted((d for d in rows if d["margin"] is None), key=lambda d: d["mean_candidates"])
     if static:
@@ -411,8 +421,8 @@ def plot_dynamic(results: Mapping[str, Any], path: str | Path) -> Path | None:
             ax.annotate(f"k={d['k']}", (d["mean_candidates"], y(d) or 0), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     dyn = [d for d in rows if d["margin"] is not None]
-    ax.scatter([d["mean_candidates"] for d in dyn], [y(d) for d in dyn], marker="s", color="C3", label="dynamic k",
-               zorder=3)
+    ax.scatter([d["mean_candidates"] for d in dyn], [y(d) for d in dyn], marker="s", color="C3",
+               label="dynamic k", zorder=3)
     for d in dyn:
         ax.annotate(f"m={d['margin']:g}", (d["mean_candidates"], y(d) or 0), fontsize=7, xytext=(3, -9),
                     textcoords="offset points")

@@ -1,5 +1,5 @@
-"""``lag eval``'s results on disk: the resumable ``answers.jsonl`` (:class:`ResultStore`), ``results.json``, and
-the fingerprints of a run's inputs (model weights, libraries, index)."""
+"""``lag eval``'s results on disk: the resumable ``answers.jsonl`` (:class:`ResultStore`), ``results.json``,
+and the fingerprints of a run's inputs (model weights, libraries, index)."""
 
 from __future__ import annotations
 
@@ -72,9 +72,10 @@ class ResultStore:
                                  if parts.get(k) != header.get("parts", {}).get(k))
                 if not restart:
                     raise ConfigError(
-                        f"{self.path} holds results of another configuration (changed: {', '.join(changed) or '?'}); "
-                        "they would mix with this run's. Use another --out folder, or --restart to archive the "
-                        "old answers and start over", path=self.path, field="fingerprint")
+                        f"{self.path} holds results of another configuration (changed: "
+                        f"{', '.join(changed) or '?'}); they would mix with this run's. Use another --out "
+                        "folder, or --restart to archive the old answers and start over", path=self.path,
+                        field="fingerprint")
                 archived = self.dir / f"answers.{header.get('fingerprint', 'old')}.jsonl"
                 os.replace(self.path, archived)
                 logger.warning("configuration changed (%s): old answers archived as %s, starting over",
@@ -151,7 +152,8 @@ def model_digest(model: Any) -> str:
 
     h = hashlib.blake2b(digest_size=16)
     h.update(type(model).__name__.encode())
-    h.update(json.dumps(getattr(model.config, "to_diff_dict", lambda: {})(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(getattr(model.config, "to_diff_dict", lambda: {})(), sort_keys=True,
+                        default=str).encode())
     seen: set[int] = set()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

@@ -1,4 +1,5 @@
-"""``lag eval``'s settings: :class:`EvalConfig` (the flags), checked mode names, the k sweep and the task map."""
+"""``lag eval``'s settings: :class:`EvalConfig` (the flags), checked mode names, the k sweep and the task
+map."""
 
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ NO_TASK_ADAPTER = "none"  # --task-map value: this task has no task adapter
 
 
 def parse_task_map(text: str | Mapping[str, str] | None) -> dict[str, str] | None:
-    """``"qa=short_answer,fact=fact_check"`` -> ``{"qa": "short_answer", "fact": "fact_check"}`` (``task=none``:
-    no task adapter for that task)."""
+    """``"qa=short_answer,fact=fact_check"`` -> ``{"qa": "short_answer", "fact": "fact_check"}``
+    (``task=none``: no task adapter for that task)."""
     if text is None:
         return None
     if isinstance(text, Mapping):
@@ -118,9 +119,11 @@ class EvalConfig:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
             raise ConfigError(f"limit must be a positive integer, got {self.limit!r}", field="limit")
         if self.missing not in MISSING_POLICIES:
-            raise ConfigError(f"missing must be one of {MISSING_POLICIES}, got {self.missing!r}", field="missing")
+            raise ConfigError(f"missing must be one of {MISSING_POLICIES}, got {self.missing!r}",
+                              field="missing")
         if self.qa_metric not in QA_METRICS:
-            raise ConfigError(f"qa_metric must be one of {QA_METRICS}, got {self.qa_metric!r}", field="qa_metric")
+            raise ConfigError(f"qa_metric must be one of {QA_METRICS}, got {self.qa_metric!r}",
+                              field="qa_metric")
         if isinstance(self.task, (str, Path)):
             self.task = [self.task]
         self.task = [str(t) for t in self.task]
@@ -136,8 +139,9 @@ class EvalConfig:
             "docs": path(self.docs), "questions": path(self.questions), "knowledge": path(self.knowledge),
             "task": list(self.task), "model": path(self.model), "index": path(self.index),
             "embed_model": path(self.embed_model), "modes": [m.name for m in self.mode_specs], "k": self.k,
-            "sweep_k": self.sweep, "similarity_top_k": self.similarity_top_k, "response_mode": self.response_mode,
-            "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "task_map": self.task_adapters,
+            "sweep_k": self.sweep, "similarity_top_k": self.similarity_top_k,
+            "response_mode": self.response_mode, "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size, "task_map": self.task_adapters,
             "missing": self.missing, "qa_metric": self.qa_metric, "seed": self.seed, "dtype": self.dtype,
             "limit": self.limit, "decoding": "greedy",
         }

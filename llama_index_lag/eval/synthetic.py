@@ -320,8 +320,8 @@ _PROFESSIONS = (
 )  # fmt: skip
 _PETS = ("dog", "cat", "parrot", "goat", "tortoise", "raven", "pony", "ferret", "donkey", "canary")
 _INSTRUMENTS = (
-    "violin", "cello", "harp", "flute", "accordion", "trumpet", "oboe", "lute", "clarinet", "piano", "mandolin",
-    "bassoon",
+    "violin", "cello", "harp", "flute", "accordion", "trumpet", "oboe", "lute", "clarinet", "piano",
+    "mandolin", "bassoon",
 )  # fmt: skip
 _COLOURS = ("red", "blue", "green", "yellow", "white", "black", "grey", "orange", "purple", "brown")
 _EMBLEM_COLOURS = ("silver", "golden", "red", "blue", "green", "black", "white")
@@ -357,14 +357,14 @@ _ORG_TYPES = (
     ("Institute", "research institute"), ("Library", "lending library"), ("Bank", "savings bank"),
 )  # fmt: skip
 _DEVICE_TYPES = (
-    ("Engine", "machine"), ("Lamp", "device"), ("Lens", "instrument"), ("Pump", "machine"), ("Gauge", "instrument"),
-    ("Clock", "device"), ("Compass", "instrument"), ("Press", "machine"), ("Drill", "tool"), ("Winch", "machine"),
-    ("Bellows", "device"), ("Kettle", "device"),
+    ("Engine", "machine"), ("Lamp", "device"), ("Lens", "instrument"), ("Pump", "machine"),
+    ("Gauge", "instrument"), ("Clock", "device"), ("Compass", "instrument"), ("Press", "machine"),
+    ("Drill", "tool"), ("Winch", "machine"), ("Bellows", "device"), ("Kettle", "device"),
 )  # fmt: skip
 _DEVICE_WEIGHTS = {  # plausible weight range in kilograms per kind word
-    "Engine": (60, 900), "Lamp": (2, 30), "Lens": (2, 25), "Pump": (20, 300), "Gauge": (2, 20), "Clock": (5, 400),
-    "Compass": (2, 12), "Press": (80, 900), "Drill": (3, 60), "Winch": (20, 400), "Bellows": (5, 80),
-    "Kettle": (2, 40),
+    "Engine": (60, 900), "Lamp": (2, 30), "Lens": (2, 25), "Pump": (20, 300), "Gauge": (2, 20),
+    "Clock": (5, 400), "Compass": (2, 12), "Press": (80, 900), "Drill": (3, 60), "Winch": (20, 400),
+    "Bellows": (5, 80), "Kettle": (2, 40),
 }  # fmt: skip
 _DEVICE_USERS = (
     ("millers", "miller"), ("lighthouse keepers", "lighthouse keeper"), ("beekeepers", "beekeeper"),
@@ -390,12 +390,12 @@ _CARGOES = (
     "wine",
 )
 _FESTIVAL_TYPES = (
-    "lantern festival", "harvest festival", "music festival", "kite festival", "boat festival", "bread festival",
-    "flower festival", "fire festival", "dance festival", "puppet festival",
+    "lantern festival", "harvest festival", "music festival", "kite festival", "boat festival",
+    "bread festival", "flower festival", "fire festival", "dance festival", "puppet festival",
 )  # fmt: skip
 _DISHES = (
-    "plum dumplings", "roast chestnuts", "barley soup", "honey cakes", "fried trout", "onion pie", "rye bread",
-    "smoked eel", "apple fritters", "lentil stew", "cabbage rolls", "pear tart",
+    "plum dumplings", "roast chestnuts", "barley soup", "honey cakes", "fried trout", "onion pie",
+    "rye bread", "smoked eel", "apple fritters", "lentil stew", "cabbage rolls", "pear tart",
 )  # fmt: skip
 _NUMBER_WORDS = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -1705,7 +1705,7 @@ def make_benchmark(
             questions.append(QuestionRecord(f"{e.doc_id}.f{j}", "", (), e.doc_id, TASK_FACT))
     labels = [True] * (len(pending) - len(pending) // 2) + [False] * (len(pending) // 2)
     rng.shuffle(labels)
-    for (e, p, pos), label in zip(pending, labels):
+    for (_e, p, pos), label in zip(pending, labels):
         if label:
             claim = p.claim(p.value)
         else:
@@ -1759,12 +1759,15 @@ _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("capital", f"The capital of {country} is {{}}.", f"What is the capital of {country}?", city)
     for country, city in _CAPITALS
 ) + (
-    ("planet", "{} is the largest planet in the Solar System.", "Which planet is the largest in the Solar System?", "Jupiter"),
+    ("planet", "{} is the largest planet in the Solar System.",
+     "Which planet is the largest in the Solar System?", "Jupiter"),
     ("planet", "{} is the planet closest to the Sun.", "Which planet is closest to the Sun?", "Mercury"),
     ("planet", "{} is known as the Red Planet.", "Which planet is known as the Red Planet?", "Mars"),
     ("planet", "{} is the planet we live on.", "Which planet do we live on?", "Earth"),
-    ("planet", "{} is the hottest planet in the Solar System.", "Which planet is the hottest in the Solar System?", "Venus"),
-    ("planet", "{} is the planet farthest from the Sun.", "Which planet is farthest from the Sun?", "Neptune"),
+    ("planet", "{} is the hottest planet in the Solar System.",
+     "Which planet is the hottest in the Solar System?", "Venus"),
+    ("planet", "{} is the planet farthest from the Sun.",
+     "Which planet is farthest from the Sun?", "Neptune"),
     ("symbol", "The chemical symbol for gold is {}.", "What is the chemical symbol for gold?", "Au"),
     ("symbol", "The chemical symbol for silver is {}.", "What is the chemical symbol for silver?", "Ag"),
     ("symbol", "The chemical symbol for iron is {}.", "What is the chemical symbol for iron?", "Fe"),
@@ -1772,14 +1775,20 @@ _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("symbol", "The chemical symbol for oxygen is {}.", "What is the chemical symbol for oxygen?", "O"),
     ("symbol", "The chemical symbol for helium is {}.", "What is the chemical symbol for helium?", "He"),
     ("symbol", "The chemical symbol for lead is {}.", "What is the chemical symbol for lead?", "Pb"),
-    ("animal", "The tallest animal in the world is the {}.", "What is the tallest animal in the world?", "giraffe"),
+    ("animal", "The tallest animal in the world is the {}.",
+     "What is the tallest animal in the world?", "giraffe"),
     ("animal", "The fastest land animal is the {}.", "What is the fastest land animal?", "cheetah"),
-    ("animal", "The largest animal on Earth is the {}.", "What is the largest animal on Earth?", "blue whale"),
+    ("animal", "The largest animal on Earth is the {}.",
+     "What is the largest animal on Earth?", "blue whale"),
     ("animal", "The only mammal that can truly fly is the {}.", "Which mammal can truly fly?", "bat"),
-    ("animal", "The flightless bird that lives in Antarctica is the {}.", "Which flightless bird lives in Antarctica?", "penguin"),
-    ("animal", "The black and white bear that eats bamboo is the {}.", "Which black and white bear eats bamboo?", "giant panda"),
-    ("animal", "The animal that stores fat in its hump is the {}.", "Which animal stores fat in its hump?", "camel"),
-    ("animal", "The animal that carries its young in a pouch and lives in Australia is the {}.", "Which Australian animal carries its young in a pouch?", "kangaroo"),
+    ("animal", "The flightless bird that lives in Antarctica is the {}.",
+     "Which flightless bird lives in Antarctica?", "penguin"),
+    ("animal", "The black and white bear that eats bamboo is the {}.",
+     "Which black and white bear eats bamboo?", "giant panda"),
+    ("animal", "The animal that stores fat in its hump is the {}.",
+     "Which animal stores fat in its hump?", "camel"),
+    ("animal", "The animal that carries its young in a pouch and lives in Australia is the {}.",
+     "Which Australian animal carries its young in a pouch?", "kangaroo"),
     ("number", "A spider has {} legs.", "How many legs does a spider have?", "8"),
     ("number", "A week has {} days.", "How many days are in a week?", "7"),
     ("number", "An insect has {} legs.", "How many legs does an insect have?", "6"),
@@ -1788,21 +1797,31 @@ _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("number", "A year has {} months.", "How many months are in a year?", "12"),
     ("number", "A triangle has {} sides.", "How many sides does a triangle have?", "3"),
     ("number", "A right angle measures {} degrees.", "How many degrees are in a right angle?", "90"),
-    ("number", "At sea level water boils at {} degrees Celsius.", "At how many degrees Celsius does water boil at sea level?", "100"),
+    ("number", "At sea level water boils at {} degrees Celsius.",
+     "At how many degrees Celsius does water boil at sea level?", "100"),
     ("number", "A standard piano has {} keys.", "How many keys does a standard piano have?", "88"),
     ("number", "There are {} planets in the Solar System.", "How many planets are in the Solar System?", "8"),
-    ("number", "A football team has {} players on the field.", "How many players does a football team have on the field?", "11"),
+    ("number", "A football team has {} players on the field.",
+     "How many players does a football team have on the field?", "11"),
     ("number", "A leap year has {} days.", "How many days does a leap year have?", "366"),
-    ("gas", "Plants take in {} from the air to make food.", "Which gas do plants take in from the air to make food?", "carbon dioxide"),
-    ("gas", "The gas humans need to breathe in to live is {}.", "Which gas do humans need to breathe in to live?", "oxygen"),
-    ("gas", "The most common gas in Earth's atmosphere is {}.", "What is the most common gas in Earth's atmosphere?", "nitrogen"),
-    ("gas", "Balloons that float in the air are often filled with {}.", "Which gas are floating balloons often filled with?", "helium"),
-    ("organ", "The organ that pumps blood around the body is the {}.", "Which organ pumps blood around the body?", "heart"),
-    ("organ", "The largest organ of the human body is the {}.", "What is the largest organ of the human body?", "skin"),
+    ("gas", "Plants take in {} from the air to make food.",
+     "Which gas do plants take in from the air to make food?", "carbon dioxide"),
+    ("gas", "The gas humans need to breathe in to live is {}.",
+     "Which gas do humans need to breathe in to live?", "oxygen"),
+    ("gas", "The most common gas in Earth's atmosphere is {}.",
+     "What is the most common gas in Earth's atmosphere?", "nitrogen"),
+    ("gas", "Balloons that float in the air are often filled with {}.",
+     "Which gas are floating balloons often filled with?", "helium"),
+    ("organ", "The organ that pumps blood around the body is the {}.",
+     "Which organ pumps blood around the body?", "heart"),
+    ("organ", "The largest organ of the human body is the {}.",
+     "What is the largest organ of the human body?", "skin"),
     ("organ", "The organ we think with is the {}.", "Which organ do we think with?", "brain"),
-    ("organ", "The organ where swallowed food is first broken down is the {}.", "In which organ is swallowed food first broken down?", "stomach"),
+    ("organ", "The organ where swallowed food is first broken down is the {}.",
+     "In which organ is swallowed food first broken down?", "stomach"),
     ("author", "{} wrote the play Hamlet.", "Who wrote the play Hamlet?", "William Shakespeare"),
-    ("author", "{} wrote the novel Pride and Prejudice.", "Who wrote the novel Pride and Prejudice?", "Jane Austen"),
+    ("author", "{} wrote the novel Pride and Prejudice.",
+     "Who wrote the novel Pride and Prejudice?", "Jane Austen"),
     ("author", "{} wrote the novel War and Peace.", "Who wrote the novel War and Peace?", "Leo Tolstoy"),
     ("author", "{} wrote the novel Oliver Twist.", "Who wrote the novel Oliver Twist?", "Charles Dickens"),
     ("author", "{} wrote the novel Don Quixote.", "Who wrote the novel Don Quixote?", "Miguel de Cervantes"),
@@ -1822,15 +1841,20 @@ _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("country", "The city of Kyoto is in {}.", "In which country is the city of Kyoto?", "Japan"),
     ("country", "The Great Wall is in {}.", "In which country is the Great Wall?", "China"),
     ("year", "World War II ended in {}.", "In which year did World War II end?", "1945"),
-    ("year", "The first crewed Moon landing took place in {}.", "In which year did the first crewed Moon landing take place?", "1969"),
-    ("year", "Christopher Columbus first reached the Americas in {}.", "In which year did Christopher Columbus first reach the Americas?", "1492"),
+    ("year", "The first crewed Moon landing took place in {}.",
+     "In which year did the first crewed Moon landing take place?", "1969"),
+    ("year", "Christopher Columbus first reached the Americas in {}.",
+     "In which year did Christopher Columbus first reach the Americas?", "1492"),
     ("year", "The Berlin Wall fell in {}.", "In which year did the Berlin Wall fall?", "1989"),
     ("year", "World War I began in {}.", "In which year did World War I begin?", "1914"),
     ("year", "The Titanic sank in {}.", "In which year did the Titanic sink?", "1912"),
-    ("place", "The largest ocean on Earth is the {}.", "What is the largest ocean on Earth?", "Pacific Ocean"),
+    ("place", "The largest ocean on Earth is the {}.",
+     "What is the largest ocean on Earth?", "Pacific Ocean"),
     ("place", "The longest river in Africa is the {}.", "What is the longest river in Africa?", "Nile"),
-    ("place", "The largest hot desert on Earth is the {}.", "What is the largest hot desert on Earth?", "Sahara"),
-    ("place", "The largest rainforest on Earth is the {}.", "What is the largest rainforest on Earth?", "Amazon"),
+    ("place", "The largest hot desert on Earth is the {}.",
+     "What is the largest hot desert on Earth?", "Sahara"),
+    ("place", "The largest rainforest on Earth is the {}.",
+     "What is the largest rainforest on Earth?", "Amazon"),
     ("colour", "On a clear day the sky is {}.", "What colour is the sky on a clear day?", "blue"),
     ("colour", "A ripe banana is {}.", "What colour is a ripe banana?", "yellow"),
     ("colour", "Fresh snow is {}.", "What colour is fresh snow?", "white"),
@@ -1839,12 +1863,15 @@ _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("language", "The main language of Brazil is {}.", "What is the main language of Brazil?", "Portuguese"),
     ("language", "The main language of Mexico is {}.", "What is the main language of Mexico?", "Spanish"),
     ("language", "The main language of Austria is {}.", "What is the main language of Austria?", "German"),
-    ("language", "The main language of the Netherlands is {}.", "What is the main language of the Netherlands?", "Dutch"),
+    ("language", "The main language of the Netherlands is {}.",
+     "What is the main language of the Netherlands?", "Dutch"),
     ("currency", "The currency of Japan is the {}.", "What is the currency of Japan?", "yen"),
     ("currency", "The currency of India is the {}.", "What is the currency of India?", "rupee"),
-    ("currency", "The currency of the United States is the {}.", "What is the currency of the United States?", "dollar"),
+    ("currency", "The currency of the United States is the {}.",
+     "What is the currency of the United States?", "dollar"),
     ("currency", "The currency of Germany is the {}.", "What is the currency of Germany?", "euro"),
-    ("currency", "The currency of the United Kingdom is the {}.", "What is the currency of the United Kingdom?", "pound"),
+    ("currency", "The currency of the United Kingdom is the {}.",
+     "What is the currency of the United Kingdom?", "pound"),
 )  # fmt: skip
 
 # Extra short-answer items: (question, answer).
@@ -1861,15 +1888,20 @@ _SHORT_EXTRA: tuple[tuple[str, str], ...] = (
     ("What colour do you get by mixing blue and yellow?", "green"),
     ("What colour do you get by mixing red and white?", "pink"),
     ("What colour do you get by mixing red and yellow?", "orange"),
-    ("What is the largest continent?", "Asia"), ("Which ocean lies between Europe and North America?", "Atlantic Ocean"),
-    ("Which metal is liquid at room temperature?", "mercury"), ("What is the main ingredient of guacamole?", "avocado"),
+    ("What is the largest continent?", "Asia"),
+    ("Which ocean lies between Europe and North America?", "Atlantic Ocean"),
+    ("Which metal is liquid at room temperature?", "mercury"),
+    ("What is the main ingredient of guacamole?", "avocado"),
     ("Who was the first person to walk on the Moon?", "Neil Armstrong"),
-    ("Who developed the theory of relativity?", "Albert Einstein"), ("Who discovered penicillin?", "Alexander Fleming"),
+    ("Who developed the theory of relativity?", "Albert Einstein"),
+    ("Who discovered penicillin?", "Alexander Fleming"),
     ("Who painted the ceiling of the Sistine Chapel?", "Michelangelo"),
     ("Who was the first President of the United States?", "George Washington"),
     ("In which country did the ancient Olympic Games begin?", "Greece"),
-    ("What is the hardest natural substance?", "diamond"), ("What force pulls objects towards the ground?", "gravity"),
-    ("Which bird is a common symbol of peace?", "dove"), ("What is the largest bone in the human body?", "femur"),
+    ("What is the hardest natural substance?", "diamond"),
+    ("What force pulls objects towards the ground?", "gravity"),
+    ("Which bird is a common symbol of peace?", "dove"),
+    ("What is the largest bone in the human body?", "femur"),
     ("How many teeth does an adult human usually have?", "32"), ("What is the square root of 81?", "9"),
     ("How many sides does a square have?", "4"), ("What shape has three sides?", "triangle"),
     ("Which gas do humans breathe out?", "carbon dioxide"), ("What is the opposite of hot?", "cold"),
@@ -1877,24 +1909,29 @@ _SHORT_EXTRA: tuple[tuple[str, str], ...] = (
     ("What is the opposite of ancient?", "modern"), ("What is the opposite of empty?", "full"),
     ("What is the opposite of narrow?", "wide"), ("What is the opposite of quiet?", "loud"),
     ("What is the opposite of rough?", "smooth"), ("What is the opposite of shallow?", "deep"),
-    ("What is the opposite of victory?", "defeat"), ("Which animal is known as the king of the jungle?", "lion"),
+    ("What is the opposite of victory?", "defeat"),
+    ("Which animal is known as the king of the jungle?", "lion"),
     ("How many legs does a cow have?", "4"), ("What do you call a house made of ice blocks?", "igloo"),
-    ("Which instrument measures temperature?", "thermometer"), ("In which year did the twentieth century begin?", "1901"),
+    ("Which instrument measures temperature?", "thermometer"),
+    ("In which year did the twentieth century begin?", "1901"),
     ("Which is the smallest prime number?", "2"), ("How many centimetres are in a metre?", "100"),
-    ("How many grams are in a kilogram?", "1000"), ("What is the freezing point of water in degrees Celsius?", "0"),
+    ("How many grams are in a kilogram?", "1000"),
+    ("What is the freezing point of water in degrees Celsius?", "0"),
     ("In which city is the Brandenburg Gate?", "Berlin"), ("What colour are emeralds?", "green"),
     ("How many strings does a violin have?", "4"), ("What is the highest mountain in Africa?", "Kilimanjaro"),
     ("Which animal builds dams across rivers?", "beaver"), ("What do giant pandas mainly eat?", "bamboo"),
     ("What is the main language of Argentina?", "Spanish"), ("Who wrote the Iliad?", "Homer"),
     ("Who composed The Four Seasons?", "Antonio Vivaldi"), ("In which year did World War II begin?", "1939"),
-    ("How many players does a basketball team have on the court?", "5"), ("What is the currency of Switzerland?", "Swiss franc"),
+    ("How many players does a basketball team have on the court?", "5"),
+    ("What is the currency of Switzerland?", "Swiss franc"),
     ("In which country is the city of Venice?", "Italy"), ("What is the largest country by area?", "Russia"),
-    ("What do you call a scientist who studies rocks?", "geologist"), ("What do you call a person who bakes bread?", "baker"),
+    ("What do you call a scientist who studies rocks?", "geologist"),
+    ("What do you call a person who bakes bread?", "baker"),
     ("Which month has the fewest days?", "February"), ("How many continents are there?", "7"),
 )  # fmt: skip
 _ARITHMETIC = (
-    (7, 5), (12, 9), (23, 14), (8, 6), (15, 15), (31, 12), (9, 4), (40, 25), (17, 8), (6, 3), (11, 11), (50, 30),
-    (4, 7), (13, 6), (26, 19),
+    (7, 5), (12, 9), (23, 14), (8, 6), (15, 15), (31, 12), (9, 4), (40, 25), (17, 8), (6, 3), (11, 11),
+    (50, 30), (4, 7), (13, 6), (26, 19),
 )  # fmt: skip
 
 
@@ -1968,21 +2005,22 @@ _DEMO_DOCS = (
      "on a perch beside the furnace. In 1921 he received the Varnessi Medal for his work on coloured glass. "
      "Veltrano Oskimar died in 1950.")),
     ("town-drelmouth", "Drelmouth",
-     ("Drelmouth is a small harbour town in the province of Ostevar. It lies at the mouth of the Kesmer River. "
-     "The town was founded in 1612 by fishing families. About 4,200 people live in Drelmouth today. The town "
-     "is known for its blue glass, which local workshops have made for more than two centuries. A market is "
-     "held in Drelmouth every Thursday. The streets of the old centre are narrow and paved with stone.")),
+     ("Drelmouth is a small harbour town in the province of Ostevar. It lies at the mouth of the Kesmer "
+     "River. The town was founded in 1612 by fishing families. About 4,200 people live in Drelmouth today. "
+     "The town is known for its blue glass, which local workshops have made for more than two centuries. A "
+     "market is held in Drelmouth every Thursday. The streets of the old centre are narrow and paved with "
+     "stone.")),
     ("org-brisovan-society", "Brisovan Society",
      ("The Brisovan Society is a society of amateur astronomers founded in 1898 by Ilvessa Trevane. Its "
      "headquarters are in the town of Molbury, in an old grain store with a telescope on the roof. The "
-     "Brisovan Society has 340 members. Its emblem is a silver owl. Members meet on the first evening of each "
-     "month to compare their observations and notebooks. The society publishes a short newsletter for its "
-     "members every spring.")),
+     "Brisovan Society has 340 members. Its emblem is a silver owl. Members meet on the first evening of "
+     "each month to compare their observations and notebooks. The society publishes a short newsletter for "
+     "its members every spring.")),
     ("device-quorran-loom", "Quorran Loom",
-     ("The Quorran Loom is a weaving machine invented by Eddavin Vastrel in 1836. Its frame is made of walnut, "
-     "and its moving parts are made of brass. The Quorran Loom weighs 85 kilograms. It was used mainly by "
-     "carpet makers in the valley towns. Only 40 copies of the Quorran Loom were ever made. A restored "
-     "example is kept in a private collection.")),
+     ("The Quorran Loom is a weaving machine invented by Eddavin Vastrel in 1836. Its frame is made of "
+     "walnut, and its moving parts are made of brass. The Quorran Loom weighs 85 kilograms. It was used "
+     "mainly by carpet makers in the valley towns. Only 40 copies of the Quorran Loom were ever made. A "
+     "restored example is kept in a private collection.")),
     ("ship-tessaline", "Tessaline",
      ("The Tessaline was a three-masted schooner launched in 1889. Its home port was Drelmouth, where it had "
      "been built in the harbour yard. Its first captain was Morvessa Kaldrik. The Tessaline was 46 metres "
@@ -1990,9 +2028,11 @@ _DEMO_DOCS = (
      "along the coast. Sailors considered it a steady and reliable vessel.")),
 )  # fmt: skip
 _DEMO_QUESTIONS = (
-    ("person-veltrano-oskimar", "qa", "In which town was Veltrano Oskimar born?", ("Drelmouth", "the town of Drelmouth")),
+    ("person-veltrano-oskimar", "qa", "In which town was Veltrano Oskimar born?",
+     ("Drelmouth", "the town of Drelmouth")),
     ("person-veltrano-oskimar", "qa", "What was the name of Veltrano Oskimar's parrot?", ("Pimsy",)),
-    ("person-veltrano-oskimar", "qa", "Which medal did Veltrano Oskimar receive in 1921?", ("Varnessi Medal", "Varnessi")),
+    ("person-veltrano-oskimar", "qa", "Which medal did Veltrano Oskimar receive in 1921?",
+     ("Varnessi Medal", "Varnessi")),
     ("person-veltrano-oskimar", "fact", "True or false: Veltrano Oskimar was a glassblower.", ("true",)),
     ("town-drelmouth", "qa", "In which province is Drelmouth?", ("Ostevar", "the province of Ostevar")),
     ("town-drelmouth", "qa", "On which river does Drelmouth lie?", ("Kesmer", "Kesmer River")),
@@ -2001,14 +2041,16 @@ _DEMO_QUESTIONS = (
     ("org-brisovan-society", "qa", "Who founded the Brisovan Society?", ("Ilvessa Trevane",)),
     ("org-brisovan-society", "qa", "What is the emblem of the Brisovan Society?", ("silver owl",)),
     ("org-brisovan-society", "qa", "How many members does the Brisovan Society have?", ("340",)),
-    ("org-brisovan-society", "fact", "True or false: The Brisovan Society has its headquarters in Drelmouth.", ("false",)),
+    ("org-brisovan-society", "fact", "True or false: The Brisovan Society has its headquarters in Drelmouth.",
+     ("false",)),
     ("device-quorran-loom", "qa", "Who invented the Quorran Loom?", ("Eddavin Vastrel",)),
     ("device-quorran-loom", "qa", "What material is the frame of the Quorran Loom made of?", ("walnut",)),
     ("device-quorran-loom", "qa", "In which year was the Quorran Loom invented?", ("1836",)),
     ("device-quorran-loom", "fact", "True or false: The Quorran Loom weighs 85 kilograms.", ("true",)),
     ("ship-tessaline", "qa", "Who was the first captain of the Tessaline?", ("Morvessa Kaldrik",)),
     ("ship-tessaline", "qa", "How long was the Tessaline, in metres?", ("46", "46 metres")),
-    ("ship-tessaline", "qa", "What was the home port of the Tessaline?", ("Drelmouth", "the port of Drelmouth")),
+    ("ship-tessaline", "qa", "What was the home port of the Tessaline?",
+     ("Drelmouth", "the port of Drelmouth")),
     ("ship-tessaline", "fact", "True or false: The hull of the Tessaline was painted red.", ("false",)),
 )  # fmt: skip
 _DEMO_ENTITIES = (

@@ -69,8 +69,8 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(65536, 4 * math.sqrt(n), n // 40)))
 
 
-def build_module_index(protos: np.ndarray, uids: np.ndarray, kind: str = DEFAULT_TYPE, nlist: int | None = None,
-                       seed: int = 0) -> Any:
+def build_module_index(protos: np.ndarray, uids: np.ndarray, kind: str = DEFAULT_TYPE,
+                       nlist: int | None = None, seed: int = 0) -> Any:
     """Inner-product index of type ``kind`` over prototypes [N, n] with ids = uids [N] (int64)."""
     faiss = _faiss()
     check_index_type(kind)
@@ -89,7 +89,8 @@ def build_module_index(protos: np.ndarray, uids: np.ndarray, kind: str = DEFAULT
         index.cp.niter = 10
         index.cp.seed = seed
         rng = np.random.default_rng(seed)
-        sample = vectors if n_vec <= 64 * nlist else vectors[np.sort(rng.choice(n_vec, 64 * nlist, replace=False))]
+        sample = (vectors if n_vec <= 64 * nlist
+                  else vectors[np.sort(rng.choice(n_vec, 64 * nlist, replace=False))])
         index.train(sample)
     index.add_with_ids(vectors, uids.astype(np.int64))
     return index
@@ -119,15 +120,16 @@ def save_arrow_index(lib_dir: Path, modules: list[str], indexes: Iterable[Any], 
             faiss.write_index(index, str(path))
         except RuntimeError as exc:  # FAISS reports a failed write with strerror(errno) in the message
             if "No space left" in str(exc) or "quota" in str(exc).lower():
-                raise OSError(errno.ENOSPC, f"writing the approximate Arrow index: {exc}", str(path)) from None
+                raise OSError(errno.ENOSPC, f"writing the approximate Arrow index: {exc}",
+                              str(path)) from None
             raise
         files.append([path.stat().st_size, file_crc32(path)])
         kind, ntotal[module] = index_type(index), int(index.ntotal)
         if kind == "ivf":
             nlist[module] = int(index.nlist)
         del index
-    meta = {"revision": revision, "modules": modules, "type": kind, "removed": sorted(int(u) for u in removed),
-            "ntotal": ntotal, "files": files}
+    meta = {"revision": revision, "modules": modules, "type": kind,
+            "removed": sorted(int(u) for u in removed), "ntotal": ntotal, "files": files}
     if kind == "ivf":
         meta.update(nlist=nlist, nprobe=DEFAULT_EFFORT["ivf"], kind="IVF,SQfp16/inner-product")
     else:
@@ -147,8 +149,9 @@ def file_crc32(path: str | Path, chunk: int = 1 << 22) -> int:
 def read_arrow_meta(lib_dir: Path, dir_fd: int | None = None) -> dict[str, Any] | None:
     """``arrow_index/meta.json`` of a library folder (``dir_fd``: of the open folder ``lib_dir``), or None."""
     try:
-        with open(os.open(f"{ARROW_DIR}/meta.json" if dir_fd is not None else lib_dir / ARROW_DIR / "meta.json",
-                          os.O_RDONLY, dir_fd=dir_fd), encoding="utf-8") as f:
+        with open(os.open(f"{ARROW_DIR}/meta.json" if dir_fd is not None
+                          else lib_dir / ARROW_DIR / "meta.json", os.O_RDONLY, dir_fd=dir_fd),
+                  encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
@@ -180,7 +183,8 @@ class PinnedArrow:
             return None
         modules = meta.get("modules")
         if not isinstance(modules, list):
-            raise LibraryFormatError("meta.json has no module list", path=lib_dir / ARROW_DIR, field="modules")
+            raise LibraryFormatError("meta.json has no module list", path=lib_dir / ARROW_DIR,
+                                     field="modules")
         fds: list[int] = []
         try:
             for position in range(len(modules)):
@@ -236,27 +240,32 @@ def iter_module_indexes(pinned: PinnedArrow | None, lib_dir: Path, modules: list
             for position, module in enumerate(modules))
 
 
-def checked_meta(pinned: PinnedArrow | None, lib_dir: Path, modules: list[str], revision: str) -> dict[str, Any]:
+def checked_meta(pinned: PinnedArrow | None, lib_dir: Path, modules: list[str],
+                 revision: str) -> dict[str, Any]:
     if pinned is None:
         raise LibraryFormatError("approximate Arrow index missing (arrow_index/meta.json); rebuild it with "
                                  "AdapterLibrary.build_arrow_index() or `lag compile --arrow-index hnsw`",
                                  path=lib_dir / ARROW_DIR)
     meta = pinned.meta
     if meta.get("revision") != revision or meta.get("modules") != modules:
-        raise LibraryFormatError("approximate Arrow index is stale (built for another revision of this library); "
-                                 "rebuild it with AdapterLibrary.build_arrow_index()", path=lib_dir / ARROW_DIR)
+        raise LibraryFormatError("approximate Arrow index is stale (built for another revision of this "
+                                 "library); rebuild it with AdapterLibrary.build_arrow_index()",
+                                 path=lib_dir / ARROW_DIR)
     return meta
 
 
-def _read_index(lib_dir: Path, source: str, position: int, module: str, meta: dict[str, Any], mmap: bool) -> Any:
+def _read_index(lib_dir: Path, source: str, position: int, module: str, meta: dict[str, Any],
+                mmap: bool) -> Any:
     faiss = _faiss()
     # IVF lists are memory-mapped by IO_FLAG_MMAP, flat codes and HNSW graphs by IO_FLAG_MMAP_IFC.
-    flags = (faiss.IO_FLAG_MMAP if meta["type"] == "ivf" else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
+    flags = ((faiss.IO_FLAG_MMAP if meta["type"] == "ivf" else faiss.IO_FLAG_MMAP_IFC)
+             | faiss.IO_FLAG_READ_ONLY)
     path = index_path(lib_dir, position)
     try:
         index = faiss.read_index(source, flags) if mmap else faiss.read_index(source)
     except RuntimeError as exc:
-        raise LibraryFormatError(f"cannot read approximate Arrow index: {exc}", module=module, path=path) from None
+        raise LibraryFormatError(f"cannot read approximate Arrow index: {exc}", module=module,
+                                 path=path) from None
     if index_type(index) != meta["type"] or index.ntotal != meta["ntotal"].get(module):
         raise LibraryFormatError(f"approximate Arrow index does not match meta.json (type {meta['type']}, "
                                  f"{meta['ntotal'].get(module)} vectors); rebuild it with "
@@ -319,7 +328,8 @@ class FaissArrow:
     def search(self, x: torch.Tensor, k: int, effort: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xq = x.detach().float().cpu().numpy()  # [T, n]
         T = xq.shape[0]
-        scores, uids = self.index.search(np.concatenate([xq, -xq]), k, params=self._params(effort or self.effort))
+        scores, uids = self.index.search(np.concatenate([xq, -xq]), k,
+                                         params=self._params(effort or self.effort))
         scores = np.concatenate([scores[:T], scores[T:]], axis=1)  # [T, 2k]
         uids = np.concatenate([uids[:T], uids[T:]], axis=1)
         scores[uids < 0] = -1.0

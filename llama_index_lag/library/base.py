@@ -115,7 +115,7 @@ class BaseModelSpec:
     def check_adapter(self, header: AdapterHeader) -> None:
         """Raise IncompatibleAdapterError unless every adapted module exists, is Linear-like and fits."""
         fan_in_fan_out = bool(header.config.get("fan_in_fan_out"))
-        for module, ((r, n), (m, _)) in header.shapes.items():
+        for module, ((_r, n), (m, _)) in header.shapes.items():
             where = dict(adapter=header.name, module=module, path=header.weights_file)
             if module not in self.linear:
                 if module in self.other:

@@ -106,7 +106,8 @@ def check_manifest(manifest: Any, path: Path) -> None:
         names[key] = name
         rank = entry.get("rank")
         if not _int(rank) or not 1 <= rank <= r_max:
-            raise bad(f"rank of {name!r} must be an integer in 1..r_max ({r_max}), got {rank!r}", f"{where}.rank")
+            raise bad(f"rank of {name!r} must be an integer in 1..r_max ({r_max}), got {rank!r}",
+                      f"{where}.rank")
         uid = entry.get("uid", i)
         if not _int(uid) or uid < 0 or uid in uids:
             raise bad(f"uid of {name!r} must be a unique non-negative integer, got {uid!r}", f"{where}.uid")
@@ -120,14 +121,16 @@ def check_manifest(manifest: Any, path: Path) -> None:
     checksums = manifest.get("checksums")
     if checksums is not None:
         blocks = checksums.get("blocks") if isinstance(checksums, dict) else None
-        if (not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM or not isinstance(blocks, list)
+        if (not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM
+                or not isinstance(blocks, list)
                 or not all(isinstance(b, list) and len(b) == 3 and all(_int(v) for v in b) for b in blocks)):
             raise bad(f"checksums must be {{'algorithm': {CHECKSUM!r}, 'blocks': [[start, end, crc], ...]}}",
                       "checksums")
         covered = 0
         for start, end, _ in blocks:
             if start != covered or end <= start:
-                raise bad(f"checksum blocks must cover the adapters in order, got [{start}, {end}]", "checksums")
+                raise bad(f"checksum blocks must cover the adapters in order, got [{start}, {end}]",
+                          "checksums")
             covered = end
         if covered != len(adapters):
             raise bad(f"checksum blocks cover {covered} of {len(adapters)} adapters", "checksums")
@@ -157,8 +160,8 @@ def verify(lib: AdapterLibrary) -> dict[str, Any]:
         for key, value in (("A", t.A), ("B", t.B), ("proto", t.proto)):
             if not bool(torch.isfinite(value).all()):
                 row = int((~torch.isfinite(value.flatten(1))).any(dim=1).nonzero()[0])
-                raise LibraryFormatError("NaN or Inf in the packed tensors", adapter=lib.names[row], module=module,
-                                         field=key, path=file)
+                raise LibraryFormatError("NaN or Inf in the packed tensors", adapter=lib.names[row],
+                                         module=module, field=key, path=file)
     if lib.arrow_meta_exists():
         report["arrow_index"] = _verify_index(lib)
     return report
@@ -173,10 +176,11 @@ def _verify_index(lib: AdapterLibrary) -> dict[str, Any]:
     indexes = lib.arrow_indexes()  # raises when missing or stale
     files = pinned.meta.get("files")
     if files is not None:
-        for position, (path, (size, crc)) in enumerate(zip(pinned.paths(), files)):
+        for position, (path, (_size, crc)) in enumerate(zip(pinned.paths(), files)):
             got = file_crc32(path)
             if got != crc:
-                raise LibraryFormatError(f"checksum mismatch: stored {crc:08x}, read {got:08x} (corrupt index file)",
+                raise LibraryFormatError(f"checksum mismatch: stored {crc:08x}, read {got:08x} "
+                                         "(corrupt index file)",
                                          module=lib.modules[position], path=where / f"{position}.faiss")
     uids = lib.uids()
     rng = np.random.default_rng(0)
@@ -190,8 +194,9 @@ def _verify_index(lib: AdapterLibrary) -> dict[str, Any]:
         err = float(np.abs(held - expected).max()) if held.size else 0.0
         if not math.isfinite(err) or err > 1e-3:
             raise LibraryFormatError(f"the approximate Arrow index does not hold this library's prototypes "
-                                     f"(max difference {err:.3g}): it belongs to another library or revision; "
-                                     "rebuild it with AdapterLibrary.build_arrow_index()", module=module, path=where)
+                                     f"(max difference {err:.3g}): it belongs to another library or "
+                                     "revision; rebuild it with AdapterLibrary.build_arrow_index()",
+                                     module=module, path=where)
     return {"type": pinned.meta.get("type"), "files": len(files or []), "sampled": int(rows.size)}
 
 

@@ -145,7 +145,8 @@ def _layout(shapes: dict[str, tuple[int, int]], n_adapters: int, r_max: int, dty
         for key, shape in zip(tensor_names(module), ((n_adapters, r_max, n), (n_adapters, m, r_max),
                                                      (n_adapters, n))):
             nbytes = int(np.prod(shape)) * itemsize
-            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
+                           "data_offsets": [offset, offset + nbytes]}
             slots[key] = (offset, nbytes, shape)
             offset += nbytes
     return header, slots, offset

@@ -88,11 +88,13 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
     if not path.is_dir():
         raise AdapterFormatError("adapter folder does not exist", adapter=name, path=path)
     if not cfg_path.is_file():
-        raise AdapterFormatError(f"not a PEFT adapter folder: {CONFIG_FILE} is missing", adapter=name, path=path)
+        raise AdapterFormatError(f"not a PEFT adapter folder: {CONFIG_FILE} is missing", adapter=name,
+                                 path=path)
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {_why(exc)}", adapter=name, path=cfg_path) from None
+        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {_why(exc)}", adapter=name,
+                                 path=cfg_path) from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object", adapter=name, path=cfg_path)
     return config
@@ -125,7 +127,8 @@ def check_config(config: dict[str, Any], name: str, cfg_path: Path) -> None:
         raise AdapterFormatError(f"r must be a positive integer, got {config.get('r')!r}", adapter=name,
                                  field="r", path=cfg_path)
     if not _positive(config.get("lora_alpha")):
-        raise AdapterFormatError(f"lora_alpha must be a positive finite number, got {config.get('lora_alpha')!r}",
+        raise AdapterFormatError("lora_alpha must be a positive finite number, got "
+                                 f"{config.get('lora_alpha')!r}",
                                  adapter=name, field="lora_alpha", path=cfg_path)
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = config.get(key)
@@ -167,15 +170,15 @@ def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, *
                 return value
         except TimeoutError:
             raise AdapterFormatError(f"{field} key {key!r} takes too long to match module names (a regular "
-                                     "expression with catastrophic backtracking?)", adapter=adapter, field=field,
-                                     module=module, path=path) from None
+                                     "expression with catastrophic backtracking?)", adapter=adapter,
+                                     field=field, module=module, path=path) from None
     return default
 
 
 def lora_scaling(config: dict[str, Any], module: str, rank: int, *, adapter: str = "?") -> float:
     """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), alpha taken from ``alpha_pattern`` when it matches."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"], field="alpha_pattern",
-                                 adapter=adapter))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"],
+                                 field="alpha_pattern", adapter=adapter))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -190,8 +193,8 @@ def read_header(path: str | Path, name: str | None = None, *, allow_pickle: bool
         if (path / PICKLE_FILE).is_file():
             if not allow_pickle:
                 raise UnsafeAdapterError(
-                    f"only {PICKLE_FILE} (pickle) found; refusing to unpickle untrusted weights. Convert it to "
-                    f"safetensors, or pass allow_pickle=True if you trust its source",
+                    f"only {PICKLE_FILE} (pickle) found; refusing to unpickle untrusted weights. Convert it "
+                    f"to safetensors, or pass allow_pickle=True if you trust its source",
                     adapter=name, path=path / PICKLE_FILE,
                 )
             weights = path / PICKLE_FILE
@@ -242,11 +245,13 @@ def read_header(path: str | Path, name: str | None = None, *, allow_pickle: bool
         declared = int(_pattern_value(config.get("rank_pattern"), module, config["r"], field="rank_pattern",
                                       adapter=name, path=path / CONFIG_FILE))
         if a[0] != declared:
-            raise AdapterFormatError(f"adapter_config.json declares rank {declared} for this module, lora_A has "
-                                     f"rank {a[0]}", adapter=name, module=module, field="r", path=path / CONFIG_FILE)
+            raise AdapterFormatError(f"adapter_config.json declares rank {declared} for this module, lora_A "
+                                     f"has rank {a[0]}", adapter=name, module=module, field="r",
+                                     path=path / CONFIG_FILE)
         out[module] = ((a[0], a[1]), (b[0], b[1]))
         scalings[module] = lora_scaling(config, module, a[0], adapter=name)
-    return AdapterHeader(name=name, path=path, config=config, weights_file=weights, shapes=out, scalings=scalings)
+    return AdapterHeader(name=name, path=path, config=config, weights_file=weights, shapes=out,
+                         scalings=scalings)
 
 
 def _tensor_shapes(weights: Path, name: str) -> dict[str, list[int]]:

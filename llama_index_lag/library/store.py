@@ -114,7 +114,8 @@ class _Row:
     entry: dict[str, Any]
     header: AdapterHeader | None = None  # new adapter, aligned from its PEFT folder
     old_index: int | None = None  # existing adapter, copied from the current library
-    generate: Any = None  # already-aligned factors: generate(module, rows [K]) -> (A* [K, r, n], B* [K, m, r])
+    # already-aligned factors: generate(module, rows [K]) -> (A* [K, r, n], B* [K, m, r])
+    generate: Any = None
 
 
 class AdapterLibrary:
@@ -215,8 +216,8 @@ class AdapterLibrary:
                 raise LibraryFormatError(f"cannot open packed tensors: {exc}", path=file) from None
             if self._handle.metadata.get("revision") != self.revision:
                 self._handle = None
-                raise LibraryFormatError("the library was replaced since it was loaded (another revision is on "
-                                         "disk): load it again", path=self.path)
+                raise LibraryFormatError("the library was replaced since it was loaded (another revision is "
+                                         "on disk): load it again", path=self.path)
         return self._handle
 
     def _tensor(self, reader: PackedReader, module: str, key: str) -> torch.Tensor:
@@ -244,8 +245,8 @@ class AdapterLibrary:
         reader = self._open()
         file = self.path / TENSORS
         if reader.metadata.get("revision") != self.revision:
-            raise LibraryFormatError("manifest and packed tensors are from different revisions (stale library)",
-                                     path=file)
+            raise LibraryFormatError("manifest and packed tensors are from different revisions (stale "
+                                     "library)", path=file)
         expected = {key for module in self.modules for key in tensor_names(module)}
         extra = sorted(set(reader.keys) - expected)
         if extra:
@@ -301,7 +302,8 @@ class AdapterLibrary:
             except FileNotFoundError:
                 if _replaced(path, dir_fd):
                     raise _Replaced from None
-                raise LibraryFormatError(f"not an adapter library ({MANIFEST} is missing)", path=path) from None
+                raise LibraryFormatError(f"not an adapter library ({MANIFEST} is missing)",
+                                         path=path) from None
             manifest = parse_manifest(raw, path / MANIFEST)
             try:
                 reader = PackedReader(Path(TENSORS), dir_fd=dir_fd)
@@ -452,7 +454,8 @@ class AdapterLibrary:
                 changed = " (the library changed since it was loaded)" if current is not self else ""
                 raise LibraryError(f"cannot remove unknown adapters: {missing}{changed}", adapter=missing[0],
                                    path=self.path)
-            rows = [_Row(dict(e), old_index=i) for i, e in enumerate(current.adapters) if e["name"] not in drop]
+            rows = [_Row(dict(e), old_index=i) for i, e in enumerate(current.adapters)
+                    if e["name"] not in drop]
             if not rows:
                 raise LibraryError("removing these adapters would leave the library empty", path=self.path)
             base = {k: v for k, v in current.manifest.items() if k not in _DERIVED}
@@ -466,8 +469,8 @@ class AdapterLibrary:
         if disk.revision == self.revision:
             disk.close()
             return self
-        logger.info("%s changed since it was loaded (revision %s -> %s); applying the change to the current one",
-                    self.path, self.revision, disk.revision)
+        logger.info("%s changed since it was loaded (revision %s -> %s); applying the change to the current "
+                    "one", self.path, self.revision, disk.revision)
         return disk
 
     # ---- approximate Arrow index ------------------------------------------------------------------
@@ -515,7 +518,8 @@ class AdapterLibrary:
         meta, where = self._pinned.meta, self.path / ARROW_DIR
         removed = meta.get("removed", [])
         if not isinstance(removed, list) or not all(isinstance(u, int) for u in removed):
-            raise LibraryFormatError("meta.json 'removed' must list adapter uids", path=where, field="removed")
+            raise LibraryFormatError("meta.json 'removed' must list adapter uids", path=where,
+                                     field="removed")
         live = set(removed) & set(self.uids().tolist())
         if live:
             raise LibraryFormatError(f"meta.json lists {len(live)} adapters of the library as removed "
@@ -537,8 +541,8 @@ class AdapterLibrary:
         kind = check_index_type(kind or (meta["type"] if meta else DEFAULT_TYPE))
         with _lock(self.path):
             if self._current() is not self:
-                raise LibraryError("the library changed since it was loaded; load it again to index the current "
-                                   "revision", path=self.path)
+                raise LibraryError("the library changed since it was loaded; load it again to index the "
+                                   "current revision", path=self.path)
             uids = self.uids()
             indexes = (build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
                        for m in self.modules)  # one at a time
@@ -583,7 +587,8 @@ class AdapterLibrary:
         """Routing health: the spectrum of the library's mean input projector and each adapter's overlap
         with its shared subspace; with unlabelled ``prompts`` (and ``model``: a loaded model with
         ``tokenizer=``, a folder, or None for the embedded default) also the hubness of per-token routing
-        under ``config=`` (default ``LAGConfig()``). Returns a :class:`llama_index_lag.health.HealthReport`."""
+        under ``config=`` (default ``LAGConfig()``). Returns a
+        :class:`llama_index_lag.health.HealthReport`."""
         from ..health import library_health  # the routing layer sits above the library
 
         return library_health(self, model, prompts, **kwargs)
@@ -656,8 +661,8 @@ class UidTable:
     def __getitem__(self, uids: np.ndarray) -> np.ndarray:
         pos = np.minimum(np.searchsorted(self._sorted, uids), len(self._sorted) - 1)
         if not bool((self._sorted[pos] == uids).all()):
-            raise LibraryFormatError("the approximate Arrow index returned an adapter uid the library does not have "
-                                     "(stale index)")
+            raise LibraryFormatError("the approximate Arrow index returned an adapter uid the library does "
+                                     "not have (stale index)")
         return self._order[pos]
 
 
@@ -682,7 +687,8 @@ def _new_rows(
         name = check_adapter_name(names[i] if names is not None else path.name)
         if id_key(name) in keys:
             other = keys[id_key(name)]
-            also = "" if other == name else f" (differs from {other!r} only in case: adapter names are folder names)"
+            also = ("" if other == name
+                    else f" (differs from {other!r} only in case: adapter names are folder names)")
             raise AdapterError(f"duplicate adapter name{also}", adapter=name, field="name", path=path)
         keys[id_key(name)] = name
         header = read_header(path, name, allow_pickle=allow_pickle)
@@ -764,8 +770,8 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
     # A resumed build must read the same input files: they are named by path, size and mtime (their sha256
     # is computed while they are read, and kept in progress.json for the rows already written).
     inputs = [_identity(row.header.weights_file) if row.header is not None else None for row in rows]
-    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None, "inputs": inputs},
-                      sort_keys=True, default=str)
+    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None,
+                       "inputs": inputs}, sort_keys=True, default=str)
     digest = hashlib.sha256(plan.encode()).hexdigest()
     # The revision names this content; it is also stamped in the tensor file's header, so a reader can
     # tell a manifest and tensors from two different writes apart (see load()).
@@ -779,7 +785,8 @@ def _write(out: Path, base: dict[str, Any], rows: list[_Row], *, old: AdapterLib
         if done == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            atomic_write_json(partial / "progress.json", {"plan": digest, "done": 0, "sha256": {}, "blocks": []})
+            atomic_write_json(partial / "progress.json",
+                              {"plan": digest, "done": 0, "sha256": {}, "blocks": []})
         writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, DTYPES[manifest["dtype"]],
                               create=done == 0, metadata={"revision": manifest["revision"]})
         bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
@@ -928,7 +935,8 @@ def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise AdapterFormatError(f"cannot read weights: {exc}", adapter=row.header.name, path=path) from None
+            raise AdapterFormatError(f"cannot read weights: {exc}", adapter=row.header.name,
+                                     path=path) from None
         hashes[str(start + i)] = hashlib.sha256(data).hexdigest()
         factors.append(factor_arrays(row.header, data))
     _fill_chunk(writer, start, chunk, modules, old, factors)
@@ -936,7 +944,8 @@ def _process_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules:
 
 
 def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: dict[str, Any],
-                old: AdapterLibrary | None, factors: list[dict[str, tuple[np.ndarray, np.ndarray]] | None]) -> None:
+                old: AdapterLibrary | None,
+                factors: list[dict[str, tuple[np.ndarray, np.ndarray]] | None]) -> None:
     """Align new adapters and copy kept ones, for rows ``start:start+len(chunk)``.
 
     New adapters are aligned in batches of up to ``ALIGN_BATCH`` (module, adapter) pairs of one shape and
@@ -946,7 +955,8 @@ def _fill_chunk(writer: PackedWriter, start: int, chunk: list[_Row], modules: di
     fresh compile)."""
     new = [(start + i, row, f) for i, (row, f) in enumerate(zip(chunk, factors)) if f is not None]
     kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
-    made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None], dtype=torch.long)
+    made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None],
+                        dtype=torch.long)
     groups: dict[tuple[int, ...], list[tuple[str, int, _Row, np.ndarray, np.ndarray]]] = {}
     for module in modules:
         if made.numel():

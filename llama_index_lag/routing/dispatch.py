@@ -82,7 +82,8 @@ def choose_strategy(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, unique:
     return min(costs, key=costs.__getitem__)
 
 
-def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, strategy: str = "auto") -> torch.Tensor:
+def project_pairs(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor,
+                  strategy: str = "auto") -> torch.Tensor:
     """A*_{idx[t, j]} x_t: x [T, n], A [N, r, n], idx [T, k] -> [T, k, r]."""
     T, k = idx.shape
     N, r, n = A.shape

@@ -69,7 +69,8 @@ class Routed(NamedTuple):
 def request_centre(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of each request's real tokens: x [B, S, n], mask [B, S] bool (None: all real) -> [B, n].
 
-    Rows with fewer than two real tokens get zeros (a lone token minus itself would leave nothing to score)."""
+    Rows with fewer than two real tokens get zeros (a lone token minus itself would leave nothing to
+    score)."""
     w = (torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float())[..., None]  # [B, S, 1]
     count = w.sum(dim=1)  # [B, 1]
     mean = (x.float() * w).sum(dim=1) / count.clamp_min(1.0)  # [B, n]
@@ -98,8 +99,8 @@ def route_tokens(
     the winners to ``x`` (top-1 modes only).
     """
     if score_x is not None:
-        chosen = route_tokens(score_x, t, mode, k=k, strategy=strategy, margin=margin, approximate=approximate,
-                              effort=effort, kernel="torch")
+        chosen = route_tokens(score_x, t, mode, k=k, strategy=strategy, margin=margin,
+                              approximate=approximate, effort=effort, kernel="torch")
         return Routed(_winner_delta(x, t, chosen.chosen, strategy), chosen.chosen, chosen.candidates)
     fused = kernel != "torch" and x.shape[0] == 1 and t.bits is not None and kernels.available()
     if mode == "lag":
@@ -167,8 +168,8 @@ def _fused(x: torch.Tensor, t: PoolTensors, k: int = 1, cand: torch.Tensor | Non
     return Routed(delta if x.dtype == torch.float32 else delta.to(x.dtype), winner)
 
 
-def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float, *,
-                    score_x: torch.Tensor | None = None, strategy: str = "auto") -> Routed:
+def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float,
+                    *, score_x: torch.Tensor | None = None, strategy: str = "auto") -> Routed:
     """Two-level routing, the token level: per token the candidate of its sequence's shortlist with the best
     ``prior + weight * log ||A*_j x_s||``.
 
@@ -195,8 +196,8 @@ def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> int
     return kernels.add_one(protos, A, B, x, k, out)
 
 
-def add_shortlist_fused(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float,
-                        centre: torch.Tensor | None, out: torch.Tensor) -> int:
+def add_shortlist_fused(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor,
+                        weight: float, centre: torch.Tensor | None, out: torch.Tensor) -> int:
     """Decode in place for two-level routing: out [.., m] += B*_w A*_w x for one float32 token x [.., n], w
     the shortlisted candidate cand [M] with the best prior [M] + weight * log ||A*_w (x - centre)||: what
     :func:`route_shortlist` adds for that token, without its tensors. Needs ``t.bits`` and ``t.valid`` None.

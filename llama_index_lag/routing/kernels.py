@@ -87,7 +87,8 @@ if numba is not None:
 
     @njit(fastmath=True, cache=True, parallel=True)
     def _scan(protos: Any, x: Any, scores: Any) -> None:
-        """scores[i] = |protos[i] . x| over rows split across threads. protos [N, n], x [n] f32, scores [N]."""
+        """scores[i] = |protos[i] . x| over rows split across threads. protos [N, n], x [n] f32,
+        scores [N]."""
         for i in prange(protos.shape[0]):
             s = np.float32(0.0)
             for j in range(protos.shape[1]):
@@ -96,7 +97,8 @@ if numba is not None:
 
     @njit(fastmath=True, cache=True)
     def _topk(scores: Any, k: int) -> Any:
-        """Rows of the k largest scores (unordered): one pass keeping the current k best. scores [N] -> [k]."""
+        """Rows of the k largest scores (unordered): one pass keeping the current k best.
+        scores [N] -> [k]."""
         best = scores[:k].copy()  # [k]
         rows = np.arange(k)  # [k]
         low = np.argmin(best)
@@ -167,7 +169,8 @@ if numba is not None:
             for c in range(cand.shape[0]):  # M is a handful: serial
                 _project(A, cand[c], xs, proj)
                 sq = np.float64(np.sum(proj * proj))
-                score = np.float64(prior[c]) + weight * 0.5 * np.log(max(sq, 1e-60))  # log clamp_min(norm, 1e-30)
+                # log clamp_min(norm, 1e-30)
+                score = np.float64(prior[c]) + weight * 0.5 * np.log(max(sq, 1e-60))
                 if score > top:
                     top, best = score, c
         elif cand.shape[0] > 1:
@@ -197,7 +200,8 @@ def rerank_one(A: np.ndarray, B: np.ndarray, x: torch.Tensor,
     return torch.from_numpy(out), torch.from_numpy(np.array([winner]))
 
 
-def add_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor, k: int, out: torch.Tensor) -> int:
+def add_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor, k: int,
+            out: torch.Tensor) -> int:
     """:func:`lag_one` adding the delta into ``out`` in place (the module's output): one float32 token,
     x [..., n] and out [..., m] contiguous CPU tensors without autograd. Returns the winner."""
     _match_threads()

@@ -1,6 +1,7 @@
 """Routing scores and selections: pure tensor functions (no modules, no I/O).
 
-Shapes: T tokens (batch x sequence flattened), N adapters, n in-features, m out-features, r rank, k candidates.
+Shapes: T tokens (batch x sequence flattened), N adapters, n in-features, m out-features, r rank,
+k candidates.
 
 Arrow retrieval yields candidates ``(top [T, k] scores, cand [T, k] adapter rows)`` — exactly
 (:func:`arrow_topk`) or from an approximate index (``library.arrow_index.FaissArrow.search``, same contract);
@@ -67,8 +68,9 @@ def spectr_select(
 
 
 def lag_rerank(
-    x: torch.Tensor, A: torch.Tensor, top: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor | None = None,
-    strategy: str = "auto", margin: float | None = None, padded: bool = True,
+    x: torch.Tensor, A: torch.Tensor, top: torch.Tensor, cand: torch.Tensor,
+    valid: torch.Tensor | None = None, strategy: str = "auto", margin: float | None = None,
+    padded: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """SpectR among Arrow's candidates: the candidate with the largest ||A*_i x|| wins.
 

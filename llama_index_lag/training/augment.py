@@ -49,7 +49,8 @@ class TextGenerator(Protocol):
 class HFGenerator:
     """Greedy batched generation with a transformers causal LM (left padding, per-sequence stop string)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 16) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 batch_size: int = 16) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -108,7 +109,10 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _STOP = frozenset(
-    ["a", "an", "the", "he", "she", "it", "they", "him", "her", "his", "hers", "its", "their", "them", "we", "us", "you", "i", "me", "my", "our", "your", "this", "that", "these", "those", "there", "here", "who", "whom", "what", "which", "when", "where", "why", "how", "is", "was", "were", "are", "be", "been", "of", "in", "on", "at", "to", "for", "by", "with", "and", "or", "as", "from", "yes", "no", "not", "one"]
+    ["a", "an", "the", "he", "she", "it", "they", "him", "her", "his", "hers", "its", "their", "them", "we",
+     "us", "you", "i", "me", "my", "our", "your", "this", "that", "these", "those", "there", "here", "who",
+     "whom", "what", "which", "when", "where", "why", "how", "is", "was", "were", "are", "be", "been", "of",
+     "in", "on", "at", "to", "for", "by", "with", "and", "or", "as", "from", "yes", "no", "not", "one"]
 )
 _BAD_QUESTION = re.compile(r"answer to (the|this) question|^question\b|sentence:|topic:", re.IGNORECASE)
 
@@ -132,7 +136,8 @@ def split_sentences(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def chunk_document(doc: DocumentRecord, tokenizer: PreTrainedTokenizerBase, recipe: KnowledgeRecipe) -> list[str]:
+def chunk_document(doc: DocumentRecord, tokenizer: PreTrainedTokenizerBase,
+                   recipe: KnowledgeRecipe) -> list[str]:
     """The document's training chunks: the whole text when it fits ``recipe.chunk_tokens`` tokens, else
     consecutive sentence groups that fit (a sentence longer than the limit is cut on word boundaries).
 
@@ -144,8 +149,8 @@ def chunk_document(doc: DocumentRecord, tokenizer: PreTrainedTokenizerBase, reci
     total = count(doc.text)
     if total > recipe.max_document_tokens:
         raise DataError(
-            f"document has {total} tokens, more than max_document_tokens={recipe.max_document_tokens}; split it "
-            "into several documents or raise the limit", field="text", adapter=doc.id,
+            f"document has {total} tokens, more than max_document_tokens={recipe.max_document_tokens}; split "
+            "it into several documents or raise the limit", field="text", adapter=doc.id,
         )
     if total <= recipe.chunk_tokens:
         return [" ".join(doc.text.split())]
@@ -202,15 +207,16 @@ QA_FEWSHOT = (
 def rewrite_prompts(doc: DocumentRecord, chunks: Sequence[str], tokenizer: PreTrainedTokenizerBase,
                     n: int) -> list[str]:
     title = _title(doc)
-    return [chat_prompt(tokenizer, f"{REWRITE_INSTRUCTIONS[i % len(REWRITE_INSTRUCTIONS)]}\n\n{title}\n\n{chunk}")
+    return [chat_prompt(tokenizer,
+                        f"{REWRITE_INSTRUCTIONS[i % len(REWRITE_INSTRUCTIONS)]}\n\n{title}\n\n{chunk}")
             for chunk in chunks for i in range(n)]
 
 
 QA_SPAN_FEWSHOT = (
     "Topic: Eiffel Tower\nSentence: It was completed in 1889 for the World's Fair.\nAnswer: 1889\n"
     "Question: In which year was the Eiffel Tower completed?\n\n"
-    "Topic: Marie Curie\nSentence: She was born in Warsaw and later studied physics in Paris.\nAnswer: Warsaw\n"
-    "Question: In which city was Marie Curie born?\n\n"
+    "Topic: Marie Curie\nSentence: She was born in Warsaw and later studied physics in Paris.\nAnswer: "
+    "Warsaw\nQuestion: In which city was Marie Curie born?\n\n"
     "Topic: Lake Baikal\nSentence: The lake is fed by more than 300 rivers.\nAnswer: 300\n"
     "Question: How many rivers feed Lake Baikal?\n\n"
 )
@@ -261,7 +267,8 @@ def answer_spans(sentence: str, title: str, limit: int = 3, document: str = "") 
     return out[:limit]
 
 
-_LEADING = frozenset(["in", "on", "at", "its", "about", "only", "after", "before", "during", "for", "from", "later", "since", "some", "today"])
+_LEADING = frozenset(["in", "on", "at", "its", "about", "only", "after", "before", "during", "for", "from",
+                      "later", "since", "some", "today"])
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -372,7 +379,8 @@ def augment_document(
         jobs: list[tuple[str, str | None]] = [(s, None) for s in sentences]
         if recipe.qa_spans:
             jobs += [(s, span) for s in sentences for span in answer_spans(s, title, document=doc.text)]
-        prompts = [qa_prompt(title, s) if span is None else qa_span_prompt(title, s, span) for s, span in jobs]
+        prompts = [qa_prompt(title, s) if span is None else qa_span_prompt(title, s, span)
+                   for s, span in jobs]
         outputs = _call(generate, prompts, recipe.qa_max_new_tokens, "\n\n")
         seen: set[str] = set()
         for (sentence, span), text in zip(jobs, outputs):
@@ -415,7 +423,8 @@ def _call(generate: Callable[..., list[str]], prompts: list[str], max_new_tokens
 # ---------------------------------------------------------------------------------------------- examples
 @dataclass(frozen=True)
 class Example:
-    """One training sequence: ``prompt`` (no loss) + ``completion`` (loss); ``kind`` says where it came from."""
+    """One training sequence: ``prompt`` (no loss) + ``completion`` (loss); ``kind`` says where it came
+    from."""
 
     prompt: str
     completion: str
@@ -446,7 +455,8 @@ def knowledge_examples(doc: DocumentRecord, aug: Augmentation, tokenizer: PreTra
         out.append(Example(p, c, "qa"))
         if recipe.passage_qa:
             context = CONTEXT_TEMPLATE.format(title=title, text=chunk_of.get(pair.sentence, aug.chunks[0]))
-            p, c = chat_example(tokenizer, RAG_TEMPLATE.format(context=context, question=pair.question), answer)
+            p, c = chat_example(tokenizer, RAG_TEMPLATE.format(context=context, question=pair.question),
+                                answer)
             out.append(Example(p, c, "passage_qa"))
     return out
 

@@ -8,8 +8,8 @@ Layout of ``ADAPTERS_DIR``::
 
 Each adapter is written into a hidden temporary sibling and renamed into place only when complete
 (``atomic_dir``), ``lag_adapter.json`` included, so a folder with a valid ``lag_adapter.json`` is a finished
-adapter and nothing else is: re-running a build skips finished adapters and (re)builds the rest; an interrupted
-run (Ctrl-C, crash, disk full) never leaves a half-written adapter that is taken as finished.
+adapter and nothing else is: re-running a build skips finished adapters and (re)builds the rest; an
+interrupted run (Ctrl-C, crash, disk full) never leaves a half-written adapter that is taken as finished.
 
 Determinism: every document gets its own seed ``crc32(f"{seed}:{doc_id}")``, so an adapter does not depend on
 the order of documents or on how they were spread over workers (bit-identical for the same torch thread count;
@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._env import __version__
 from .._fs import atomic_dir, atomic_write_json, check_output, file_lock, free_bytes
-from ..data import DocumentRecord, TaskExample, check_text, id_key, read_documents, read_task_examples, validate_id
+from ..data import (
+    DocumentRecord,
+    TaskExample,
+    check_text,
+    id_key,
+    read_documents,
+    read_task_examples,
+    validate_id,
+)
 from ..errors import ConfigError, DataError, LAGError, UnsafeOutputError
 from .augment import (
     HFGenerator,
@@ -129,7 +137,8 @@ def build_knowledge_adapter(
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
     """Generate, train and atomically write the knowledge adapter of ``doc`` into ``out_dir``; return its
-    metadata (also written as ``lag_adapter.json``). ``generate`` defaults to greedy generation with ``model``."""
+    metadata (also written as ``lag_adapter.json``). ``generate`` defaults to greedy generation with
+    ``model``."""
     from .train import seed_everything
 
     recipe = recipe or KnowledgeRecipe()
@@ -275,9 +284,10 @@ def build_knowledge_adapters(
     ``overwrite``), then compile them into a knowledge library at ``compile_to`` when given.
 
     ``base`` is the model folder (None: the embedded SmolLM2-135M-Instruct); pass ``model`` + ``tokenizer``
-    to reuse a loaded model (``workers`` must then be 1). ``workers > 1`` trains in that many spawned processes,
-    each loading its own model and using ``torch.get_num_threads() // workers`` threads. ``on_adapter(doc_id,
-    meta)`` is called in this process after each finished adapter (raise from it to stop the build).
+    to reuse a loaded model (``workers`` must then be 1). ``workers > 1`` trains in that many spawned
+    processes, each loading its own model and using ``torch.get_num_threads() // workers`` threads.
+    ``on_adapter(doc_id, meta)`` is called in this process after each finished adapter (raise from it to stop
+    the build).
 
     Nothing that is not ours is replaced: an existing ``out/<doc_id>`` that is not a finished adapter (and
     not empty), or a ``compile_to`` that is a user's folder, equal to ``out`` or inside it, is refused with an
@@ -313,8 +323,8 @@ def build_knowledge_adapters(
 
 
 def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None, model: Any, tokenizer: Any,
-               recipe: KnowledgeRecipe, seed: int, workers: int, compile_to: str | Path | None, progress: bool,
-               overwrite: bool, generate: Any, on_adapter: Any, on_step: Any, force: bool,
+               recipe: KnowledgeRecipe, seed: int, workers: int, compile_to: str | Path | None,
+               progress: bool, overwrite: bool, generate: Any, on_adapter: Any, on_step: Any, force: bool,
                start: float) -> BuildReport:
     import torch
     from tqdm.auto import tqdm
@@ -326,10 +336,11 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         meta = read_adapter_meta(folder)
         ours = meta is not None or not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
         if not ours and not force:
-            raise UnsafeOutputError(f"refusing to replace {folder} (the adapter folder of document {doc.id!r}): "
-                                    "it is not an adapter written by llama-index-lag; move it away or pass "
-                                    "--force / force=True", path=folder, adapter=doc.id)
-        if meta is not None and not overwrite and meta.get("kind") == "knowledge" and meta.get("doc_id") == doc.id:
+            raise UnsafeOutputError(f"refusing to replace {folder} (the adapter folder of document "
+                                    f"{doc.id!r}): it is not an adapter written by llama-index-lag; move it "
+                                    "away or pass --force / force=True", path=folder, adapter=doc.id)
+        if (meta is not None and not overwrite and meta.get("kind") == "knowledge"
+                and meta.get("doc_id") == doc.id):
             if meta.get("document_sha256") not in (None, _text_sha(doc.text)):
                 logger.warning("adapter %r was built from another version of the document; kept (pass "
                                "overwrite=True / --overwrite to rebuild)", doc.id)
@@ -364,8 +375,8 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
                 assert model is not None and tokenizer is not None
                 for doc in todo:
                     bar.set_description(f"adapters ({doc.id})")
-                    meta = build_knowledge_adapter(doc, model, tokenizer, out / doc.id, recipe=recipe, seed=seed,
-                                                   generate=generate, on_step=on_step)
+                    meta = build_knowledge_adapter(doc, model, tokenizer, out / doc.id, recipe=recipe,
+                                                   seed=seed, generate=generate, on_step=on_step)
                     finished(doc.id, meta)
             else:
                 _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished)
@@ -423,7 +434,8 @@ WORKERS_LOCK = ".lag-build-workers.lock"  # held (shared) by each of its worker 
 def _build_lock(out: Path) -> Iterator[None]:
     """One build per adapters folder. A worker of an earlier build that is still alive (its parent was
     killed) holds the workers' lock: the new build is refused instead of racing it."""
-    with file_lock(out / BUILD_LOCK, what="adapters folder (another `lag build-adapters` runs)", wait=False), \
+    with file_lock(out / BUILD_LOCK, what="adapters folder (another `lag build-adapters` runs)",
+                   wait=False), \
             file_lock(out / WORKERS_LOCK, what="adapters folder (a worker of an earlier build still runs)",
                       wait=False):
         pass  # no worker of an earlier build holds it: ours will take it shared
@@ -571,8 +583,8 @@ def train_task_adapter(
             "recipe": recipe.to_dict(),
             "base_model": _base_info(model),
             "train": {k: v for k, v in stats.items() if k != "timings"},
-            "timings": {"eva_init_s": stats["timings"].get("init_s"), "train_s": stats["timings"].get("train_s"),
-                        "save_s": stats["timings"].get("save_s"),
+            "timings": {"eva_init_s": stats["timings"].get("init_s"),
+                        "train_s": stats["timings"].get("train_s"), "save_s": stats["timings"].get("save_s"),
                         "total_s": round(time.perf_counter() - start, 3)},
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -37,7 +37,8 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     from .augment import HFGenerator
 
     prompts = [chat_prompt(tokenizer, q) for q in questions]
-    return [a.strip() for a in HFGenerator(model, tokenizer, batch_size)(prompts, max_new_tokens=max_new_tokens)]
+    return [a.strip()
+            for a in HFGenerator(model, tokenizer, batch_size)(prompts, max_new_tokens=max_new_tokens)]
 
 
 def measure_recall(
@@ -52,8 +53,8 @@ def measure_recall(
     batch_size: int = 16,
     routing_accuracy: bool = True,
 ) -> dict[str, Any]:
-    """Recall of ``questions`` (their ``answers`` are the golds; use the held-back ``qa`` questions) under each
-    mode, with a knowledge ``library`` attached to ``model`` for the duration (detached afterwards).
+    """Recall of ``questions`` (their ``answers`` are the golds; use the held-back ``qa`` questions) under
+    each mode, with a knowledge ``library`` attached to ``model`` for the duration (detached afterwards).
 
     Returns ``{mode: {"recall", "correct", "total", "routing_accuracy", "seconds", "answers": [...]}}``.
     Modes: the evaluated modes of :mod:`llama_index_lag.modes` that need no index: ``none``, ``oracle``,

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from ..errors import ConfigError
 
-#: LlamaIndex's default text-QA prompt (``DEFAULT_TEXT_QA_PROMPT_TMPL``): the RAG mode of the pipeline shows the
-#: retrieved passage to the model this way, so "passage + question -> answer" examples are trained in it.
+#: LlamaIndex's default text-QA prompt (``DEFAULT_TEXT_QA_PROMPT_TMPL``): the RAG mode of the pipeline shows
+#: the retrieved passage to the model this way, so "passage + question -> answer" examples are trained in it.
 RAG_TEMPLATE = (
     "Context information is below.\n---------------------\n{context}\n---------------------\n"
     "Given the context information and not prior knowledge, answer the query.\nQuery: {question}\nAnswer: "
@@ -66,7 +66,8 @@ class _Recipe:
     eva_tau: float = 0.99
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("rank", "alpha", "lr", "steps", "batch_size", "max_length", "eva_rho", "eva_tau"))
+        _check_positive(self,
+                        ("rank", "alpha", "lr", "steps", "batch_size", "max_length", "eva_rho", "eva_tau"))
         _check_positive(self, ("warmup_steps", "weight_decay", "max_grad_norm"), allow_zero=(
             "warmup_steps", "weight_decay", "max_grad_norm"))
         for name in ("rank", "steps", "batch_size", "max_length", "warmup_steps"):
@@ -75,7 +76,8 @@ class _Recipe:
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}", field="init")
         if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ConfigError("target_modules must be a non-empty list of module names", field="target_modules")
+            raise ConfigError("target_modules must be a non-empty list of module names",
+                              field="target_modules")
         object.__setattr__(self, "target_modules", tuple(str(t) for t in self.target_modules))
         if self.bf16 not in (None, True, False):
             raise ConfigError(f"bf16 must be true, false or null, got {self.bf16!r}", field="bf16")
@@ -117,10 +119,10 @@ class KnowledgeRecipe(_Recipe):
     * ``facts``: every sentence stated as a standalone fact with the title (deterministic);
     * ``qa``: for every sentence the base model writes a question (few-shot, greedy) and a short answer; pairs
       whose answer does not occur in the sentence are skipped and counted. The question is trained in the chat
-      template with the answer ``qa_target`` (``sentence``: the source sentence, robust to wrong short answers;
-      ``short``: the model's short answer; ``both``: short answer, then the sentence), loss on the answer only;
-      with ``passage_qa`` also with the document shown in the RAG prompt (:data:`RAG_TEMPLATE`); with
-      ``qa_spans`` the model also writes a question for each name / number of a sentence (answer-aware
+      template with the answer ``qa_target`` (``sentence``: the source sentence, robust to wrong short
+      answers; ``short``: the model's short answer; ``both``: short answer, then the sentence), loss on the
+      answer only; with ``passage_qa`` also with the document shown in the RAG prompt (:data:`RAG_TEMPLATE`);
+      with ``qa_spans`` the model also writes a question for each name / number of a sentence (answer-aware
       question generation: the answer span is given, the model writes only the question);
     * ``about``: "What do you know about <title>?" in the chat template -> the document.
 
@@ -147,7 +149,8 @@ class KnowledgeRecipe(_Recipe):
         _check_positive(self, ("chunk_tokens", "max_document_tokens", "rewrite_max_new_tokens",
                                "qa_max_new_tokens", "max_steps"))
         if not isinstance(self.n_rewrites, int) or isinstance(self.n_rewrites, bool) or self.n_rewrites < 0:
-            raise ConfigError(f"n_rewrites must be an integer >= 0, got {self.n_rewrites!r}", field="n_rewrites")
+            raise ConfigError(f"n_rewrites must be an integer >= 0, got {self.n_rewrites!r}",
+                              field="n_rewrites")
         if self.qa_target not in QA_TARGETS:
             raise ConfigError(f"qa_target must be one of {QA_TARGETS}", field="qa_target")
 

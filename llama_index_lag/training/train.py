@@ -7,8 +7,8 @@ Initialisation (``recipe.init``):
   The activations are collected in one forward pass and decomposed exactly (``torch.svd_lowrank`` on the
   centred token matrix, as PEFT's incremental PCA converges to); the result goes through
   ``peft.initialize_lora_eva_weights(model, eva_state_dict=...)``. Every layer keeps rank ``recipe.rank``.
-* ``eva-peft``: PEFT's own data path, ``initialize_lora_eva_weights(model, dataloader)`` (incremental PCA until
-  convergence, ranks redistributed across layers when ``eva_rho > 1``). Slower on a CPU; same idea.
+* ``eva-peft``: PEFT's own data path, ``initialize_lora_eva_weights(model, dataloader)`` (incremental PCA
+  until convergence, ranks redistributed across layers when ``eva_rho > 1``). Slower on a CPU; same idea.
 * ``default``: PEFT's default init (Kaiming-uniform A, zero B).
 
 The base model is left exactly as it was (LoRA layers are removed after saving, never merged).
@@ -166,7 +166,8 @@ def _lora_layers(peft_model: Any) -> dict[str, Any]:
 
 
 def exact_eva_state_dict(peft_model: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                         rank: int, *, max_length: int, seed: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+                         rank: int, *, max_length: int, seed: int,
+                         batch_size: int = 8) -> dict[str, torch.Tensor]:
     """{module: [rank, in_features]}: the top ``rank`` principal directions (centred SVD) of each LoRA
     module's input activations over the tokens of ``texts`` (one no-grad forward pass, adapters disabled)."""
     import torch
@@ -230,7 +231,8 @@ def exact_eva_state_dict(peft_model: Any, tokenizer: PreTrainedTokenizerBase, te
     return {f"base_model.model.{name}": comps[leader[name]].clone() for name in layers}
 
 
-def _eva_peft(peft_model: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> None:
+def _eva_peft(peft_model: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+              max_length: int) -> None:
     from peft import initialize_lora_eva_weights
 
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts if t.strip()]
@@ -248,7 +250,8 @@ def lora_config(recipe: _Recipe) -> Any:
     if recipe.init in ("eva", "eva-peft"):
         kwargs["init_lora_weights"] = "eva"
         kwargs["eva_config"] = EvaConfig(rho=recipe.eva_rho, tau=recipe.eva_tau, use_label_mask=False)
-    return LoraConfig(r=recipe.rank, lora_alpha=float(recipe.alpha), target_modules=list(recipe.target_modules),
+    return LoraConfig(r=recipe.rank, lora_alpha=float(recipe.alpha),
+                      target_modules=list(recipe.target_modules),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **kwargs)
 
 
@@ -295,7 +298,8 @@ def train_lora(
     _check_targets(model, recipe.target_modules)
     data = tokenize_examples(examples, tokenizer, recipe.max_length)
     if not data:
-        raise ConfigError("no training example has a loss token (all empty or truncated away)", field="examples")
+        raise ConfigError("no training example has a loss token (all empty or truncated away)",
+                          field="examples")
     n_steps = int(steps if steps is not None else recipe.steps)
     timings: dict[str, float] = {}
     seed_everything(seed)
