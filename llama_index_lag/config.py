@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -100,7 +100,6 @@ class LAGConfig:
     ef_search: int | None = None
     dispatch: str = "auto"
     decode_kernel: Literal["auto", "torch"] = "auto"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -176,6 +175,7 @@ class LAGConfig:
         if not isinstance(fields, Mapping):
             raise ConfigError(f"routing settings must be a mapping of LAGConfig fields, got {fields!r}",
                               field="routing")
+        fields = {k: v for k, v in fields.items() if not (k == "extra" and not v)}  # an empty field of 0.1
         _check_fields(fields)
         return cls(**fields)
 

@@ -11,16 +11,13 @@ Blank lines are skipped. Every problem raises :class:`~llama_index_lag.errors.Da
 the 1-based line and the field.
 
 Ids (document and question ids, and the ``doc_id`` a question refers to) become adapter folder names, so they
-are checked by :func:`validate_id`: 1-128 characters, each a unicode letter or digit or one of ``. _ -``;
-no leading or trailing dot (so no ``.``/``..``/hidden names), no spaces, path separators or control
-characters, NFC-normalised, not a Windows device name (``con``, ``nul``, ``com1``...). Ids in one file must
-also differ case-insensitively (adapter folders would collide on case-insensitive file systems).
+are checked by :func:`~llama_index_lag.ids.validate_id` (the rules: :mod:`llama_index_lag.ids`). Ids in one
+file must also differ case-insensitively (adapter folders would collide on case-insensitive file systems).
 """
 
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._fs import atomic_write_text
 from .errors import ConfigError, DataError
+from .ids import MAX_ID_LENGTH, id_key, validate_id  # re-exported: the id rules of documents and adapters
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.core import Document
 
-MAX_ID_LENGTH = 128
-_ID_PUNCT = frozenset("._-")
-_RESERVED_NAMES = frozenset(
-    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
-)
 FACT_ANSWERS = ("true", "false")
 
 DOCUMENT_FIELDS = ("id", "title", "text")
@@ -77,38 +70,6 @@ class TaskExample:
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
-# ---- id rules --------------------------------------------------------------------------------------------
-
-
-def validate_id(value: object, *, field: str = "id") -> str:
-    """Return ``value`` if it is a safe id (see module docstring), else raise :class:`DataError`.
-
-    Shared with the adapter library: document ids become adapter folder names.
-    """
-    if not isinstance(value, str):
-        raise DataError(f"id must be a string, got {type(value).__name__}", field=field)
-    if not value:
-        raise DataError("id is empty", field=field)
-    if len(value) > MAX_ID_LENGTH:
-        raise DataError(
-            f"id is {len(value)} characters long (max {MAX_ID_LENGTH}): {value[:40]!r}...", field=field
-        )
-    bad = [c for c in value if not (c.isalnum() or c in _ID_PUNCT)]
-    if bad:
-        raise DataError(
-            f"id {value!r} contains {bad[0]!r}: ids may only use letters, digits and '._-' "
-            "(they become adapter folder names)",
-            field=field,
-        )
-    if value[0] == "." or value[-1] == ".":
-        raise DataError(f"id {value!r} may not start or end with '.'", field=field)
-    if unicodedata.normalize("NFC", value) != value:
-        raise DataError(f"id {value!r} is not NFC-normalised unicode", field=field)
-    if value.split(".")[0].lower() in _RESERVED_NAMES:
-        raise DataError(f"id {value!r} is a reserved file name on Windows", field=field)
-    return value
-
-
 def check_text(value: str, field: str) -> str:
     """Refuse strings that are not valid unicode text (lone surrogates, e.g. from a ``"\\ud800"`` JSON
     escape): no tokenizer or file system takes them."""
@@ -118,11 +79,6 @@ def check_text(value: str, field: str) -> str:
         raise DataError(f"field {field!r} is not valid unicode text (a lone surrogate at position "
                         f"{exc.start})", field=field) from None
     return value
-
-
-def id_key(value: str) -> str:
-    """The key under which two ids collide as folder names (case-insensitive)."""
-    return value.casefold()
 
 
 # ---- parsing one object ----------------------------------------------------------------------------------

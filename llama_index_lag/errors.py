@@ -12,8 +12,10 @@ Hierarchy::
     │   └── IncompatibleLibraryError  libraries or models that cannot be used together
     ├── ConfigError             invalid configuration value (also a ValueError)
     ├── DataError               documents / questions files (also a ValueError)
-    ├── IndexError_             vector index folder problems (exported as VectorIndexError)
+    ├── VectorIndexError        vector index folder problems
     ├── ModelError              model folder is missing or not a causal LM
+    ├── PromptTooLongError      prompt longer than the context window, truncation="error" (a ValueError)
+    ├── BuildError              building an adapter failed (disk, folder, worker); re-running resumes
     ├── UnsafeOutputError       an output path holds data that a write would destroy
     ├── DiskFullError           no space left for a write (says how much was needed and free)
     └── MissingDependencyError  an optional package is not installed (also an ImportError)
@@ -108,6 +110,15 @@ class ModelError(LAGError):
     """A model folder is missing or is not a causal language model."""
 
 
+class PromptTooLongError(LAGError, ValueError):
+    """The prompt does not fit the context window and ``truncation="error"``."""
+
+
+class BuildError(LAGError):
+    """Building an adapter failed (disk full, unwritable folder, worker crash); finished adapters are kept and
+    re-running the build resumes."""
+
+
 class UnsafeOutputError(LAGError):
     """An output path exists and is not ours to replace (a user's folder or file, or one of the inputs)."""
 
@@ -133,6 +144,8 @@ __all__ = [
     "DataError",
     "VectorIndexError",
     "ModelError",
+    "PromptTooLongError",
+    "BuildError",
     "UnsafeOutputError",
     "DiskFullError",
     "MissingDependencyError",

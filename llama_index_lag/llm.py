@@ -2,8 +2,8 @@
 
 The torch model, tokenizer, libraries and router live in private attributes (llama-index serialises the public
 fields on every call). Routing settings are per instance (``llm.with_routing(mode=...)`` makes a view that
-shares the model) and per call (``llm.complete(..., routing={...})`` or ``with llm.routing(...):``), carried
-in context variables so concurrent threads / asyncio tasks never see each other's settings.
+shares the model) and per call (``llm.complete(..., routing={...})`` or ``with llm.routing_override(...):``),
+carried in context variables so concurrent threads / asyncio tasks never see each other's settings.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from llama_index.core.llms.custom import CustomLLM
 
 from .config import DEFAULT_PRESET, LAGConfig
 from .data import check_text
-from .errors import ConfigError, DataError, LAGError
+from .errors import ConfigError, DataError, PromptTooLongError
 from .library import AdapterLibrary
 from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
@@ -58,10 +58,6 @@ def _number(value: Any, field: str, minimum: float, maximum: float = math.inf) -
         bound = f"in [{minimum}, {maximum}]" if maximum != math.inf else f">= {minimum}"
         raise ConfigError(f"{field} must be a number {bound}, got {value!r}", field=field)
     return float(value)
-
-
-class PromptTooLongError(LAGError, ValueError):
-    """The prompt does not fit the context window and ``truncation="error"``."""
 
 
 class LAGLLM(CustomLLM):

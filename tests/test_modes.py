@@ -49,3 +49,12 @@ def test_the_cli_lists_the_table_without_importing_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_routing_settings_round_trip_and_read_the_earlier_format():
+    cfg = config.LAGConfig.preset("two-level", k=7)
+    assert config.LAGConfig.from_dict(cfg.to_dict()) == cfg and "extra" not in cfg.to_dict()
+    old = {"mode": "lag", "extra": {}}  # a dict written by 0.1
+    assert config.LAGConfig.from_dict(old) == config.LAGConfig(mode="lag")
+    with pytest.raises(ConfigError, match="extra"):
+        config.LAGConfig.from_dict({"mode": "lag", "extra": {"x": 1}})

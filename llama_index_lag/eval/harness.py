@@ -506,7 +506,7 @@ class EvalHarness:
         from ..trace import collect_routing
 
         engine = self.engines[item.mode.prompt if item.mode.prompt == "rag" else "question"]
-        overrides = {k: v for k, v in item.routing.to_dict().items() if k != "extra"}
+        overrides = item.routing.to_dict()
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
         with collect_routing() as sink, engine.llm.routing_override(**overrides):

@@ -20,8 +20,6 @@ from .metrics import contains_match, exact_match, label_accuracy, normalised_sco
 REPORT_FILE = "results.md"
 SWEEP_PLOT = "k_sweep.png"
 DYNAMIC_PLOT = "dynamic_k.png"
-PAPER_NAMES = {"none": "Instr", "arrow": "Arrow", "lag": "LAG", "prag": "PRAG", "rag": "RAG",
-               "prag+lag": "P-LAG", "rag+lag": "R-LAG", "oracle": "Oracle"}
 _QA_KEYS = {"f1": "f1", "em": "em", "contains": "contains"}
 
 

@@ -46,7 +46,6 @@ ARROW_DIR = "arrow_index"
 INDEX_TYPES = ("hnsw", "ivf")
 DEFAULT_TYPE = "hnsw"
 DEFAULT_EFFORT = {"hnsw": 512, "ivf": 64}  # efSearch / nprobe
-DEFAULT_NPROBE = DEFAULT_EFFORT["ivf"]
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40
 COMPACT_AT = 0.25  # rebuild an HNSW index once this share of its nodes are tombstones

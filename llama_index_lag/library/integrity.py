@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, LibraryFormatError
+from ..ids import id_key, validate_id  # the id rules shared with documents
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import AdapterLibrary
@@ -51,8 +52,6 @@ def _int(value: Any) -> bool:
 
 def check_manifest(manifest: Any, path: Path) -> None:
     """Refuse a manifest that this package did not write (or that was edited into an inconsistent state)."""
-    from ..data import id_key, validate_id  # the id rules shared with documents
-
     def bad(message: str, field: str) -> LibraryFormatError:
         return LibraryFormatError(message, path=path, field=field)
 

@@ -45,6 +45,7 @@ from ..errors import (
     LibraryError,
     LibraryFormatError,
 )
+from ..ids import id_key, validate_id  # the id rules shared with documents
 from .align import spectral_align
 from .arrow_index import (
     ARROW_DIR,
@@ -90,8 +91,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def check_adapter_name(name: str) -> str:
     """Adapter names become file names and document ids: refuse path-like or unsafe names."""
-    from ..data import validate_id
-
     try:
         return validate_id(name)
     except ValueError as exc:
@@ -679,8 +678,6 @@ def _new_rows(
         raise LibraryError("no adapters given: a library needs at least one adapter")
     if names is not None and len(names) != len(dirs):
         raise ConfigError(f"{len(names)} names for {len(dirs)} adapter folders", field="names")
-    from ..data import id_key
-
     headers = []
     keys = {id_key(n): n for n in taken}
     for i, path in enumerate(dirs):

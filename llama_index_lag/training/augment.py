@@ -105,7 +105,6 @@ def chat_example(tokenizer: PreTrainedTokenizerBase, user: str, answer: str) -> 
 
 # ---------------------------------------------------------------------------------------------- text utils
 _SENT_SPLIT = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
-_WORD = re.compile(r"\w+", re.UNICODE)
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _STOP = frozenset(

@@ -46,7 +46,7 @@ from ..data import (
     read_task_examples,
     validate_id,
 )
-from ..errors import ConfigError, DataError, LAGError, UnsafeOutputError
+from ..errors import BuildError, ConfigError, DataError, LAGError, UnsafeOutputError
 from .augment import (
     HFGenerator,
     QAGenerationWarning,
@@ -70,11 +70,6 @@ logger = logging.getLogger(__name__)
 META_FILE = "lag_adapter.json"
 META_FORMAT = "llama-index-lag/adapter"
 META_VERSION = 1
-
-
-class BuildError(LAGError):
-    """Building an adapter failed (disk full, unwritable folder, worker crash); finished adapters are kept and
-    re-running the build resumes."""
 
 
 # ---------------------------------------------------------------------------------------------- metadata
