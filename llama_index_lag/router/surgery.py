@@ -14,153 +14,30 @@ import contextlib
 import contextvars
 import inspect
 import itertools
-import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import LAGConfig
-from .errors import ConfigError, IncompatibleLibraryError, LibraryError
-from .library.base import BaseModelSpec, fingerprint_diff, linear_shape
-from .library.store import AdapterLibrary
-from .routing import kernels
-from .routing.engine import (
+from ..config import LAGConfig
+from ..errors import ConfigError, IncompatibleLibraryError, LibraryError
+from ..library.base import BaseModelSpec, fingerprint_diff, linear_shape
+from ..library.store import AdapterLibrary
+from ..routing.engine import (
     PoolTensors,
-    Routed,
     add_fused,
-    add_shortlist_fused,
     apply_fixed,
-    request_centre,
-    route_shortlist,
     route_tokens,
-    sequence_scores,
 )
-from .trace import RoutingTrace
+from ..trace import RoutingTrace
+from .pool import APPROXIMATE, Pool, effort
+from .sequence import SequenceRouting
+from .state import ForwardState, RequestState
 
 _ids = itertools.count()
-logger = logging.getLogger(__name__)
-APPROXIMATE = {"exact": False, "faiss": True, "auto": None}  # arrow_backend -> route_tokens(approximate=...)
-
-
-def _effort(cfg: LAGConfig, t: PoolTensors) -> int | None:
-    """The configured search breadth for ``t``'s approximate index (HNSW efSearch / IVF nprobe)."""
-    if t.index is None:
-        return None
-    return cfg.ef_search if t.index.kind == "hnsw" else cfg.nprobe
-
-
-@dataclass
-class RequestState:
-    """Settings and recorders of one request (one thread / task)."""
-
-    config: LAGConfig
-    traces: tuple[RoutingTrace, ...] = ()  # every open trace() records (nested traces all see the calls)
-    timings: tuple[list[float], ...] = ()  # every open timing() accumulates routing seconds
-    fixed_idx: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # k of the decode fast path (LAGRouter._decode_in_place) under these settings: exact lag (k) or Arrow
-    # top-1 (1), one adapter per token, nothing to record; None: the general path.
-    fused_k: int | None = field(init=False, default=None)
-    # two-level routing's decode fast path (LAGRouter._decode_shortlist_in_place) applies
-    fused_shortlist: bool = field(init=False, default=False)
-
-    def __post_init__(self) -> None:
-        cfg = self.config
-        plain = (not self.traces and not self.timings and not self.fixed_idx and cfg.libraries is None
-                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch")
-        if plain and cfg.shortlist is not None:
-            self.fused_shortlist = cfg.mode in ("arrow", "spectr", "lag")
-        elif plain and cfg.calibration == "none" and cfg.mode == "lag":
-            self.fused_k = cfg.k
-        elif plain and cfg.calibration == "none" and cfg.mode == "arrow" and cfg.arrow_top_k == 1:
-            self.fused_k = 1
-
-    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None,
-               candidates: torch.Tensor | None = None) -> None:
-        for trace in self.traces:
-            trace.record(kind, module, chosen, mask, candidates)
-
-
-@dataclass
-class _ForwardState:
-    """Per generated sequence: attention mask of the current forward and sequence-level choices."""
-
-    mask: torch.Tensor | None = None  # [B, S_total] 1 for real tokens
-    focus: torch.Tensor | None = None  # [B, S_prompt] True for the prompt's content tokens (see focus())
-    winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
-    scoring: dict[str, torch.Tensor] | None = None  # kind -> [B, N] scores summed over modules (pre-pass)
-    # kind (model-wide pre-pass) or (kind, module) -> ([B, M] shortlisted adapters, [B, M] log mass shares)
-    shortlists: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    centres: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [B, n] request means (prompt)
-
-
-class Pool:
-    """All attached libraries of one kind, routed as one set of adapters."""
-
-    def __init__(self, kind: str, libraries: list[AdapterLibrary], backend: str = "auto") -> None:
-        self.kind = kind
-        self.libraries = libraries
-        self.indexed = False  # approximate Arrow index in use (single-library pools with a current index)
-        if len(libraries) == 1 and backend != "exact":
-            lib = libraries[0]
-            if lib.has_arrow_index():
-                self.indexed = True
-            elif backend == "faiss":
-                lib.arrow_indexes()  # raises LibraryFormatError: missing or stale index
-            elif lib.arrow_meta_exists():
-                logger.warning("%s: approximate Arrow index is stale; using exact Arrow (rebuild it with "
-                               "AdapterLibrary.build_arrow_index())", lib.path)
-        elif backend == "faiss":
-            raise IncompatibleLibraryError("arrow_backend='faiss' needs exactly one library per kind "
-                                           f"({kind} has {len(libraries)})", path=libraries[0].path)
-        self.names = [name for lib in libraries for name in lib.names]
-        self.index = {name: i for i, name in enumerate(self.names)}
-        if len(self.index) != len(self.names):
-            dup = next(n for n in self.names if self.names.count(n) > 1)
-            holders = [lib for lib in libraries if dup in lib.names]
-            where = (f"appears in two {kind} libraries ({holders[0].path} and {holders[1].path})"
-                     if len(holders) > 1 else f"appears twice in the {kind} library {holders[0].path}")
-            raise IncompatibleLibraryError(f"adapter name {dup!r} {where}", adapter=dup, path=holders[0].path)
-        self.modules = list(dict.fromkeys(m for lib in libraries for m in lib.modules))
-
-    def tensors(self, module: str, device: torch.device | None = None) -> PoolTensors:
-        """A*/B* stay memory-mapped (one library); prototypes are copied into RAM. For a module on an
-        accelerator (``device``), everything is copied to it (the FAISS index stays on the CPU)."""
-        parts = []
-        for lib in self.libraries:
-            if module in lib.modules:
-                t = lib.tensors(module)
-                present = lib.present(module)
-                parts.append((t.proto, t.A, t.B, torch.ones(len(lib), dtype=torch.bool) if present is None
-                              else present))
-            else:  # a library of this kind that does not adapt the module: zero rows, never valid
-                m, n = next(lb.module_shape(module) for lb in self.libraries if module in lb.modules)
-                N, r = len(lib), lib.r_max
-                parts.append((torch.zeros(N, n), torch.zeros(N, r, n), torch.zeros(N, m, r),
-                              torch.zeros(N, dtype=torch.bool)))
-        index = None
-        if len(parts) == 1:
-            proto, A, B, valid = parts[0]
-            if self.indexed:  # the index serves Arrow: prototypes stay memory-mapped, not resident
-                index = self.libraries[0].arrow_search(module)
-            else:
-                proto = proto.clone()
-        else:
-            r = max(p[1].shape[1] for p in parts)
-            dtype = parts[0][1].dtype
-            proto = torch.cat([p[0].to(dtype) for p in parts])
-            A = torch.cat([nn.functional.pad(p[1].to(dtype), (0, 0, 0, r - p[1].shape[1])) for p in parts])
-            B = torch.cat([nn.functional.pad(p[2].to(dtype), (0, r - p[2].shape[2])) for p in parts])
-            valid = torch.cat([p[3] for p in parts])
-        valid = None if bool(valid.all()) else valid
-        if device is not None and device.type != "cpu":
-            proto, A, B = proto.to(device), A.to(device), B.to(device)
-            valid = valid.to(device) if valid is not None else None
-        return PoolTensors(proto, A, B, valid, index)
 
 
 class LAGLinear(nn.Module):
@@ -203,14 +80,14 @@ class LAGLinear(nn.Module):
         return out
 
 
-class LAGRouter:
+class LAGRouter(SequenceRouting):
     """Handle returned by :func:`attach_lag`: switch modes, trace, detach."""
 
     def __init__(self, model: nn.Module, libraries: list[AdapterLibrary], config: LAGConfig) -> None:
         self.model = model
         self._config = config
         self._state: contextvars.ContextVar[RequestState] = contextvars.ContextVar(f"lag_state_{next(_ids)}")
-        self._forward: contextvars.ContextVar[_ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
+        self._forward: contextvars.ContextVar[ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
         self._focus: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             f"lag_focus_{next(_ids)}", default=None)
         self._default = RequestState(config)
@@ -338,15 +215,15 @@ class LAGRouter:
         finally:
             self._focus.reset(token)
 
-    def begin_request(self) -> _ForwardState:
+    def begin_request(self) -> ForwardState:
         """Start a fresh request for direct calls of adapted modules (``model(...)`` starts one per prompt
         itself): what its first forward computes for the request (centres, shortlists) serves the later ones.
         Returns a handle for :meth:`resume_request` (this thread / task)."""
-        fwd = _ForwardState(focus=self._focus.get())
+        fwd = ForwardState(focus=self._focus.get())
         self._forward.set(fwd)
         return fwd
 
-    def resume_request(self, handle: _ForwardState) -> None:
+    def resume_request(self, handle: ForwardState) -> None:
         """Continue the request :meth:`begin_request` returned, e.g. decode steps after their prompt."""
         self._forward.set(handle)
 
@@ -395,7 +272,7 @@ class LAGRouter:
         if fwd is not None and fwd.scoring is not None:
             return  # inside the scoring pre-pass of sequence-level routing (below)
         if fwd is None or start == 0:
-            fwd = _ForwardState(focus=self._focus.get())
+            fwd = ForwardState(focus=self._focus.get())
             self._forward.set(fwd)
         fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cfg = self.state().config
@@ -403,49 +280,6 @@ class LAGRouter:
                                                   and cfg.sequence_scope == "model")
         if start == 0 and two_level and cfg.mode in ("arrow", "spectr", "lag"):
             self._choose_for_sequences(fwd, kwargs)
-
-    @torch.no_grad()
-    def _choose_for_sequences(self, fwd: _ForwardState, kwargs: dict) -> None:
-        """Sequence-level routing over the whole model: one extra, adapter-free forward over the prompt sums
-        every module's scores per sequence; the best adapter of each library then serves every module."""
-        inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
-                  if kwargs.get(k) is not None}
-        fwd.scoring = {}
-        current = self.state()
-        # untraced
-        token = self._state.set(RequestState(current.config, (), current.timings, current.fixed_idx))
-        try:
-            self.model(**inputs, use_cache=False)
-            scores = fwd.scoring
-        finally:
-            fwd.scoring = None
-            self._state.reset(token)
-        shortlist = current.config.shortlist
-        for kind, totals in scores.items():
-            if shortlist is not None:  # two-level: M candidates per sequence and their log mass shares
-                fwd.shortlists[kind] = _shortlist(totals, shortlist)
-                continue
-            best = totals.argmax(dim=-1)  # [B]
-            for module in self.pools[kind].modules:
-                fwd.winners[(kind, module)] = best
-
-    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[B, S] bool mask of the current tokens (False = padding), if known."""
-        fwd = self._forward.get(None)
-        if fwd is None or fwd.mask is None or x.dim() != 3 or fwd.mask.shape[0] != x.shape[0]:
-            return None
-        if fwd.mask.shape[1] < x.shape[1]:
-            return None
-        return fwd.mask[:, -x.shape[1]:].bool()
-
-    def _focus_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[B, S] content-token mask of a prompt (prefill) forward, if a focus was given for it."""
-        fwd = self._forward.get(None)
-        focus = fwd.focus if fwd is not None else None
-        if focus is None or x.dim() != 3 or tuple(focus.shape) != tuple(x.shape[:2]):
-            return None
-        focus, mask = focus.to(x.device), self._token_mask(x)
-        return focus if mask is None else focus & mask
 
     @staticmethod
     def _decode_in_place(layer: LAGLinear, x: torch.Tensor, out: torch.Tensor, k: int,
@@ -458,30 +292,9 @@ class LAGRouter:
                 or not out.is_contiguous()):
             return False
         (t,) = layer.pools.values()
-        if not t.fused_exact(APPROXIMATE[cfg.arrow_backend], _effort(cfg, t)):
+        if not t.fused_exact(APPROXIMATE[cfg.arrow_backend], effort(cfg, t)):
             return False
         add_fused(x, t, k, out)
-        return True
-
-    def _decode_shortlist_in_place(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
-                                   cfg: LAGConfig) -> bool:
-        """Two-level decode fast path: one float32 token of a request whose prompt chose its shortlist (and
-        centre), on the CPU, without autograd, one library kind at this module. Adds what
-        :meth:`_route_shortlist` would into ``out`` in place. False: nothing done."""
-        fwd = self._forward.get(None)
-        if (fwd is None or len(layer.pools) != 1 or x.numel() != x.shape[-1] or x.dtype != torch.float32
-                or not x.is_cpu or out.dtype != torch.float32 or torch.is_grad_enabled()
-                or not x.is_contiguous() or not out.is_contiguous()):
-            return False
-        ((kind, t),) = layer.pools.items()
-        module = layer.module_name
-        lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
-        centre = fwd.centres.get(module) if cfg.calibration == "request" else None
-        if (lists is None or lists[0].shape[0] != 1 or (cfg.calibration == "request" and centre is None)
-                or t.bits is None or t.valid is not None or not kernels.available()):
-            return False
-        add_shortlist_fused(x, t, lists[0][0], lists[1][0], cfg.shortlist_weight,
-                            None if centre is None else centre[0], out)
         return True
 
     def _route(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,
@@ -515,80 +328,10 @@ class LAGRouter:
                                temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k,
                                strategy=cfg.dispatch, margin=cfg.dynamic_k,
                                approximate=APPROXIMATE[cfg.arrow_backend],
-                               effort=_effort(cfg, t), kernel=cfg.decode_kernel, score_x=score_x)
+                               effort=effort(cfg, t), kernel=cfg.decode_kernel, score_x=score_x)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
-
-    def _current_forward(self) -> _ForwardState:
-        """This request's forward state (a fresh one for module calls outside ``model(...)``)."""
-        fwd = self._forward.get(None)
-        if fwd is None:
-            fwd = _ForwardState()
-            self._forward.set(fwd)
-        return fwd
-
-    def _sequence_totals(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
-                         cfg: LAGConfig) -> torch.Tensor:
-        """[B, N] this module's scores per sequence, over the focus tokens (else every real token)."""
-        mask = self._focus_mask(x)
-        if mask is None or not bool(mask.any(dim=1).all()):  # no focus: every real token counts
-            mask = self._token_mask(x)
-            mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        centre = request_centre(x, self._token_mask(x)) if cfg.calibration == "request" else None
-        return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
-                               strategy=cfg.dispatch, approximate=APPROXIMATE[cfg.arrow_backend],
-                               effort=_effort(cfg, t), centre=centre)
-
-    def _centred(self, module: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """[T, n] the tokens minus their request's mean at this module: the mean of the prompt's real tokens,
-        taken in the prompt's forward and kept for the tokens generated after it."""
-        fwd = self._current_forward()
-        x3 = x if x.dim() == 3 else flat[None]
-        centre = fwd.centres.get(module)
-        if centre is None or centre.shape[0] != x3.shape[0]:
-            centre = request_centre(x3, self._token_mask(x3))  # [B, n]
-            fwd.centres[module] = centre
-        return (x3.float() - centre[:, None]).reshape(flat.shape)
-
-    def _route_shortlist(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
-                         score_x: torch.Tensor | None, cfg: LAGConfig) -> Routed:
-        """Two-level routing: each token picks among its sequence's shortlist (chosen by the pre-pass over the
-        prompt; without one, from this module's own scores of the current tokens)."""
-        fwd = self._current_forward()
-        lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
-        if lists is None or lists[0].shape[0] != x.shape[0]:  # this module's own, kept for the decode steps
-            lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
-            fwd.shortlists[(kind, module)] = lists
-        idx, prior = (v.repeat_interleave(x.shape[1], dim=0) for v in lists)  # [T, M] per token's row
-        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x,
-                               strategy=cfg.dispatch)
-
-    def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
-                        state: RequestState) -> torch.Tensor:
-        """One adapter per sequence, chosen on the prompt and kept for the generated tokens."""
-        cfg = state.config
-        fwd = self._current_forward()
-        key = (kind, module)
-        winners = fwd.winners.get(key)
-        mask = self._token_mask(x)
-        if winners is None or winners.shape[0] != x.shape[0]:
-            winners = self._sequence_totals(module, kind, t, x, flat, cfg).argmax(dim=-1)  # [B]
-            fwd.winners[key] = winners
-        chosen = winners.repeat_interleave(x.shape[1])  # [T]
-        xs = flat.view(*x.shape[:2], -1)  # [B, S, n]
-        proj = xs @ t.A[winners].to(xs.dtype).transpose(1, 2)  # [B, S, r]
-        delta = (proj @ t.B[winners].to(xs.dtype).transpose(1, 2)).reshape(flat.shape[0], -1)  # [T, m]
-        if state.traces:
-            state.record(kind, module, chosen, mask)
-        return delta
-
-
-def _shortlist(totals: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-m adapters [B, m] of score masses totals [B, N] (m clamped to N) and their log shares."""
-    top = totals.topk(min(m, totals.shape[-1]), dim=-1)
-    share = top.values / totals.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return top.indices, share.clamp_min(1e-30).log()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

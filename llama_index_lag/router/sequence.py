@@ -1,0 +1,170 @@
+"""Sequence-level and two-level routing: the adapter-free pre-pass over a prompt that scores every module,
+one adapter per sequence, and the per-sequence shortlist each token then chooses from (with its fused decode
+step). A mixin of :class:`~llama_index_lag.router.surgery.LAGRouter`: it reads the router's context variables
+and pools."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import LAGConfig
+from ..routing import kernels
+from ..routing.engine import (
+    PoolTensors,
+    Routed,
+    add_shortlist_fused,
+    request_centre,
+    route_shortlist,
+    sequence_scores,
+)
+from .pool import APPROXIMATE, effort
+from .state import ForwardState, RequestState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .surgery import LAGLinear
+
+
+class SequenceRouting:
+    """The sequence-level half of :class:`~llama_index_lag.router.surgery.LAGRouter`."""
+
+    _forward: Any
+    _focus: Any
+    _state: Any
+    model: Any
+    pools: Any
+
+    @torch.no_grad()
+    def _choose_for_sequences(self, fwd: ForwardState, kwargs: dict) -> None:
+        """Sequence-level routing over the whole model: one extra, adapter-free forward over the prompt sums
+        every module's scores per sequence; the best adapter of each library then serves every module."""
+        inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+                  if kwargs.get(k) is not None}
+        fwd.scoring = {}
+        current = self.state()
+        # untraced
+        token = self._state.set(RequestState(current.config, (), current.timings, current.fixed_idx))
+        try:
+            self.model(**inputs, use_cache=False)
+            scores = fwd.scoring
+        finally:
+            fwd.scoring = None
+            self._state.reset(token)
+        shortlist = current.config.shortlist
+        for kind, totals in scores.items():
+            if shortlist is not None:  # two-level: M candidates per sequence and their log mass shares
+                fwd.shortlists[kind] = _shortlist(totals, shortlist)
+                continue
+            best = totals.argmax(dim=-1)  # [B]
+            for module in self.pools[kind].modules:
+                fwd.winners[(kind, module)] = best
+
+    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] bool mask of the current tokens (False = padding), if known."""
+        fwd = self._forward.get(None)
+        if fwd is None or fwd.mask is None or x.dim() != 3 or fwd.mask.shape[0] != x.shape[0]:
+            return None
+        if fwd.mask.shape[1] < x.shape[1]:
+            return None
+        return fwd.mask[:, -x.shape[1]:].bool()
+
+    def _focus_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] content-token mask of a prompt (prefill) forward, if a focus was given for it."""
+        fwd = self._forward.get(None)
+        focus = fwd.focus if fwd is not None else None
+        if focus is None or x.dim() != 3 or tuple(focus.shape) != tuple(x.shape[:2]):
+            return None
+        focus, mask = focus.to(x.device), self._token_mask(x)
+        return focus if mask is None else focus & mask
+
+    def _decode_shortlist_in_place(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
+                                   cfg: LAGConfig) -> bool:
+        """Two-level decode fast path: one float32 token of a request whose prompt chose its shortlist (and
+        centre), on the CPU, without autograd, one library kind at this module. Adds what
+        :meth:`_route_shortlist` would into ``out`` in place. False: nothing done."""
+        fwd = self._forward.get(None)
+        if (fwd is None or len(layer.pools) != 1 or x.numel() != x.shape[-1] or x.dtype != torch.float32
+                or not x.is_cpu or out.dtype != torch.float32 or torch.is_grad_enabled()
+                or not x.is_contiguous() or not out.is_contiguous()):
+            return False
+        ((kind, t),) = layer.pools.items()
+        module = layer.module_name
+        lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
+        centre = fwd.centres.get(module) if cfg.calibration == "request" else None
+        if (lists is None or lists[0].shape[0] != 1 or (cfg.calibration == "request" and centre is None)
+                or t.bits is None or t.valid is not None or not kernels.available()):
+            return False
+        add_shortlist_fused(x, t, lists[0][0], lists[1][0], cfg.shortlist_weight,
+                            None if centre is None else centre[0], out)
+        return True
+
+    def _current_forward(self) -> ForwardState:
+        """This request's forward state (a fresh one for module calls outside ``model(...)``)."""
+        fwd = self._forward.get(None)
+        if fwd is None:
+            fwd = ForwardState()
+            self._forward.set(fwd)
+        return fwd
+
+    def _sequence_totals(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                         cfg: LAGConfig) -> torch.Tensor:
+        """[B, N] this module's scores per sequence, over the focus tokens (else every real token)."""
+        mask = self._focus_mask(x)
+        if mask is None or not bool(mask.any(dim=1).all()):  # no focus: every real token counts
+            mask = self._token_mask(x)
+            mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        centre = request_centre(x, self._token_mask(x)) if cfg.calibration == "request" else None
+        return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
+                               strategy=cfg.dispatch, approximate=APPROXIMATE[cfg.arrow_backend],
+                               effort=effort(cfg, t), centre=centre)
+
+    def _centred(self, module: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """[T, n] the tokens minus their request's mean at this module: the mean of the prompt's real tokens,
+        taken in the prompt's forward and kept for the tokens generated after it."""
+        fwd = self._current_forward()
+        x3 = x if x.dim() == 3 else flat[None]
+        centre = fwd.centres.get(module)
+        if centre is None or centre.shape[0] != x3.shape[0]:
+            centre = request_centre(x3, self._token_mask(x3))  # [B, n]
+            fwd.centres[module] = centre
+        return (x3.float() - centre[:, None]).reshape(flat.shape)
+
+    def _route_shortlist(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                         score_x: torch.Tensor | None, cfg: LAGConfig) -> Routed:
+        """Two-level routing: each token picks among its sequence's shortlist (chosen by the pre-pass over the
+        prompt; without one, from this module's own scores of the current tokens)."""
+        fwd = self._current_forward()
+        lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
+        if lists is None or lists[0].shape[0] != x.shape[0]:  # this module's own, kept for the decode steps
+            lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
+            fwd.shortlists[(kind, module)] = lists
+        idx, prior = (v.repeat_interleave(x.shape[1], dim=0) for v in lists)  # [T, M] per token's row
+        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x,
+                               strategy=cfg.dispatch)
+
+    def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                        state: RequestState) -> torch.Tensor:
+        """One adapter per sequence, chosen on the prompt and kept for the generated tokens."""
+        cfg = state.config
+        fwd = self._current_forward()
+        key = (kind, module)
+        winners = fwd.winners.get(key)
+        mask = self._token_mask(x)
+        if winners is None or winners.shape[0] != x.shape[0]:
+            winners = self._sequence_totals(module, kind, t, x, flat, cfg).argmax(dim=-1)  # [B]
+            fwd.winners[key] = winners
+        chosen = winners.repeat_interleave(x.shape[1])  # [T]
+        xs = flat.view(*x.shape[:2], -1)  # [B, S, n]
+        proj = xs @ t.A[winners].to(xs.dtype).transpose(1, 2)  # [B, S, r]
+        delta = (proj @ t.B[winners].to(xs.dtype).transpose(1, 2)).reshape(flat.shape[0], -1)  # [T, m]
+        if state.traces:
+            state.record(kind, module, chosen, mask)
+        return delta
+
+
+def _shortlist(totals: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-m adapters [B, m] of score masses totals [B, N] (m clamped to N) and their log shares."""
+    top = totals.topk(min(m, totals.shape[-1]), dim=-1)
+    share = top.values / totals.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return top.indices, share.clamp_min(1e-30).log()

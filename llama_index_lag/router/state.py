@@ -1,0 +1,57 @@
+"""Per-request routing state: the settings and recorders of one request (:class:`RequestState`, in a context
+variable, so threads / asyncio tasks sharing a model never see each other's), and what one generated sequence
+keeps between its forwards (:class:`ForwardState`: masks, centres, shortlists, sequence winners)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import LAGConfig
+from ..trace import RoutingTrace
+
+
+@dataclass
+class RequestState:
+    """Settings and recorders of one request (one thread / task)."""
+
+    config: LAGConfig
+    traces: tuple[RoutingTrace, ...] = ()  # every open trace() records (nested traces all see the calls)
+    timings: tuple[list[float], ...] = ()  # every open timing() accumulates routing seconds
+    fixed_idx: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # k of the decode fast path (LAGRouter._decode_in_place) under these settings: exact lag (k) or Arrow
+    # top-1 (1), one adapter per token, nothing to record; None: the general path.
+    fused_k: int | None = field(init=False, default=None)
+    # two-level routing's decode fast path (LAGRouter._decode_shortlist_in_place) applies
+    fused_shortlist: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        plain = (not self.traces and not self.timings and not self.fixed_idx and cfg.libraries is None
+                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch")
+        if plain and cfg.shortlist is not None:
+            self.fused_shortlist = cfg.mode in ("arrow", "spectr", "lag")
+        elif plain and cfg.calibration == "none" and cfg.mode == "lag":
+            self.fused_k = cfg.k
+        elif plain and cfg.calibration == "none" and cfg.mode == "arrow" and cfg.arrow_top_k == 1:
+            self.fused_k = 1
+
+    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None,
+               candidates: torch.Tensor | None = None) -> None:
+        for trace in self.traces:
+            trace.record(kind, module, chosen, mask, candidates)
+
+
+@dataclass
+class ForwardState:
+    """Per generated sequence: attention mask of the current forward and sequence-level choices."""
+
+    mask: torch.Tensor | None = None  # [B, S_total] 1 for real tokens
+    focus: torch.Tensor | None = None  # [B, S_prompt] True for the prompt's content tokens (see focus())
+    winners: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (kind, module) -> [B]
+    scoring: dict[str, torch.Tensor] | None = None  # kind -> [B, N] scores summed over modules (pre-pass)
+    # kind (model-wide pre-pass) or (kind, module) -> ([B, M] shortlisted adapters, [B, M] log mass shares)
+    shortlists: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    centres: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [B, n] request means (prompt)
