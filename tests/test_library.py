@@ -26,7 +26,7 @@ from llama_index_lag.errors import (
     LibraryFormatError,
     UnsafeAdapterError,
 )
-from llama_index_lag.library import store
+from llama_index_lag.library import writer
 from llama_index_lag.testing import make_lora_adapters, make_tiny_model
 
 from .conftest import MLP
@@ -145,7 +145,7 @@ def test_alignment_batches_do_not_change_the_bytes(tmp_path, llama, dirs, monkey
     extra = make_lora_adapters(llama, tmp_path / "more", 2, rank=6, target_modules=("down_proj",), seed=9,
                                prefix="more")
     fresh = _compile(dirs + extra, llama, tmp_path / "fresh")
-    monkeypatch.setattr(store, "ALIGN_BATCH", 3)
+    monkeypatch.setattr(writer, "ALIGN_BATCH", 3)
     small = _compile(dirs + extra, llama, tmp_path / "small", chunk_size=1)
     for m in fresh.modules:
         a, b = small.tensors(m), fresh.tensors(m)
@@ -240,7 +240,7 @@ def _interrupt_once_at(monkeypatch, start_row: int) -> list[int]:
     returns the list of chunk starts it processes."""
     calls: list[int] = []
     pending = [start_row]
-    real = store._fill_chunk
+    real = writer._fill_chunk
 
     def flaky(writer, start, chunk, modules, old, weights):
         calls.append(start)
@@ -249,7 +249,7 @@ def _interrupt_once_at(monkeypatch, start_row: int) -> list[int]:
             raise KeyboardInterrupt
         return real(writer, start, chunk, modules, old, weights)
 
-    monkeypatch.setattr(store, "_fill_chunk", flaky)
+    monkeypatch.setattr(writer, "_fill_chunk", flaky)
     return calls
 
 

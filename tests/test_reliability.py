@@ -201,9 +201,9 @@ def test_real_full_disk_compile_and_index_writes(tmp_path, model_dir, model, sma
     assert sorted(p.name for p in small_fs.iterdir()) == [".lib.lock", "filler"]
     # FAISS index writes: the packed file fits, the index does not
     filler.unlink()
-    from llama_index_lag.library import store
+    from llama_index_lag.library import writer
 
-    real = store.build_module_index
+    real = writer.build_module_index
 
     def fill_then_build(*args, **kwargs):
         if not (small_fs / "filler").exists():
@@ -211,12 +211,12 @@ def test_real_full_disk_compile_and_index_writes(tmp_path, model_dir, model, sma
             (small_fs / "filler").write_bytes(b"\0" * max(free - 4096, 0))
         return real(*args, **kwargs)
 
-    store.build_module_index = fill_then_build
+    writer.build_module_index = fill_then_build
     try:
         with pytest.raises(DiskFullError, match="disk full"):
             _compile(adapters, model, small_fs / "lib", arrow_index="hnsw")
     finally:
-        store.build_module_index = real
+        writer.build_module_index = real
     assert not (small_fs / ".lib.partial").exists() and not (small_fs / "lib").exists()
 
 

@@ -1,5 +1,6 @@
-"""Integrity of a compiled library: the manifest's schema (checked at every load, cheaply) and the stored
-checksums (checked by :func:`verify`, which reads every byte).
+"""The format of a compiled library (file names, dtypes, adapter names) and its integrity: the manifest's
+schema (checked at every load, cheaply) and the stored checksums (checked by :func:`verify`, which reads every
+byte).
 
 What a load refuses, with a :class:`LibraryFormatError` naming the file and field: a manifest that is not
 JSON or nested past reason, missing or mistyped fields, adapter names that are not safe ids (``../x``) or
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import DataError, LibraryFormatError
+from ..errors import AdapterError, ConfigError, DataError, LibraryFormatError
 from ..ids import id_key, validate_id  # the id rules shared with documents
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,8 +32,33 @@ FORMAT_VERSION = 2  # 2: per-chunk checksums of the packed file; 1 (none) still 
 READABLE_VERSIONS = (1, 2)
 CHECKSUM = "crc32"
 KINDS = ("task", "knowledge")
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 INDEX_SAMPLE = 256  # prototypes per module compared with what the Arrow index holds
+
+
+MANIFEST = "manifest.json"
+TENSORS = "adapters.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = tuple(DTYPES)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become file names and document ids: refuse path-like or unsafe names."""
+    try:
+        return validate_id(name)
+    except ValueError as exc:
+        raise AdapterError(f"invalid adapter name: {exc}", adapter=name, field="name") from None
 
 
 def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
