@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._fs import atomic_dir, atomic_write_json, cache_dir, sha256_file
-from .errors import ConfigError, MissingDependencyError, ModelError
+from .dtypes import parse_torch_dtype
+from .errors import MissingDependencyError, ModelError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,16 +50,6 @@ MARKER_FILE = "lag_model.json"
 MARKER_FORMAT = 1
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER_FILE)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
 
 
 # --------------------------------------------------------------------------------------------------- locating
@@ -287,19 +278,6 @@ def _looks_like_hub_id(path: str | Path) -> bool:
     return isinstance(path, str) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) is not None
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key == "auto":
-        return "auto"
-    if key not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto", field="dtype")
-    return getattr(torch, _DTYPES[key])
-
-
 def _causal_lm_names() -> set[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -349,7 +327,7 @@ def load_causal_lm(
 
     folder = resolve_model_dir(path)
     check_causal_lm_dir(folder)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = parse_torch_dtype(dtype)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelError(f"no tokenizer files in the model folder (expected one of {list(_TOKENIZER_FILES)})",
                          path=folder)
@@ -460,6 +438,7 @@ __all__ = [
     "linear_module_groups",
     "load_causal_lm",
     "load_embed_model",
+    "parse_torch_dtype",
     "prepare_default_model",
     "resolve_model_dir",
 ]

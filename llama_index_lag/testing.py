@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -264,56 +264,104 @@ def make_lora_adapters(
 ) -> list[Path]:
     """Write ``n`` random PEFT LoRA adapters for ``model`` into ``out_dir/{prefix}{i}``; return their folders.
 
-    Standard PEFT folders (``save_pretrained``). Each adapted module gets ``B @ A`` with orthonormal factors
-    and a decaying spectrum ``scale * decay**j`` (j = 0..rank-1), so iterative SVD methods converge on them.
-    ``lora_alpha`` defaults to ``rank`` (scaling 1). Deterministic in ``seed``; ``model`` is not modified.
+    Standard PEFT folders (see :func:`write_lora_adapter`) for the Linear layers of ``model`` that PEFT's
+    ``target_modules`` select. Each adapted module gets ``B @ A`` with orthonormal factors and a decaying
+    spectrum ``scale * decay**j`` (j = 0..rank-1), so iterative SVD methods converge on them. ``lora_alpha``
+    defaults to ``rank`` (scaling 1). Deterministic in ``seed``; ``model`` is not modified.
     """
-    import copy
-
     import torch
-    from peft import LoraConfig, get_peft_model
 
     if n < 1 or rank < 1:
         raise ConfigError("make_lora_adapters needs n >= 1 and rank >= 1", field="n" if n < 1 else "rank")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=float(lora_alpha if lora_alpha is not None else rank),
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    layers = [(name, m) for name, m in peft_model.named_modules()
-              if hasattr(m, "lora_A") and "default" in m.lora_A]
-    spectrum = scale * decay ** torch.arange(rank, dtype=torch.float64)
+    modules, conv1d = _target_shapes(model, target_modules)
     generator = torch.Generator().manual_seed(seed)
+    # as PEFT stores them: float64 weights stay float64, anything else is saved as float32
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    alpha = float(lora_alpha if lora_alpha is not None else rank)
     out_dir = Path(out_dir)
-    paths = []
-    for i in range(n):
-        with torch.no_grad():
-            for _, layer in layers:
-                a_weight, b_weight = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                a, b = _orthonormal_factors(a_weight.shape[1], b_weight.shape[0], rank, spectrum, generator)
-                a_weight.copy_(a.to(a_weight.dtype))
-                b_weight.copy_(b.to(b_weight.dtype))
-        path = out_dir / f"{prefix}{i}"
-        peft_model.save_pretrained(str(path), safe_serialization=True)
-        paths.append(path)
-    return paths
+    return [write_lora_adapter(out_dir / f"{prefix}{i}", modules, rank=rank, lora_alpha=alpha,
+                               generator=generator, decay=decay, scale=scale, dtype=dtype,
+                               target_modules=sorted(set(target_modules)), fan_in_fan_out=conv1d,
+                               base_model_name_or_path=getattr(model, "name_or_path", None) or None)
+            for i in range(n)]
 
 
-def _orthonormal_factors(
-    d_in: int, d_out: int, rank: int, spectrum: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A`` [rank, d_in] with orthonormal rows, ``B`` [d_out, rank] = orthonormal columns * ``spectrum``."""
+def _target_shapes(model: PreTrainedModel, target_modules: Sequence[str]
+                   ) -> tuple[dict[str, tuple[int, int]], bool]:
+    """Module path -> (out_features, in_features) of the Linear layers (and transformers' Conv1D, weight
+    [in, out]) that ``target_modules`` select as PEFT matches a list (the full path, or its last
+    components), in model order; and whether any is a Conv1D (PEFT then sets ``fan_in_fan_out``)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    if rank > min(d_in, d_out):
-        raise ConfigError(f"rank {rank} exceeds the module size {d_out}x{d_in}", field="rank")
-    q_in, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=generator, dtype=torch.float64))
-    q_out, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=generator, dtype=torch.float64))
-    return q_in.T.contiguous(), q_out * spectrum
+    targets = list(target_modules)
+    modules: dict[str, tuple[int, int]] = {}
+    conv1d = False
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith(f".{t}") for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            modules[name] = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):
+            modules[name] = (int(module.weight.shape[1]), int(module.weight.shape[0]))
+            conv1d = True
+    if not modules:
+        raise ConfigError(f"target modules {sorted(set(targets))} not found in the model (no Linear layer "
+                          "of that name)", field="target_modules")
+    return modules, conv1d
+
+
+def write_lora_adapter(
+    path: str | Path,
+    modules: Mapping[str, tuple[int, int]],
+    *,
+    rank: int,
+    lora_alpha: float,
+    generator: torch.Generator,
+    decay: float,
+    scale: float,
+    precision: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    target_modules: Sequence[str] | None = None,
+    fan_in_fan_out: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write one standard PEFT LoRA folder (``adapter_model.safetensors`` + ``adapter_config.json``) with
+    random factors of decaying spectrum, like trained LoRAs; no model needed. Returns ``path``.
+
+    ``modules``: module path -> (out_features, in_features). Per module in order, ``A`` [rank, in] has
+    orthonormal rows and ``B`` [out, rank] orthonormal columns times ``scale * decay**j``; both are drawn
+    from ``generator`` (``torch.randn``, in ``precision``, default float64) and saved in ``dtype`` (default
+    float32). ``target_modules`` (config) default to the modules' last path components; ``fan_in_fan_out``:
+    the base layers store their weights [in, out] (transformers' Conv1D).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    precision = precision or torch.float64
+    dtype = dtype or torch.float32
+    for m, n in modules.values():
+        if rank > min(n, m):
+            raise ConfigError(f"rank {rank} exceeds the module size {m}x{n}", field="rank")
+    spectrum = scale * decay ** torch.arange(rank, dtype=precision)
+    tensors = {}
+    for name, (m, n) in modules.items():
+        q_in, _ = torch.linalg.qr(torch.randn(n, rank, generator=generator, dtype=precision))
+        q_out, _ = torch.linalg.qr(torch.randn(m, rank, generator=generator, dtype=precision))
+        tensors[f"base_model.model.{name}.lora_A.weight"] = q_in.T.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (q_out * spectrum).to(dtype).contiguous()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = (list(target_modules) if target_modules is not None
+               else sorted({name.rsplit(".", 1)[-1] for name in modules}))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": lora_alpha, "target_modules": targets,
+              "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+              "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return path
 
 
 __all__ = [
@@ -325,4 +373,5 @@ __all__ = [
     "make_tiny_tokenizer",
     "make_lora_adapters",
     "MLP_MODULES",
+    "write_lora_adapter",
 ]

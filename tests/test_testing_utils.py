@@ -241,3 +241,29 @@ def test_make_lora_adapters_targets_and_errors(tmp_path) -> None:
         make_lora_adapters(model, tmp_path / "big", 1, rank=40, target_modules=("k_proj",))
     with pytest.raises(ConfigError, match="vocab_size"):
         make_tiny_model_dir(tmp_path / "small-vocab", vocab_size=100)
+
+
+def test_write_lora_adapter_from_shapes_matches_the_bench_writer(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from llama_index_lag.bench.common import write_random_peft_lora
+    from llama_index_lag.testing import write_lora_adapter
+
+    shapes = {"model.layers.0.mlp.gate_proj": (24, 16), "model.layers.0.self_attn.q_proj": (16, 16)}
+    path = write_lora_adapter(tmp_path / "a", shapes, rank=3, lora_alpha=6.0, decay=0.5, scale=0.1,
+                              generator=torch.Generator().manual_seed(0), precision=torch.float32)
+    bench = write_random_peft_lora(tmp_path / "b", shapes, rank=3, alpha=6.0, decay=0.5, scale=0.1,
+                                   generator=torch.Generator().manual_seed(0))
+    a, b = load_file(path / "adapter_model.safetensors"), load_file(bench / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    key = "base_model.model.model.layers.0.mlp.gate_proj.lora_{}.weight"
+    assert a[key.format("A")].shape == (3, 16) and a[key.format("B")].shape == (24, 3)
+    sv = torch.linalg.svdvals(a[key.format("B")].double() @ a[key.format("A")].double())[:3]
+    assert torch.allclose(sv, 0.1 * 0.5 ** torch.arange(3, dtype=torch.float64), rtol=1e-4)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["gate_proj", "q_proj"] and config["r"] == 3
+    with pytest.raises(ConfigError, match="rank"):
+        write_lora_adapter(tmp_path / "c", shapes, rank=20, lora_alpha=1.0, decay=0.5, scale=0.1,
+                           generator=torch.Generator())

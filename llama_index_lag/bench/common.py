@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -10,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .._env import machine  # noqa: F401  (re-exported for the benchmarks)
 from .._fs import atomic_write_json
+from ..testing import write_lora_adapter
 
 # SmolLM2-135M-Instruct's shapes (LlamaForCausalLM): what the benchmarks default to.
 SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -82,24 +81,11 @@ def write_random_peft_lora(
 ) -> Path:
     """Write a standard PEFT LoRA folder with random factors of decaying spectrum (like trained LoRAs).
 
-    ``modules``: module path -> (out_features, in_features). No model needed: written directly.
+    ``modules``: module path -> (out_features, in_features). No model needed: written directly by
+    :func:`llama_index_lag.testing.write_lora_adapter`, drawing float32 factors from ``generator``.
     """
-    path.mkdir(parents=True, exist_ok=True)
-    spectrum = scale * decay ** torch.arange(rank, dtype=torch.float32)
-    tensors = {}
-    for name, (m, n) in modules.items():
-        qa, _ = torch.linalg.qr(torch.randn(n, rank, generator=generator))
-        qb, _ = torch.linalg.qr(torch.randn(m, rank, generator=generator))
-        tensors[f"base_model.model.{name}.lora_A.weight"] = qa.T.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (qb * spectrum).contiguous()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
-              "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-              "inference_mode": True, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return path
+    return write_lora_adapter(path, modules, rank=rank, lora_alpha=alpha, generator=generator, decay=decay,
+                              scale=scale, precision=torch.float32, dtype=torch.float32)
 
 
 def mlp_modules(model: torch.nn.Module, layers: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:

@@ -54,77 +54,29 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
     questions = {q["id"]: q for q in results["questions"]}
     tasks: dict[str, Any] = results["tasks"]
     modes = [m["name"] for m in results["modes"]]
-    by_mode: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in modes}
-    for rec in results["answers"]:
-        if rec["mode"] in by_mode and rec["qid"] in questions:
-            by_mode[rec["mode"]][rec["qid"]] = rec
+    by_mode = _answers_by_mode(results["answers"], modes, questions)
 
     def scores(rec: Mapping[str, Any]) -> dict[str, float]:
         q = questions[rec["qid"]]
         return score_answer(rec["answer"], q["answers"], tasks[q["task"]]["label"])
 
     scored = {m: {qid: scores(rec) for qid, rec in recs.items()} for m, recs in by_mode.items()}
-    # Normalise each task by the better Oracle: gold knowledge + task adapter, or gold knowledge alone.
     oracles = [m for m in ORACLES if by_mode.get(m)]
-    oracle_by_task: dict[str, str] = {}
-    for task, info in tasks.items():
-        key = primary_key(info["label"], qa_metric)
-        best = None
-        for m in oracles:
-            value = _mean([sc[key] for qid, sc in scored[m].items() if questions[qid]["task"] == task])
-            if value is not None and (best is None or value > best[0]):
-                best = (value, m)
-        if best is not None:
-            oracle_by_task[task] = best[1]
+    oracle_by_task = _oracle_by_task(tasks, oracles, scored, questions, qa_metric)
     oracle = oracles[0] if oracles else None
-    # A label task the Oracle itself answers at chance measures nothing: reported, left out of AVG.
-    uninformative = []
-    for task, info in tasks.items():
-        if info["label"] and task in oracle_by_task:
-            golds = [questions[qid]["answers"][0] for qid in questions if questions[qid]["task"] == task]
-            chance = max(golds.count(g) for g in set(golds)) / len(golds) if golds else 0.0
-            best = _mean([sc["accuracy"] for qid, sc in scored[oracle_by_task[task]].items()
-                          if questions[qid]["task"] == task])
-            if best is not None and best < chance + INFORMATIVE_MARGIN:
-                uninformative.append(task)
+    uninformative = _uninformative_tasks(tasks, oracle_by_task, scored, questions)
+    names = results.get("knowledge_names") or []
     out_modes: dict[str, Any] = {}
     for m in modes:
-        recs, sc = by_mode[m], scored[m]
-        entry: dict[str, Any] = {"n": len(recs), "errors": sum(1 for r in recs.values() if r.get("error")),
-                                 "tasks": {}, "normalised": {}, "avg": None}
-        for task, info in tasks.items():
-            qids = [qid for qid in sc if questions[qid]["task"] == task]
-            key = primary_key(info["label"], qa_metric)
-            t: dict[str, Any] = {"n": len(qids)}
-            metric_names = ("accuracy",) if info["label"] else ("em", "f1", "contains")
-            for name in metric_names:
-                t[name] = _mean([sc[qid][name] for qid in qids])
-            t["primary"] = t.get(key)
-            entry["tasks"][task] = t
-            if task in oracle_by_task:
-                entry["normalised"][task] = _normalised(task, info, key, sc, scored[oracle_by_task[task]],
-                                                        questions)
+        entry = _mode_entry(by_mode[m], scored[m], tasks, questions, qa_metric)
+        entry["normalised"] = {task: _normalised(task, info, primary_key(info["label"], qa_metric), scored[m],
+                                                 scored[oracle_by_task[task]], questions)
+                               for task, info in tasks.items() if task in oracle_by_task}
         values = [v for t, v in entry["normalised"].items()
                   if v is not None and not math.isnan(v) and t not in uninformative]
         entry["avg"] = sum(values) / len(values) if values else None
         entry["primary_avg"] = _mean([t["primary"] for t in entry["tasks"].values() if t["n"]])
-        acc = [r["routing_accuracy"] for r in recs.values() if r.get("routing_accuracy")]
-        entry["routing"] = None if not acc else {
-            "n": len(acc),
-            "gold_share": _mean([a["gold_share"] for a in acc]),
-            "gold_top": _mean([float(a["gold_top"]) for a in acc]),
-            "gold_rank": _mean([a["gold_rank"] for a in acc]),
-            "hubness": _hubness(acc, results.get("knowledge_names") or []),
-        }
-        hits = [r["retrieved"][0]["doc_id"] == questions[qid]["doc_id"] for qid, r in recs.items()
-                if r.get("retrieved")]
-        entry["retrieval_hit1"] = _mean([float(h) for h in hits]) if hits else None
-        tokens = sum(int(r.get("new_tokens") or 0) for r in recs.values())
-        seconds = sum(float(r.get("seconds") or 0.0) for r in recs.values())
-        entry["new_tokens"], entry["seconds"] = tokens, round(seconds, 4)
-        entry["tokens_per_s"] = tokens / seconds if seconds > 0 else None
-        cands = [r["mean_candidates"] for r in recs.values() if r.get("mean_candidates") is not None]
-        entry["mean_candidates"] = _mean(cands)
+        entry.update(_routing_and_speed(by_mode[m], questions, names))
         out_modes[m] = entry
     spec = {m["name"]: m for m in results["modes"]}
     return {
@@ -142,6 +94,96 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
                      "margin": spec[m]["routing"].get("dynamic_k"), **_point(out_modes[m])}
                     for m in modes if _is_dynamic_row(spec[m])],
     }
+
+
+def _answers_by_mode(answers: Sequence[Mapping[str, Any]], modes: Sequence[str],
+                     questions: Mapping[str, Any]) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """mode -> question id -> answer record, for the run's modes and questions (the last record wins)."""
+    by_mode: dict[str, dict[str, Mapping[str, Any]]] = {m: {} for m in modes}
+    for rec in answers:
+        if rec["mode"] in by_mode and rec["qid"] in questions:
+            by_mode[rec["mode"]][rec["qid"]] = rec
+    return by_mode
+
+
+def _task_mean(scores: Mapping[str, Mapping[str, float]], questions: Mapping[str, Any], task: str,
+               key: str) -> float | None:
+    """Mean of metric ``key`` over the scored questions of ``task``."""
+    return _mean([sc[key] for qid, sc in scores.items() if questions[qid]["task"] == task])
+
+
+def _oracle_by_task(tasks: Mapping[str, Any], oracles: Sequence[str], scored: Mapping[str, Any],
+                    questions: Mapping[str, Any], qa_metric: str) -> dict[str, str]:
+    """Each task's normalising Oracle: the better of gold knowledge + task adapter, or gold knowledge alone
+    (the first of ``oracles`` on a tie)."""
+    oracle_by_task: dict[str, str] = {}
+    for task, info in tasks.items():
+        key = primary_key(info["label"], qa_metric)
+        best = None
+        for m in oracles:
+            value = _task_mean(scored[m], questions, task, key)
+            if value is not None and (best is None or value > best[0]):
+                best = (value, m)
+        if best is not None:
+            oracle_by_task[task] = best[1]
+    return oracle_by_task
+
+
+def _uninformative_tasks(tasks: Mapping[str, Any], oracle_by_task: Mapping[str, str],
+                         scored: Mapping[str, Any], questions: Mapping[str, Any]) -> list[str]:
+    """Label tasks the better Oracle itself answers at chance (majority label + ``INFORMATIVE_MARGIN``):
+    they measure nothing, so they are reported but left out of AVG."""
+    uninformative = []
+    for task, info in tasks.items():
+        if info["label"] and task in oracle_by_task:
+            golds = [questions[qid]["answers"][0] for qid in questions if questions[qid]["task"] == task]
+            chance = max(golds.count(g) for g in set(golds)) / len(golds) if golds else 0.0
+            best = _task_mean(scored[oracle_by_task[task]], questions, task, "accuracy")
+            if best is not None and best < chance + INFORMATIVE_MARGIN:
+                uninformative.append(task)
+    return uninformative
+
+
+def _mode_entry(recs: Mapping[str, Mapping[str, Any]], sc: Mapping[str, Mapping[str, float]],
+                tasks: Mapping[str, Any], questions: Mapping[str, Any], qa_metric: str) -> dict[str, Any]:
+    """A mode's answer counts and per-task metrics (mean over its questions; ``primary``: the task's
+    metric); normalised scores and AVG are filled in by :func:`summarize`."""
+    entry: dict[str, Any] = {"n": len(recs), "errors": sum(1 for r in recs.values() if r.get("error")),
+                             "tasks": {}, "normalised": {}, "avg": None}
+    for task, info in tasks.items():
+        qids = [qid for qid in sc if questions[qid]["task"] == task]
+        t: dict[str, Any] = {"n": len(qids)}
+        metric_names = ("accuracy",) if info["label"] else ("em", "f1", "contains")
+        for name in metric_names:
+            t[name] = _mean([sc[qid][name] for qid in qids])
+        t["primary"] = t.get(primary_key(info["label"], qa_metric))
+        entry["tasks"][task] = t
+    return entry
+
+
+def _routing_and_speed(recs: Mapping[str, Mapping[str, Any]], questions: Mapping[str, Any],
+                       names: list[str]) -> dict[str, Any]:
+    """A mode's routing accuracy (with hubness), retrieval hit@1, generated tokens, seconds, throughput and
+    mean candidates per token."""
+    acc = [r["routing_accuracy"] for r in recs.values() if r.get("routing_accuracy")]
+    out: dict[str, Any] = {}
+    out["routing"] = None if not acc else {
+        "n": len(acc),
+        "gold_share": _mean([a["gold_share"] for a in acc]),
+        "gold_top": _mean([float(a["gold_top"]) for a in acc]),
+        "gold_rank": _mean([a["gold_rank"] for a in acc]),
+        "hubness": _hubness(acc, names),
+    }
+    hits = [r["retrieved"][0]["doc_id"] == questions[qid]["doc_id"] for qid, r in recs.items()
+            if r.get("retrieved")]
+    out["retrieval_hit1"] = _mean([float(h) for h in hits]) if hits else None
+    tokens = sum(int(r.get("new_tokens") or 0) for r in recs.values())
+    seconds = sum(float(r.get("seconds") or 0.0) for r in recs.values())
+    out["new_tokens"], out["seconds"] = tokens, round(seconds, 4)
+    out["tokens_per_s"] = tokens / seconds if seconds > 0 else None
+    cands = [r["mean_candidates"] for r in recs.values() if r.get("mean_candidates") is not None]
+    out["mean_candidates"] = _mean(cands)
+    return out
 
 
 def _hubness(acc: list[Mapping[str, Any]], names: list[str]) -> dict[str, Any] | None:
@@ -220,9 +262,20 @@ def _label(mode: str, spec: Mapping[str, Any]) -> str:
 def render_markdown(results: Mapping[str, Any]) -> str:
     """``results.md``: normalised table (paper layout), metrics + routing + speed, k sweep, dynamic k."""
     s = summarize(results)
-    settings = results.get("settings", {})
     specs = {m["name"]: m for m in results["modes"]}
     tasks = list(s["tasks"])
+    lines = _md_header(results, s)
+    lines += _md_normalised(s, specs, tasks)
+    lines += _md_metrics(s, tasks)
+    lines += _md_sweep(s, tasks)
+    lines += _md_dynamic(s)
+    lines += _md_skipped(results.get("skipped") or [])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_header(results: Mapping[str, Any], s: Mapping[str, Any]) -> list[str]:
+    """Title and the run's settings: questions, adapters, model, task metrics, machine, completeness."""
+    settings = results.get("settings", {})
     lines = ["# lag eval results", ""]
     lines.append(f"- questions: {len(results['questions'])} evaluated"
                  + (f", {len(results.get('skipped') or [])} skipped" if results.get("skipped") else "")
@@ -241,52 +294,43 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if not results.get("complete", True):
         lines.append("- **incomplete run**: some (mode, question) answers are missing")
     lines.append("")
+    return lines
 
-    lines += ["## Normalised score (% of Oracle, Eq. 9)", ""]
-    if s["oracle"]:
-        lines.append("Each task is normalised by the better of its Oracles (gold knowledge adapter + task "
-                     "adapter, `oracle`; gold knowledge adapter alone, `oracle-knowledge`): "
-                     + ", ".join(f"{t}: `{m}`" for t, m in s["oracle_by_task"].items()) + ".")
-        lines.append("")
-        if s["uninformative"]:
-            lines.append(f"Left out of AVG: {', '.join(s['uninformative'])} (the better Oracle answers it "
-                         f"within {100 * INFORMATIVE_MARGIN:.0f} points of chance, so its scores "
-                         "measure nothing).")
-            lines.append("")
-        zero = [t for t, m in s["oracle_by_task"].items()
-                if s["modes"][m]["tasks"][t]["n"] and not s["modes"][m]["tasks"][t]["primary"]]
-        rows = [[_label(m, specs[m])] + [_num(e["normalised"].get(t)) for t in tasks]
-                + [_num(e["avg"]), _num(e["tokens_per_s"])] for m, e in s["modes"].items()]
-        lines += _table(["% of Oracle"] + tasks + ["AVG", "tokens/s"], rows)
-        if zero:
-            lines += ["", f"The Oracle scores 0 on {', '.join(zero)}: no ratio there (–), AVG over the "
-                          "other tasks."]
-    else:
-        lines.append("(no `oracle` mode in this run: the normalised score needs it)")
+
+def _md_normalised(s: Mapping[str, Any], specs: Mapping[str, Any], tasks: list[str]) -> list[str]:
+    """The paper's table: % of the Oracle per task, AVG and throughput per mode (or why there is none)."""
+    lines = ["## Normalised score (% of Oracle, Eq. 9)", ""]
+    if not s["oracle"]:
+        return [*lines, "(no `oracle` mode in this run: the normalised score needs it)", ""]
+    lines.append("Each task is normalised by the better of its Oracles (gold knowledge adapter + task "
+                 "adapter, `oracle`; gold knowledge adapter alone, `oracle-knowledge`): "
+                 + ", ".join(f"{t}: `{m}`" for t, m in s["oracle_by_task"].items()) + ".")
     lines.append("")
+    if s["uninformative"]:
+        lines.append(f"Left out of AVG: {', '.join(s['uninformative'])} (the better Oracle answers it "
+                     f"within {100 * INFORMATIVE_MARGIN:.0f} points of chance, so its scores "
+                     "measure nothing).")
+        lines.append("")
+    zero = [t for t, m in s["oracle_by_task"].items()
+            if s["modes"][m]["tasks"][t]["n"] and not s["modes"][m]["tasks"][t]["primary"]]
+    rows = [[_label(m, specs[m])] + [_num(e["normalised"].get(t)) for t in tasks]
+            + [_num(e["avg"]), _num(e["tokens_per_s"])] for m, e in s["modes"].items()]
+    lines += _table(["% of Oracle"] + tasks + ["AVG", "tokens/s"], rows)
+    if zero:
+        lines += ["", f"The Oracle scores 0 on {', '.join(zero)}: no ratio there (–), AVG over the "
+                      "other tasks."]
+    lines.append("")
+    return lines
 
-    lines += ["## Answer metrics, routing accuracy and speed", ""]
+
+def _md_metrics(s: Mapping[str, Any], tasks: list[str]) -> list[str]:
+    """Answer metrics per task, routing accuracy, hubness, hit@1, throughput and errors per mode."""
+    lines = ["## Answer metrics, routing accuracy and speed", ""]
     header = ["Mode", "n"]
     for t in tasks:
         header += [f"{t} acc"] if s["tasks"][t]["label"] else [f"{t} EM", f"{t} F1", f"{t} contains"]
     header += ["gold share", "gold top", "skewness", "top hub", "hit@1", "tokens/s", "errors"]
-    rows = []
-    for m, e in s["modes"].items():
-        row = [m, str(e["n"])]
-        for t in tasks:
-            te = e["tasks"][t]
-            if s["tasks"][t]["label"]:
-                row.append(_pct(te.get("accuracy")))
-            else:
-                row += [_pct(te.get("em")), _pct(te.get("f1")), _pct(te.get("contains"))]
-        r = e["routing"] or {}
-        hub = r.get("hubness") or {}
-        top = hub.get("hubs") or [{}]
-        hub_cell = f"{top[0]['adapter']} {100 * top[0]['share']:.1f}" if top[0] else "–"
-        row += [_pct(r.get("gold_share")), _pct(r.get("gold_top")), _num(hub.get("skewness")), hub_cell,
-                _pct(e["retrieval_hit1"]), _num(e["tokens_per_s"]), str(e["errors"]) if e["errors"] else ""]
-        rows.append(row)
-    lines += _table(header, rows)
+    lines += _table(header, [_metrics_row(m, e, s, tasks) for m, e in s["modes"].items()])
     chance = s.get("chance_share")
     lines += ["", "Metrics in %. *gold share*: share of (prompt token x knowledge module) selections that "
               "went to the gold document's adapter (chance "
@@ -298,45 +342,75 @@ def render_markdown(results: Mapping[str, Any]) -> str:
               "*tokens/s*: generated tokens per second of batched generation (oracle / prag batch only the "
               "questions sharing an adapter, so their batches are smaller); *errors*: queries the pipeline "
               "refuses (e.g. PRAG retrieved a document without adapter), scored 0.", ""]
+    return lines
 
+
+def _metrics_row(m: str, e: Mapping[str, Any], s: Mapping[str, Any], tasks: list[str]) -> list[str]:
+    """One mode's row of :func:`_md_metrics`."""
+    row = [m, str(e["n"])]
+    for t in tasks:
+        te = e["tasks"][t]
+        if s["tasks"][t]["label"]:
+            row.append(_pct(te.get("accuracy")))
+        else:
+            row += [_pct(te.get("em")), _pct(te.get("f1")), _pct(te.get("contains"))]
+    r = e["routing"] or {}
+    hub = r.get("hubness") or {}
+    top = hub.get("hubs") or [{}]
+    hub_cell = f"{top[0]['adapter']} {100 * top[0]['share']:.1f}" if top[0] else "–"
+    row += [_pct(r.get("gold_share")), _pct(r.get("gold_top")), _num(hub.get("skewness")), hub_cell,
+            _pct(e["retrieval_hit1"]), _num(e["tokens_per_s"]), str(e["errors"]) if e["errors"] else ""]
+    return row
+
+
+def _md_sweep(s: Mapping[str, Any], tasks: list[str]) -> list[str]:
+    """The k sweep (Fig. 3) table and plot, when the run has one."""
+    if not s["sweep"]:
+        return []
     norm_cols = ["AVG % of Oracle"] if s["oracle"] else []
-    if s["sweep"]:
-        lines += ["## k sweep (LAG, Fig. 3)", ""]
-        rows = []
-        for p in s["sweep"]:
-            per_task = [_num((p.get("normalised") or {}).get(t)) for t in tasks] if s["oracle"] else []
-            norm = [_num(p["avg"])] if s["oracle"] else []
-            rows.append([p["label"], p["mode"], *per_task, *norm, _pct(p["primary_avg"]),
-                         _pct(p["gold_share"]), _pct(p["gold_top"]), _num(p["mean_candidates"], 2),
-                         _num(p["tokens_per_s"])])
-        task_cols = [f"{t} % of Oracle" for t in tasks] if s["oracle"] else []
-        lines += _table(["k", "mode", *task_cols, *norm_cols, "mean task score %", "gold share", "gold top",
-                         "avg candidates", "tokens/s"], rows)
-        lines += ["", f"![k sweep]({SWEEP_PLOT})", ""]
+    rows = []
+    for p in s["sweep"]:
+        per_task = [_num((p.get("normalised") or {}).get(t)) for t in tasks] if s["oracle"] else []
+        norm = [_num(p["avg"])] if s["oracle"] else []
+        rows.append([p["label"], p["mode"], *per_task, *norm, _pct(p["primary_avg"]),
+                     _pct(p["gold_share"]), _pct(p["gold_top"]), _num(p["mean_candidates"], 2),
+                     _num(p["tokens_per_s"])])
+    task_cols = [f"{t} % of Oracle" for t in tasks] if s["oracle"] else []
+    lines = ["## k sweep (LAG, Fig. 3)", ""]
+    lines += _table(["k", "mode", *task_cols, *norm_cols, "mean task score %", "gold share", "gold top",
+                     "avg candidates", "tokens/s"], rows)
+    return [*lines, "", f"![k sweep]({SWEEP_PLOT})", ""]
 
-    if any(d["margin"] is not None for d in s["dynamic"]):
-        lines += ["## Dynamic k (quality vs candidates reranked per token)", ""]
-        rows = []
-        for d in sorted(s["dynamic"],
-                        key=lambda d: (d["mean_candidates"] is None, d["mean_candidates"] or 0)):
-            norm = [_num(d["avg"])] if s["oracle"] else []
-            rows.append([d["mode"], str(d["k"]), "static" if d["margin"] is None else f"{d['margin']:g}",
-                         _num(d["mean_candidates"], 2), *norm, _pct(d["primary_avg"]), _pct(d["gold_share"]),
-                         _num(d["tokens_per_s"])])
-        lines += _table(["mode", "k (max)", "margin", "avg candidates", *norm_cols, "mean task score %",
-                         "gold share", "tokens/s"], rows)
-        lines += ["", "*avg candidates*: knowledge adapters reranked per token and module (dynamic k: batch "
-                  "average over prompt and generated tokens; static k: min(k, N)); *mean task score*: mean "
-                  "over tasks of the task metric.", "", f"![dynamic k]({DYNAMIC_PLOT})", ""]
 
-    skipped = results.get("skipped") or []
-    if skipped:
-        lines += ["## Skipped questions", ""]
-        lines += [f"- `{q['id']}` ({q['doc_id']}): {q['reason']}" for q in skipped[:50]]
-        if len(skipped) > 50:
-            lines.append(f"- ... and {len(skipped) - 50} more")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+def _md_dynamic(s: Mapping[str, Any]) -> list[str]:
+    """Quality vs candidates reranked per token, static and dynamic k, when the run has dynamic-k modes."""
+    if not any(d["margin"] is not None for d in s["dynamic"]):
+        return []
+    norm_cols = ["AVG % of Oracle"] if s["oracle"] else []
+    rows = []
+    for d in sorted(s["dynamic"], key=lambda d: (d["mean_candidates"] is None, d["mean_candidates"] or 0)):
+        norm = [_num(d["avg"])] if s["oracle"] else []
+        rows.append([d["mode"], str(d["k"]), "static" if d["margin"] is None else f"{d['margin']:g}",
+                     _num(d["mean_candidates"], 2), *norm, _pct(d["primary_avg"]), _pct(d["gold_share"]),
+                     _num(d["tokens_per_s"])])
+    lines = ["## Dynamic k (quality vs candidates reranked per token)", ""]
+    lines += _table(["mode", "k (max)", "margin", "avg candidates", *norm_cols, "mean task score %",
+                     "gold share", "tokens/s"], rows)
+    return [*lines, "", "*avg candidates*: knowledge adapters reranked per token and module (dynamic k: "
+            "batch average over prompt and generated tokens; static k: min(k, N)); *mean task score*: mean "
+            "over tasks of the task metric.", "", f"![dynamic k]({DYNAMIC_PLOT})", ""]
+
+
+def _md_skipped(skipped: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The questions left out (the first 50), when there are any."""
+    if not skipped:
+        return []
+    lines = ["## Skipped questions", ""]
+    lines += [f"- `{q['id']}` ({q['doc_id']}): {q['reason']}" for q in skipped[:50]]
+    if len(skipped) > 50:
+        lines.append(f"- ... and {len(skipped) - 50} more")
+    lines.append("")
+    return lines
 
 
 # ---- plots ------------------------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..errors import AdapterError, ConfigError, DataError, LibraryFormatError
+from ..dtypes import parse_torch_dtype
+from ..errors import AdapterError, DataError, LibraryFormatError
 from ..ids import id_key, validate_id  # the id rules shared with documents
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,11 +44,8 @@ DTYPE_NAMES = tuple(DTYPES)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
+    """A library storage dtype: one of :data:`DTYPE_NAMES` or its torch dtype (else :class:`ConfigError`)."""
+    return parse_torch_dtype(dtype, allowed=DTYPE_NAMES)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -81,6 +80,31 @@ def check_manifest(manifest: Any, path: Path) -> None:
     def bad(message: str, field: str) -> LibraryFormatError:
         return LibraryFormatError(message, path=path, field=field)
 
+    _check_header(manifest, bad)
+    modules = manifest["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise bad("modules must map module names to their shapes", "modules")
+    for module, info in modules.items():
+        if not isinstance(info, dict) or not all(_int(info.get(k)) and info[k] > 0
+                                                 for k in ("in_features", "out_features")):
+            raise bad(f"module {module!r} needs positive in_features / out_features", "modules")
+    adapters = manifest["adapters"]
+    if not isinstance(adapters, list) or not adapters:
+        raise bad("the library holds no adapters", "adapters")
+    uids = _check_adapters(adapters, modules, manifest["r_max"], bad)
+    next_uid = manifest.get("next_uid")
+    if next_uid is not None and (not _int(next_uid) or next_uid <= max(uids)):
+        raise bad(f"next_uid must exceed every uid, got {next_uid!r}", "next_uid")
+    checksums = manifest.get("checksums")
+    if checksums is not None:
+        _check_checksums(checksums, len(adapters), bad)
+
+
+_Bad = Callable[[str, str], LibraryFormatError]  # (message, field) -> the error to raise
+
+
+def _check_header(manifest: Any, bad: _Bad) -> None:
+    """Format, version, required fields, kind, dtype, r_max and base model of a manifest."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} manifest", "format")
     version = manifest.get("format_version")
@@ -104,16 +128,11 @@ def check_manifest(manifest: Any, path: Path) -> None:
     for key in ("architecture", "model_type"):
         if key not in base["fingerprint"]:
             raise bad(f"base_model fingerprint has no {key!r}", f"base_model.fingerprint.{key}")
-    modules = manifest["modules"]
-    if not isinstance(modules, dict) or not modules:
-        raise bad("modules must map module names to their shapes", "modules")
-    for module, info in modules.items():
-        if not isinstance(info, dict) or not all(_int(info.get(k)) and info[k] > 0
-                                                 for k in ("in_features", "out_features")):
-            raise bad(f"module {module!r} needs positive in_features / out_features", "modules")
-    adapters = manifest["adapters"]
-    if not isinstance(adapters, list) or not adapters:
-        raise bad("the library holds no adapters", "adapters")
+
+
+def _check_adapters(adapters: list[Any], modules: dict[str, Any], r_max: int, bad: _Bad) -> set[int]:
+    """Every adapter entry: a safe name unique up to case, a rank in 1..r_max, a unique uid, modules of the
+    library; returns the uids."""
     names: dict[str, str] = {}
     uids: set[int] = set()
     for i, entry in enumerate(adapters):
@@ -140,25 +159,25 @@ def check_manifest(manifest: Any, path: Path) -> None:
         listed = entry.get("modules")
         if listed is not None and (not isinstance(listed, list) or not set(listed) <= set(modules)):
             raise bad(f"adapter {name!r} lists modules the library does not have", f"{where}.modules")
-    next_uid = manifest.get("next_uid")
-    if next_uid is not None and (not _int(next_uid) or next_uid <= max(uids)):
-        raise bad(f"next_uid must exceed every uid, got {next_uid!r}", "next_uid")
-    checksums = manifest.get("checksums")
-    if checksums is not None:
-        blocks = checksums.get("blocks") if isinstance(checksums, dict) else None
-        if (not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM
-                or not isinstance(blocks, list)
-                or not all(isinstance(b, list) and len(b) == 3 and all(_int(v) for v in b) for b in blocks)):
-            raise bad(f"checksums must be {{'algorithm': {CHECKSUM!r}, 'blocks': [[start, end, crc], ...]}}",
-                      "checksums")
-        covered = 0
-        for start, end, _ in blocks:
-            if start != covered or end <= start:
-                raise bad(f"checksum blocks must cover the adapters in order, got [{start}, {end}]",
-                          "checksums")
-            covered = end
-        if covered != len(adapters):
-            raise bad(f"checksum blocks cover {covered} of {len(adapters)} adapters", "checksums")
+    return uids
+
+
+def _check_checksums(checksums: Any, n_adapters: int, bad: _Bad) -> None:
+    """``{"algorithm": "crc32", "blocks": [[start, end, crc], ...]}`` whose blocks cover the adapters in
+    order."""
+    blocks = checksums.get("blocks") if isinstance(checksums, dict) else None
+    if (not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM
+            or not isinstance(blocks, list)
+            or not all(isinstance(b, list) and len(b) == 3 and all(_int(v) for v in b) for b in blocks)):
+        raise bad(f"checksums must be {{'algorithm': {CHECKSUM!r}, 'blocks': [[start, end, crc], ...]}}",
+                  "checksums")
+    covered = 0
+    for start, end, _ in blocks:
+        if start != covered or end <= start:
+            raise bad(f"checksum blocks must cover the adapters in order, got [{start}, {end}]", "checksums")
+        covered = end
+    if covered != n_adapters:
+        raise bad(f"checksum blocks cover {covered} of {n_adapters} adapters", "checksums")
 
 
 def verify(lib: AdapterLibrary) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from .arrow_index import (
     save_arrow_index,
 )
 from .base import BaseModelSpec
-from .integrity import (
+from .integrity import (  # noqa: F401  (FORMAT, FORMAT_VERSION, dtype_name: re-exported)
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
@@ -60,17 +60,20 @@ from .integrity import verify as verify_library
 from .packed import PackedFormatError, PackedReader, tensor_names
 from .writer import (  # noqa: F401  (re-exported)
     ARROW_INDEX_MIN,
+    DERIVED_FIELDS,
     WORKERS,
     Row,
     check_library_output,
     disk_full,
+    header_of,
     is_library,
     library_lock,
+    manifest_header,
     new_rows,
     write_library,
 )
 
-_DERIVED = ("adapters", "modules", "r_max", "revision", "created_by", "checksums", "format_version")
+_DERIVED = DERIVED_FIELDS  # the manifest fields a write derives (see writer.header_of)
 Kind = Literal["task", "knowledge"]
 logger = logging.getLogger(__name__)
 
@@ -315,18 +318,11 @@ class AdapterLibrary:
         ``hnsw``), ``"hnsw"`` or ``"ivf"``; None = only for >= 4096 adapters."""
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
-        torch_dtype = parse_dtype(dtype)
+        torch_dtype = parse_dtype(dtype)  # a bad dtype fails first, before the output is looked at
         out = check_library_output(out, adapter_dirs, force)
         spec = BaseModelSpec.resolve(base_model)
         rows = new_rows(adapter_dirs, names, spec, allow_pickle, taken=set())
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": kind,
-            "dtype": dtype_name(torch_dtype),
-            "base_model": {"fingerprint": spec.fingerprint(),
-                           "linear_modules": {k: list(v) for k, v in spec.linear.items()}},
-        }
+        manifest = manifest_header(kind, torch_dtype, spec)
         with library_lock(out):
             check_library_output(out, adapter_dirs, force)  # again, now that no other writer runs
             return write_library(out, manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
@@ -357,7 +353,7 @@ class AdapterLibrary:
         """
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
-        torch_dtype = parse_dtype(dtype)
+        torch_dtype = parse_dtype(dtype)  # a bad dtype fails first, before the output is looked at
         spec = BaseModelSpec.resolve(base_model)
         missing = [m for m in modules if m not in spec.linear]
         if missing:
@@ -369,10 +365,7 @@ class AdapterLibrary:
                 for name in names]
         if not rows:
             raise LibraryError("no adapters given: a library needs at least one adapter")
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-                    "dtype": dtype_name(torch_dtype),
-                    "base_model": {"fingerprint": spec.fingerprint(),
-                                   "linear_modules": {k: list(v) for k, v in spec.linear.items()}}}
+        manifest = manifest_header(kind, torch_dtype, spec)
         out = check_library_output(out, (), force)
         with library_lock(out):
             check_library_output(out, (), force)
@@ -404,7 +397,7 @@ class AdapterLibrary:
             current = self._current()
             rows = [Row(dict(e), old_index=i) for i, e in enumerate(current.adapters)]
             rows += new_rows(adapter_dirs, names, current._spec(), allow_pickle, taken=set(current.names))
-            base = {k: v for k, v in current.manifest.items() if k not in _DERIVED}
+            base = header_of(current.manifest)
             new = write_library(self.path, base, rows, old=current, progress=progress, chunk_size=chunk_size,
                                 library_cls=type(self))
         self._adopt(new)
@@ -425,7 +418,7 @@ class AdapterLibrary:
                     if e["name"] not in drop]
             if not rows:
                 raise LibraryError("removing these adapters would leave the library empty", path=self.path)
-            base = {k: v for k, v in current.manifest.items() if k not in _DERIVED}
+            base = header_of(current.manifest)
             new = write_library(self.path, base, rows, old=current, progress=False, chunk_size=4096,
                                 library_cls=type(self))
         self._adopt(new)

@@ -45,7 +45,17 @@ from .arrow_index import (
     update_index,
 )
 from .base import BaseModelSpec
-from .integrity import CHECKSUM, DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, TENSORS, check_adapter_name
+from .integrity import (
+    CHECKSUM,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TENSORS,
+    check_adapter_name,
+    dtype_name,
+    parse_dtype,
+)
 from .packed import PackedWriter, tensor_names
 from .peft_io import AdapterHeader, factor_arrays, read_header
 
@@ -155,47 +165,61 @@ def library_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     return file_lock(out.parent / f".{out.name}.lock", what="library")
 
 
+#: Manifest fields :func:`write_library` derives from the rows it writes; the rest is the library's header.
+DERIVED_FIELDS = ("adapters", "modules", "r_max", "revision", "created_by", "checksums", "format_version")
+
+
+def manifest_header(kind: str, dtype: str | torch.dtype, spec: BaseModelSpec) -> dict[str, Any]:
+    """The header of a new library's manifest: format and version, kind, storage dtype and the base model
+    (fingerprint and Linear shapes). :func:`write_library` adds the fields derived from the adapters."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "dtype": dtype_name(parse_dtype(dtype)),
+        "base_model": {"fingerprint": spec.fingerprint(),
+                       "linear_modules": {k: list(v) for k, v in spec.linear.items()}},
+    }
+
+
+def header_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The header of an existing library's manifest (everything but :data:`DERIVED_FIELDS`), to rewrite it
+    with other adapters."""
+    return {k: v for k, v in manifest.items() if k not in DERIVED_FIELDS}
+
+
+def _full_manifest(header: dict[str, Any], rows: list[Row], modules: dict[str, dict[str, int]]
+                   ) -> dict[str, Any]:
+    """``header`` plus the fields derived from ``rows`` (all but the revision and checksums, which the
+    write adds)."""
+    return {**header, "format_version": FORMAT_VERSION, "created_by": f"llama-index-lag {__version__}",
+            "r_max": max(int(row.entry["rank"]) for row in rows), "modules": modules,
+            "adapters": [row.entry for row in rows]}
+
+
 def write_library(out: Path, base: dict[str, Any], rows: list[Row], *, old: AdapterLibrary | None,
                   progress: bool, chunk_size: int | None, library_cls: type[AdapterLibrary],
                   arrow_index: bool | str | None = None) -> AdapterLibrary:
     """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename and
-    open it as ``library_cls``.
+    open it as ``library_cls``. ``base``: the manifest header (:func:`manifest_header`, :func:`header_of`).
 
     ``chunk_size``: rows per batch (None: two batches per worker, 8 to 64 rows: batched alignment amortises
     per-call costs, several batches keep the workers busy)."""
     if chunk_size is None:
         chunk_size = max(8, min(64, math.ceil(len(rows) / (2 * WORKERS))))
-    old_modules = set(old.modules) if old is not None else set()
-    next_uid = int(base.get("next_uid", 0))
-    for row in rows:  # stable ids (approximate Arrow index ids survive add / remove)
-        if row.entry.get("uid") is None:
-            row.entry["uid"] = next_uid
-            next_uid += 1
-    base = {**base, "next_uid": max(next_uid, max(int(r.entry["uid"]) for r in rows) + 1)}
-    # Adapters kept from the old library: entries may need an explicit module list if modules were added.
-    for row in rows:
-        if row.old_index is not None and row.entry.get("modules") is None:
-            row.entry["modules"] = sorted(old_modules)
-    modules = _layout(rows, base["base_model"]["linear_modules"])
-    for row in rows:
-        if row.entry["modules"] is not None and set(row.entry["modules"]) == set(modules):
-            row.entry["modules"] = None  # adapts every module of the library
-    r_max = max(int(row.entry["rank"]) for row in rows)
-    manifest = {**base, "format_version": FORMAT_VERSION, "created_by": f"llama-index-lag {__version__}",
-                "r_max": r_max, "modules": modules, "adapters": [row.entry for row in rows]}
+    base = _assign_uids(base, rows)
+    modules = _settle_modules(rows, base, old)
+    manifest = _full_manifest(base, rows, modules)
+    r_max = manifest["r_max"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A resumed build must read the same input files: they are named by path, size and mtime (their sha256
-    # is computed while they are read, and kept in progress.json for the rows already written).
-    inputs = [_identity(row.header.weights_file) if row.header is not None else None for row in rows]
-    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None,
-                       "inputs": inputs}, sort_keys=True, default=str)
-    digest = hashlib.sha256(plan.encode()).hexdigest()
+    digest = _plan_digest(manifest, old, rows)
     # The revision names this content; it is also stamped in the tensor file's header, so a reader can
     # tell a manifest and tensors from two different writes apart (see load()).
     manifest["revision"] = digest[:32]
     partial = out.parent / f".{out.name}.partial"
     shapes = {m: (v["out_features"], v["in_features"]) for m, v in modules.items()}
-    needed = PackedWriter.size_of(shapes, len(rows), r_max, DTYPES[manifest["dtype"]])
+    dtype = DTYPES[manifest["dtype"]]
+    needed = PackedWriter.size_of(shapes, len(rows), r_max, dtype)
     with disk_full(out, f"writing the library ({len(rows)} adapters)", "nothing was changed (the partial "
                     "write was removed)", needed=needed, cleanup=partial):
         done, hashes, blocks = _resume_point(partial, digest)
@@ -204,40 +228,10 @@ def write_library(out: Path, base: dict[str, Any], rows: list[Row], *, old: Adap
             partial.mkdir(parents=True)
             atomic_write_json(partial / "progress.json",
                               {"plan": digest, "done": 0, "sha256": {}, "blocks": []})
-        writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, DTYPES[manifest["dtype"]],
+        writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, dtype,
                               create=done == 0, metadata={"revision": manifest["revision"]})
-        bar = tqdm(total=len(rows), initial=done, desc=f"compile {out.name}", unit="adapter",
-                   disable=not progress)
-        try:
-            # Pipelined: WORKERS threads each read, hash, align and write whole chunks (file reads, hashing,
-            # torch ops and pwrite release the GIL); chunks are committed in order by another thread, which
-            # makes them durable before recording them as done.
-            with ThreadPoolExecutor(WORKERS) as workers, ThreadPoolExecutor(1) as syncer:
-                in_flight: collections.deque = collections.deque()
-                commits = []
-                for start in range(done, len(rows), chunk_size):
-                    chunk = rows[start:start + chunk_size]
-                    in_flight.append((start, start + len(chunk), workers.submit(
-                        _process_chunk, writer, start, chunk, modules, old)))
-                    while len(in_flight) > WORKERS or (in_flight and start + chunk_size >= len(rows)):
-                        first, end, job = in_flight.popleft()
-                        chunk_hashes, crc = job.result()  # the first failing chunk in row order raises
-                        hashes.update(chunk_hashes)
-                        blocks.append([first, end, crc])
-                        commits.append(syncer.submit(_commit, writer, partial, digest, end, dict(hashes),
-                                                     list(blocks)))
-                        bar.update(end - bar.n)
-                for commit in commits:
-                    commit.result()
-        except BaseException as exc:
-            writer.close(sync=False)
-            if isinstance(exc, LAGError):
-                # A bad adapter will fail again: drop the partial build. Anything else (Ctrl-C, a crash)
-                # keeps it so that re-running the same command resumes; a full disk drops it (above).
-                shutil.rmtree(partial, ignore_errors=True)
-            raise
-        finally:
-            bar.close()
+        _write_chunks(writer, partial, digest, rows, modules, old, (done, hashes, blocks),
+                      chunk_size=chunk_size, progress=progress, desc=f"compile {out.name}")
         writer.close()
         for i, row in enumerate(rows):
             if row.header is not None:
@@ -250,6 +244,85 @@ def write_library(out: Path, base: dict[str, Any], rows: list[Row], *, old: Adap
             old.close()
         replace_dir(partial, out)
     return library_cls.load(out)
+
+
+def _assign_uids(base: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
+    """Give rows without a uid the next free ones (stable ids: approximate Arrow index ids survive add /
+    remove); return ``base`` with its ``next_uid`` advanced past every uid."""
+    next_uid = int(base.get("next_uid", 0))
+    for row in rows:
+        if row.entry.get("uid") is None:
+            row.entry["uid"] = next_uid
+            next_uid += 1
+    return {**base, "next_uid": max(next_uid, max(int(r.entry["uid"]) for r in rows) + 1)}
+
+
+def _settle_modules(rows: list[Row], base: dict[str, Any], old: AdapterLibrary | None
+                    ) -> dict[str, dict[str, int]]:
+    """The library's modules (base-model order, with shapes); rows' module lists made explicit or None.
+
+    Adapters kept from the old library get an explicit module list when modules were added; an adapter of
+    every module of the library lists None."""
+    old_modules = set(old.modules) if old is not None else set()
+    for row in rows:
+        if row.old_index is not None and row.entry.get("modules") is None:
+            row.entry["modules"] = sorted(old_modules)
+    modules = _layout(rows, base["base_model"]["linear_modules"])
+    for row in rows:
+        if row.entry["modules"] is not None and set(row.entry["modules"]) == set(modules):
+            row.entry["modules"] = None  # adapts every module of the library
+    return modules
+
+
+def _plan_digest(manifest: dict[str, Any], old: AdapterLibrary | None, rows: list[Row]) -> str:
+    """sha256 of what this write produces: the manifest, the library it starts from and its input files.
+
+    A resumed build must read the same input files: they are named by path, size and mtime (their sha256
+    is computed while they are read, and kept in progress.json for the rows already written)."""
+    inputs = [_identity(row.header.weights_file) if row.header is not None else None for row in rows]
+    plan = json.dumps({"manifest": manifest, "old": old.manifest if old is not None else None,
+                       "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(plan.encode()).hexdigest()
+
+
+def _write_chunks(writer: PackedWriter, partial: Path, digest: str, rows: list[Row], modules: dict[str, Any],
+                  old: AdapterLibrary | None, resume: tuple[int, dict[str, str], list[list[int]]], *,
+                  chunk_size: int, progress: bool, desc: str) -> None:
+    """Write rows ``done:`` chunk by chunk, updating ``hashes`` ({row: sha256}) and ``blocks`` (chunk
+    checksums) of ``resume = (done, hashes, blocks)`` in place.
+
+    Pipelined: WORKERS threads each read, hash, align and write whole chunks (file reads, hashing, torch ops
+    and pwrite release the GIL); chunks are committed in order by another thread, which makes them durable
+    before recording them as done. On an error the writer is closed unsynced; a bad adapter (a
+    :class:`LAGError`) also drops the partial build, anything else (Ctrl-C, a crash) keeps it so that
+    re-running the same command resumes (a full disk drops it: see :func:`disk_full`)."""
+    done, hashes, blocks = resume
+    bar = tqdm(total=len(rows), initial=done, desc=desc, unit="adapter", disable=not progress)
+    try:
+        with ThreadPoolExecutor(WORKERS) as workers, ThreadPoolExecutor(1) as syncer:
+            in_flight: collections.deque = collections.deque()
+            commits = []
+            for start in range(done, len(rows), chunk_size):
+                chunk = rows[start:start + chunk_size]
+                in_flight.append((start, start + len(chunk), workers.submit(
+                    _process_chunk, writer, start, chunk, modules, old)))
+                while len(in_flight) > WORKERS or (in_flight and start + chunk_size >= len(rows)):
+                    first, end, job = in_flight.popleft()
+                    chunk_hashes, crc = job.result()  # the first failing chunk in row order raises
+                    hashes.update(chunk_hashes)
+                    blocks.append([first, end, crc])
+                    commits.append(syncer.submit(_commit, writer, partial, digest, end, dict(hashes),
+                                                 list(blocks)))
+                    bar.update(end - bar.n)
+            for commit in commits:
+                commit.result()
+    except BaseException as exc:
+        writer.close(sync=False)
+        if isinstance(exc, LAGError):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
 
 
 @contextlib.contextmanager

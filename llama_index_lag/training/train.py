@@ -291,8 +291,6 @@ def train_lora(
     ``model`` is wrapped for the duration and restored afterwards (also on errors). Deterministic for a
     given ``seed`` and torch thread count. ``eva_texts`` default to the examples' full texts.
     """
-    import torch
-
     if hasattr(model, "peft_config"):
         raise ModelError("the base model already carries PEFT adapters; pass the bare model")
     _check_targets(model, recipe.target_modules)
@@ -311,53 +309,14 @@ def train_lora(
     try:
         t0 = time.perf_counter()
         eva_source = list(eva_texts) if eva_texts else [e.prompt + e.completion for e in examples]
-        if recipe.init == "eva":
-            peft_model = _peft_wrap(model, recipe, low_cpu_mem_usage=True)
-            from peft import initialize_lora_eva_weights
-
-            sd = exact_eva_state_dict(peft_model, tokenizer, eva_source, recipe.rank,
-                                      max_length=recipe.max_length, seed=seed)
-            initialize_lora_eva_weights(peft_model, eva_state_dict=sd, show_progress_bar=False)
-        elif recipe.init == "eva-peft":
-            peft_model = _peft_wrap(model, recipe, low_cpu_mem_usage=True)
-            _eva_peft(peft_model, tokenizer, eva_source, recipe.max_length)
-        else:
-            peft_model = _peft_wrap(model, recipe)
+        eva = recipe.init in ("eva", "eva-peft")
+        peft_model = _peft_wrap(model, recipe, low_cpu_mem_usage=True) if eva else _peft_wrap(model, recipe)
+        _init_lora_weights(peft_model, tokenizer, recipe, eva_source, seed)
         timings["init_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        warmup = min(recipe.warmup_steps, max(n_steps - 1, 0))
-
-        def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10 %
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            rest = max(n_steps - warmup, 1)
-            return 1.0 - 0.9 * (step - warmup) / rest
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        losses: list[float] = []
-        peft_model.train()
-        n_tokens = 0
-        for step, idx in enumerate(_batches(len(data), recipe.batch_size, n_steps, seed)):
-            batch = {k: v.to(device) for k, v in _collate([data[i] for i in idx], pad, PAD_MULTIPLE).items()}
-            n_tokens += int(batch["attention_mask"].sum())
-            with _autocast(bf16, device):
-                loss = causal_lm_loss(peft_model, batch)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower the "
-                                  "learning rate", field="lr")
-            loss.backward()
-            if recipe.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.item()))
-            if on_step is not None:
-                on_step(step, n_steps, losses[-1])
+        losses, n_tokens = _optimise(peft_model, tokenizer, data, recipe, n_steps, seed=seed, bf16=bf16,
+                                     device=device, on_step=on_step)
         timings["train_s"] = time.perf_counter() - t0
         peft_model.eval()
         t0 = time.perf_counter()
@@ -365,25 +324,101 @@ def train_lora(
         _short_targets(peft_model, model, recipe.target_modules)
         peft_model.save_pretrained(str(out_dir), safe_serialization=True)
         timings["save_s"] = time.perf_counter() - t0
-        tail = losses[-max(1, min(8, len(losses))):]
-        return {
-            "steps": n_steps,
-            "examples": len(data),
-            "tokens_seen": n_tokens,
-            "bf16": bf16,
-            "loss_first": round(losses[0], 5) if losses else None,
-            "loss_last": round(losses[-1], 5) if losses else None,
-            "loss_tail_mean": round(sum(tail) / len(tail), 5) if losses else None,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        }
+        return _train_stats(n_steps, len(data), n_tokens, bf16, losses, timings)
     finally:
-        if peft_model is not None:
-            restored = peft_model.unload()
-            if restored is not model:  # pragma: no cover - peft returns the same object
-                logger.warning("PEFT unload returned a new model object")
-        for name, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(name, False))
-        model.train(was_training)
+        _restore(model, peft_model, grad_flags, was_training)
+
+
+def _init_lora_weights(peft_model: Any, tokenizer: PreTrainedTokenizerBase, recipe: _Recipe,
+                       eva_source: Sequence[str], seed: int) -> None:
+    """Initialise the freshly wrapped LoRA factors as ``recipe.init`` says (see the module docstring);
+    ``default`` keeps PEFT's own initialisation."""
+    if recipe.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        sd = exact_eva_state_dict(peft_model, tokenizer, eva_source, recipe.rank,
+                                  max_length=recipe.max_length, seed=seed)
+        initialize_lora_eva_weights(peft_model, eva_state_dict=sd, show_progress_bar=False)
+    elif recipe.init == "eva-peft":
+        _eva_peft(peft_model, tokenizer, eva_source, recipe.max_length)
+
+
+def _optimizer(params: list[Any], recipe: _Recipe, n_steps: int) -> tuple[Any, Any]:
+    """AdamW and its schedule: linear warm-up over ``recipe.warmup_steps``, then linear decay to 10 %."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    warmup = min(recipe.warmup_steps, max(n_steps - 1, 0))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10 %
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        rest = max(n_steps - warmup, 1)
+        return 1.0 - 0.9 * (step - warmup) / rest
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def _optimise(peft_model: Any, tokenizer: PreTrainedTokenizerBase, data: list[Any], recipe: _Recipe,
+              n_steps: int, *, seed: int, bf16: bool, device: Any,
+              on_step: StepCallback | None) -> tuple[list[float], int]:
+    """Run ``n_steps`` optimiser steps on the LoRA parameters; return (loss per step, tokens seen).
+
+    Raises :class:`ConfigError` when the loss diverges; ``on_step`` is called after every step."""
+    import torch
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer(params, recipe, n_steps)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses: list[float] = []
+    peft_model.train()
+    n_tokens = 0
+    for step, idx in enumerate(_batches(len(data), recipe.batch_size, n_steps, seed)):
+        batch = {k: v.to(device) for k, v in _collate([data[i] for i in idx], pad, PAD_MULTIPLE).items()}
+        n_tokens += int(batch["attention_mask"].sum())
+        with _autocast(bf16, device):
+            loss = causal_lm_loss(peft_model, batch)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower the "
+                              "learning rate", field="lr")
+        loss.backward()
+        if recipe.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.item()))
+        if on_step is not None:
+            on_step(step, n_steps, losses[-1])
+    return losses, n_tokens
+
+
+def _train_stats(n_steps: int, n_examples: int, n_tokens: int, bf16: bool, losses: list[float],
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """What :func:`train_lora` returns: steps, examples, tokens seen, first / last / tail-mean loss,
+    timings."""
+    tail = losses[-max(1, min(8, len(losses))):]
+    return {
+        "steps": n_steps,
+        "examples": n_examples,
+        "tokens_seen": n_tokens,
+        "bf16": bf16,
+        "loss_first": round(losses[0], 5) if losses else None,
+        "loss_last": round(losses[-1], 5) if losses else None,
+        "loss_tail_mean": round(sum(tail) / len(tail), 5) if losses else None,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _restore(model: Any, peft_model: Any, grad_flags: dict[str, bool], was_training: bool) -> None:
+    """Remove the LoRA layers (never merged) and put back the model's requires_grad flags and mode."""
+    if peft_model is not None:
+        restored = peft_model.unload()
+        if restored is not model:  # pragma: no cover - peft returns the same object
+            logger.warning("PEFT unload returned a new model object")
+    for name, p in model.named_parameters():
+        p.requires_grad_(grad_flags.get(name, False))
+    model.train(was_training)
 
 
 def _short_targets(peft_model: Any, model: Any, targets: Sequence[str]) -> None:
