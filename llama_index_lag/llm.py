@@ -14,7 +14,6 @@ import contextvars
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,12 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, ValidationError
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.types import Thread
 
 from .config import DEFAULT_PRESET, LAGConfig
 from .data import check_text
 from .errors import ConfigError, DataError, PromptTooLongError
+from .generation import routed_generate
 from .library import AdapterLibrary
 from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
@@ -280,30 +281,22 @@ class LAGLLM(CustomLLM):
         inputs = self.encode(full, gen_kw["max_new_tokens"], focus)
         focus_mask = inputs.pop("focus", None)
         config = self._call_config(routing)
-        if "seed" in opts and opts["seed"] is not None:
-            torch.manual_seed(int(opts["seed"]))
-        with contextlib.ExitStack() as stack:
-            trace = timer = None
-            if self._router is not None:
-                stack.enter_context(self._router.using(config))
-                stack.enter_context(self._router.focus(focus_mask))
-                if self.routing_summary and config.mode != "none":
-                    trace = stack.enter_context(self._router.trace(keep_tokens=False))
-                    timer = stack.enter_context(self._router.timing())
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = self._model.generate(**inputs, streamer=streamer, **gen_kw)
-            seconds = time.perf_counter() - start
-        new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        traced = self._router is not None and self.routing_summary and config.mode != "none"
+        out = routed_generate(self._model, inputs["input_ids"], inputs.get("attention_mask"),
+                              router=self._router, config=config, focus=focus_mask,
+                              trace="summary" if traced else None, seed=opts.get("seed"), streamer=streamer,
+                              **gen_kw)
+        new_tokens = out.new[0]
         text = cut_at_stop(self._tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kw)
+        trace, seconds = out.trace, out.seconds
         summary = None
-        if trace is not None and timer is not None:
+        if trace is not None and out.routing_seconds is not None:
             per_library = trace.summary(top=self.summary_top)
             summary = {
                 "mode": config.mode,
                 "k": config.k,
                 "libraries": {kind: entry["adapters"] for kind, entry in per_library.items()},
-                "routing_ms": round(timer[0] * 1e3, 2),
+                "routing_ms": round(out.routing_seconds * 1e3, 2),
                 "generate_ms": round(seconds * 1e3, 2),
                 "new_tokens": int(new_tokens.numel()),
             }
@@ -344,16 +337,16 @@ class LAGLLM(CustomLLM):
         streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
         result: dict[str, Any] = {}
-        ctx = contextvars.copy_context()  # routing overrides + llama-index instrumentation spans
 
         def work() -> None:
             try:
-                result["value"] = ctx.run(self._run, prompt, formatted, routing, opts, streamer, focus)
+                result["value"] = self._run(prompt, formatted, routing, opts, streamer, focus)
             except BaseException as exc:  # surfaced in the consumer
                 result["error"] = exc
                 streamer.end()
 
-        thread = threading.Thread(target=work, name="lag-generate", daemon=True)
+        # llama-index's Thread runs its target in a copy of this context: routing overrides + spans
+        thread = Thread(target=work, name="lag-generate", daemon=True)
         thread.start()
         stop = list(opts.get("stop") or self.stop)
 

@@ -62,10 +62,21 @@ def split_trace(trace: Any, lens: Sequence[int], n_new: Sequence[int], steps: in
     return prompt_counts, all_counts
 
 
-def eos_ids(model: Any, tok: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tok.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+def span_counts(trace: Any, kind: str, lens: Sequence[int], spans: Sequence[tuple[int, int] | None]) -> Any:
+    """[B, N] selection counts of ``kind`` over each row's prompt tokens in ``spans[i]`` = [start, end)
+    (token positions in row i's unpadded prompt; None: no tokens), summed over modules. Same trace layout
+    as :func:`split_trace`."""
+    import torch
+
+    B, P, N = len(lens), sum(lens), len(trace.names[kind])
+    owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lens)])  # [P]
+    pos = torch.cat([torch.arange(n) for n in lens])  # [P] position inside the row
+    lo = torch.tensor([s[0] if s else 0 for s in spans])[owner]
+    hi = torch.tensor([s[1] if s else 0 for s in spans])[owner]
+    inside = (pos >= lo) & (pos < hi)  # [P]
+    counts = torch.zeros(B, N, dtype=torch.long)
+    for module in trace.modules(kind):
+        chosen = trace.tokens(kind, module).long()[:P]
+        counts.index_put_((owner[inside], chosen[inside]), torch.ones(int(inside.sum()), dtype=torch.long),
+                          accumulate=True)
+    return counts

@@ -18,7 +18,6 @@ written at the end (:mod:`.report`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, LibraryError
 from ..modes import BASE_MODES, DEFAULT_MODES, ModeSpec
-from .accuracy import eos_ids, routing_accuracy, split_trace
+from .accuracy import routing_accuracy, split_trace
 from .prompts import predict_prompt, question_prompt, rag_prompt, template_text
 from .results import (
     RESULTS_FILE,
@@ -416,45 +415,23 @@ class EvalHarness:
         return self._generate(batch)
 
     def _generate(self, batch: list[WorkItem]) -> list[dict[str, Any]]:
-        import torch
-
+        from ..generation import eos_ids, left_pad, routed_generate
         from ..llm import cut_at_stop
 
         llm, tok, model = self.view, self.view.tokenizer, self.view.model
         encoded = [self._encoded(it.prompt) for it in batch]
         encs = [e["input_ids"][0] for e in encoded]
         lens = [int(e.shape[0]) for e in encs]
-        width = max(lens)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        focus = torch.zeros((len(batch), width), dtype=torch.bool)
-        for i, e in enumerate(encs):
-            ids[i, width - lens[i]:] = e
-            mask[i, width - lens[i]:] = 1
-            if "focus" in encoded[i]:
-                focus[i, width - lens[i]:] = encoded[i]["focus"][0]
+        ids, mask, focus = left_pad(encs, pad, [e["focus"][0] if "focus" in e else None for e in encoded])
+        width = ids.shape[1]
         gen_kw = llm.generation_kwargs({"max_new_tokens": self.config.max_new_tokens, "temperature": 0.0})
         cfg = first_routing = batch[0].routing
-        torch.manual_seed(self.config.seed)
-        with contextlib.ExitStack() as stack:
-            trace = timer = None
-            if self.router is not None:
-                stack.enter_context(self.router.using(cfg))
-                stack.enter_context(self.router.focus(focus if bool(focus.any()) else None))
-                if cfg.mode != "none":
-                    trace = stack.enter_context(self.router.trace(keep_tokens=True))
-                    timer = stack.enter_context(self.router.timing())
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, **gen_kw)
-            seconds = time.perf_counter() - start
-        new = out[:, width:]
-        eos = eos_ids(model, tok)
-        n_new = []
-        for row in new.tolist():
-            stop = next((j for j, t in enumerate(row) if t in eos), None)
-            n_new.append(len(row) if stop is None else stop + 1)
+        out = routed_generate(model, ids, mask, router=self.router, config=cfg, focus=focus,
+                              trace="tokens" if cfg.mode != "none" else None, seed=self.config.seed,
+                              eos=eos_ids(model, tok), **gen_kw)
+        new, n_new, seconds, trace = out.new, out.lengths, out.seconds, out.trace
+        timer = None if out.routing_seconds is None else [out.routing_seconds]
         split = split_trace(trace, lens, n_new, new.shape[1]) if trace is not None else None
         mean_cands = trace.mean_candidates("knowledge") if trace is not None else None
         if mean_cands is None and cfg.mode == "lag" and cfg.granularity == "token":  # static k: all kept

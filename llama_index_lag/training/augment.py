@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..data import DocumentRecord
 from ..errors import DataError
+from ..generation import HFGenerator, chat_prompt  # noqa: F401  (HFGenerator: re-exported)
 from .recipe import CONTEXT_TEMPLATE, RAG_TEMPLATE, KnowledgeRecipe
 
 if TYPE_CHECKING:  # pragma: no cover
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -46,50 +47,6 @@ class TextGenerator(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- generation
-class HFGenerator:
-    """Greedy batched generation with a transformers causal LM (left padding, per-sequence stop string)."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 batch_size: int = 16) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-
-    def __call__(self, prompts: Sequence[str], *, max_new_tokens: int, stop: str | None = None) -> list[str]:
-        import torch
-
-        tok = self.tokenizer
-        outputs: list[str] = []
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            for start in range(0, len(prompts), self.batch_size):
-                batch = list(prompts[start:start + self.batch_size])
-                enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(self.model.device) for k, v in enc.items()}
-                kwargs: dict[str, Any] = {}
-                if stop:
-                    kwargs.update(stop_strings=[stop], tokenizer=tok)
-                with torch.no_grad():
-                    out = self.model.generate(
-                        **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                        pad_token_id=tok.pad_token_id, **kwargs,
-                    )
-                new = out[:, enc["input_ids"].shape[1]:]
-                outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
-        finally:
-            tok.padding_side = side
-        return outputs
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str) -> str:
-    """The inference format: the tokenizer's chat template with one user message + generation prompt."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                             tokenize=False)
-    return f"{user}\n"
-
-
 def chat_example(tokenizer: PreTrainedTokenizerBase, user: str, answer: str) -> tuple[str, str]:
     """(prompt, completion) exactly as the chat template renders the exchange (completion includes the
     end-of-turn token so the adapter learns to stop)."""
