@@ -11,10 +11,10 @@ from torch import nn
 from ..config import LAGConfig
 from ..errors import IncompatibleLibraryError
 from ..library.store import AdapterLibrary
-from ..routing.engine import PoolTensors
+from ..routing.engine import PoolTensors, RouteSpec
 
 logger = logging.getLogger(__name__)
-APPROXIMATE = {"exact": False, "faiss": True, "auto": None}  # arrow_backend -> route_tokens(approximate=...)
+APPROXIMATE = {"exact": False, "faiss": True, "auto": None}  # arrow_backend -> RouteSpec.approximate
 
 
 def effort(cfg: LAGConfig, t: PoolTensors) -> int | None:
@@ -22,6 +22,14 @@ def effort(cfg: LAGConfig, t: PoolTensors) -> int | None:
     if t.index is None:
         return None
     return cfg.ef_search if t.index.kind == "hnsw" else cfg.nprobe
+
+
+def route_spec(cfg: LAGConfig, t: PoolTensors) -> RouteSpec:
+    """The per-token routing settings of ``cfg`` for the library tensors ``t`` (read here, once)."""
+    return RouteSpec(cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k, temperature=cfg.temperature,
+                     spectr_top_k=cfg.spectr_top_k, strategy=cfg.dispatch, margin=cfg.dynamic_k,
+                     approximate=APPROXIMATE[cfg.arrow_backend], effort=effort(cfg, t),
+                     kernel=cfg.decode_kernel)
 
 
 class Pool:

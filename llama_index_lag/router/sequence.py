@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import LAGConfig
-from ..routing import kernels
 from ..routing.engine import (
     PoolTensors,
     Routed,
     add_shortlist_fused,
+    in_place_ok,
     request_centre,
     route_shortlist,
     sequence_scores,
 )
-from .pool import APPROXIMATE, effort
+from .pool import route_spec
 from .state import ForwardState, RequestState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,20 +80,18 @@ class SequenceRouting:
 
     def _decode_shortlist_in_place(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
                                    cfg: LAGConfig) -> bool:
-        """Two-level decode fast path: one float32 token of a request whose prompt chose its shortlist (and
-        centre), on the CPU, without autograd, one library kind at this module. Adds what
+        """Two-level decode fast path: one token of a request whose prompt chose its shortlist (and centre),
+        one library kind at this module, the in-place kernels apply (:func:`.engine.in_place_ok`). Adds what
         :meth:`_route_shortlist` would into ``out`` in place. False: nothing done."""
         fwd = self._forward.get(None)
-        if (fwd is None or len(layer.pools) != 1 or x.numel() != x.shape[-1] or x.dtype != torch.float32
-                or not x.is_cpu or out.dtype != torch.float32 or torch.is_grad_enabled()
-                or not x.is_contiguous() or not out.is_contiguous()):
+        if fwd is None or len(layer.pools) != 1:
             return False
         ((kind, t),) = layer.pools.items()
         module = layer.module_name
         lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
         centre = fwd.centres.get(module) if cfg.calibration == "request" else None
         if (lists is None or lists[0].shape[0] != 1 or (cfg.calibration == "request" and centre is None)
-                or t.bits is None or t.valid is not None or not kernels.available()):
+                or not in_place_ok(x, out, t)):
             return False
         add_shortlist_fused(x, t, lists[0][0], lists[1][0], cfg.shortlist_weight,
                             None if centre is None else centre[0], out)
@@ -115,9 +113,8 @@ class SequenceRouting:
             mask = self._token_mask(x)
             mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         centre = request_centre(x, self._token_mask(x)) if cfg.calibration == "request" else None
-        return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, cfg.mode, cfg.sequence_score, k=cfg.k,
-                               strategy=cfg.dispatch, approximate=APPROXIMATE[cfg.arrow_backend],
-                               effort=effort(cfg, t), centre=centre)
+        return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, route_spec(cfg, t), cfg.sequence_score,
+                               centre=centre)
 
     def _centred(self, module: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """[T, n] the tokens minus their request's mean at this module: the mean of the prompt's real tokens,

@@ -26,14 +26,9 @@ from ..config import LAGConfig
 from ..errors import ConfigError, IncompatibleLibraryError, LibraryError
 from ..library.base import BaseModelSpec, fingerprint_diff, linear_shape
 from ..library.store import AdapterLibrary
-from ..routing.engine import (
-    PoolTensors,
-    add_fused,
-    apply_fixed,
-    route_tokens,
-)
+from ..routing.engine import PoolTensors, add_fused, apply_fixed, in_place_ok, route_tokens
 from ..trace import RoutingTrace
-from .pool import APPROXIMATE, Pool, effort
+from .pool import APPROXIMATE, Pool, effort, route_spec
 from .sequence import SequenceRouting
 from .state import ForwardState, RequestState
 
@@ -284,15 +279,14 @@ class LAGRouter(SequenceRouting):
     @staticmethod
     def _decode_in_place(layer: LAGLinear, x: torch.Tensor, out: torch.Tensor, k: int,
                          cfg: LAGConfig) -> bool:
-        """Decode fast path: one float32 token on the CPU, no autograd, one library kind at this module. The
-        fused kernel adds the winner's delta into ``out`` in place: the general path's result bit for bit,
-        without its tensors and Python (~6 ms of a ~75 ms SmolLM2 token at N=1000). False: nothing done."""
-        if (len(layer.pools) != 1 or x.numel() != x.shape[-1] or x.dtype != torch.float32 or not x.is_cpu
-                or out.dtype != torch.float32 or torch.is_grad_enabled() or not x.is_contiguous()
-                or not out.is_contiguous()):
+        """Decode fast path: one library kind at this module, the in-place kernels apply
+        (:func:`~llama_index_lag.routing.engine.in_place_ok`) and Arrow is exact. The fused kernel adds the
+        winner's delta into ``out`` in place: the general path's result bit for bit, without its tensors and
+        Python (its cost: BENCHMARKS.md, decode). False: nothing done."""
+        if len(layer.pools) != 1:
             return False
         (t,) = layer.pools.values()
-        if not t.fused_exact(APPROXIMATE[cfg.arrow_backend], effort(cfg, t)):
+        if not in_place_ok(x, out, t) or t.approximates(APPROXIMATE[cfg.arrow_backend], 1, effort(cfg, t)):
             return False
         add_fused(x, t, k, out)
         return True
@@ -324,11 +318,7 @@ class LAGRouter(SequenceRouting):
         if cfg.shortlist is not None and x.dim() == 3:
             out = self._route_shortlist(module, kind, t, x, flat, score_x, cfg)
         else:
-            out = route_tokens(flat, t, cfg.mode, k=cfg.k, arrow_top_k=cfg.arrow_top_k,
-                               temperature=cfg.temperature, spectr_top_k=cfg.spectr_top_k,
-                               strategy=cfg.dispatch, margin=cfg.dynamic_k,
-                               approximate=APPROXIMATE[cfg.arrow_backend],
-                               effort=effort(cfg, t), kernel=cfg.decode_kernel, score_x=score_x)
+            out = route_tokens(flat, t, route_spec(cfg, t), score_x=score_x)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta

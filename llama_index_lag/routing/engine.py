@@ -5,7 +5,7 @@ Shapes: T tokens, N adapters, n in-features, m out-features, r rank, B sequences
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -36,12 +36,6 @@ class PoolTensors:
         """Zero-copy views (protos, A, B) for the fused decode kernels; None where they cannot run."""
         views = tuple(kernels.as_bits(v) for v in (self.protos, self.A, self.B))
         return None if any(v is None for v in views) else views  # type: ignore[return-value]
-
-    def fused_exact(self, approximate: bool | None, effort: int | None = None) -> bool:
-        """Whether one token's exact Arrow top-k can run in the fused kernels (:func:`add_fused`): CPU views
-        exist, numba runs here, every adapter is valid and the index (if any) is not chosen for decoding."""
-        return (self.bits is not None and self.valid is None and kernels.available()
-                and not self.approximates(approximate, 1, effort))
 
     def approximates(self, approximate: bool | None, tokens: int, effort: int | None = None) -> bool:
         """Whether Arrow for ``tokens`` tokens uses the index: ``approximate`` True / False forces it (when
@@ -83,63 +77,101 @@ def _winner_delta(x: torch.Tensor, t: PoolTensors, winner: torch.Tensor, strateg
     return expand_pairs(proj, t.B, winner[:, None])
 
 
-def route_tokens(
-    x: torch.Tensor, t: PoolTensors, mode: str, *, k: int = 20, arrow_top_k: int = 1,
-    temperature: float = 1.0, spectr_top_k: int = 1, strategy: str = "auto", margin: float | None = None,
-    approximate: bool | None = False, effort: int | None = None, kernel: str = "auto",
-    score_x: torch.Tensor | None = None,
-) -> Routed:
-    """Per-token routing of x [T, n] through one library at one module.
+@dataclass(frozen=True)
+class RouteSpec:
+    """How :func:`route_tokens` routes (a :class:`~llama_index_lag.config.LAGConfig`'s per-token settings,
+    resolved for one library: see ``llama_index_lag.router.pool.route_spec``)."""
 
-    ``approximate``: Arrow candidates come from the library's FAISS index (``t.index``) instead of an
-    exact scan of all N prototypes; None: when the index's cost model expects it to be faster. ``effort``:
-    the index's search breadth (HNSW efSearch / IVF nprobe; None: its default). ``kernel``: for one token
-    (decoding), ``auto`` runs the fused kernels of :mod:`.kernels` where they can, ``torch`` never does.
+    mode: str  # "lag" | "arrow" | "spectr"
+    k: int = 20  # lag: Arrow candidates reranked by SpectR (clamped to N); sequence_scores: candidates
+    arrow_top_k: int = 1  # arrow: adapters mixed per token
+    temperature: float = 1.0  # arrow: softmax temperature of the mix
+    spectr_top_k: int = 1  # spectr: adapters merged per token
+    strategy: str = "auto"  # projection dispatch (see .dispatch)
+    margin: float | None = None  # lag: dynamic k (keep candidates within this margin of the best)
+    approximate: bool | None = False  # Arrow from the library's FAISS index (None: its cost model decides)
+    effort: int | None = None  # the index's search breadth (HNSW efSearch / IVF nprobe; None: default)
+    kernel: str = "auto"  # one token: "auto" runs the fused kernels of .kernels where they can, "torch" never
+
+
+def _spec(spec: RouteSpec | str, settings: dict[str, Any]) -> RouteSpec:
+    """``spec`` itself, or a mode name plus keyword settings (``route_tokens(x, t, "lag", k=5)``)."""
+    if isinstance(spec, RouteSpec):
+        if settings:
+            raise TypeError(f"settings {sorted(settings)} given with a RouteSpec: use dataclasses.replace")
+        return spec
+    return RouteSpec(spec, **settings)
+
+
+def route_tokens(x: torch.Tensor, t: PoolTensors, spec: RouteSpec | str, *,
+                 score_x: torch.Tensor | None = None, **settings: Any) -> Routed:
+    """Per-token routing of x [T, n] through one library at one module, as ``spec`` says (a
+    :class:`RouteSpec`, or a mode name with its fields as keywords).
+
     ``score_x`` [T, n]: choose the adapters on these vectors (e.g. the request-centred tokens) and apply
     the winners to ``x`` (top-1 modes only).
     """
+    spec = _spec(spec, settings)
     if score_x is not None:
-        chosen = route_tokens(score_x, t, mode, k=k, strategy=strategy, margin=margin,
-                              approximate=approximate, effort=effort, kernel="torch")
-        return Routed(_winner_delta(x, t, chosen.chosen, strategy), chosen.chosen, chosen.candidates)
-    fused = kernel != "torch" and x.shape[0] == 1 and t.bits is not None and kernels.available()
-    if mode == "lag":
-        approximate = t.approximates(approximate, x.shape[0], effort)  # decided once: it also means padding
-        if fused and margin is None and not approximate and _one_token(x, t, None):
-            return _fused(x, t, k=k)
-        top, cand = t.arrow(x, k, approximate, effort)  # [T, k]
-        if margin is None and _one_token(x, t, top if approximate else None):
-            return _fused(x, t, cand=cand[0]) if fused else _apply_one(x, t, cand[0])
-        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, strategy, margin, approximate)  # [T]
+        top1 = replace(spec, arrow_top_k=1, temperature=1.0, spectr_top_k=1, kernel="torch")
+        chosen = route_tokens(score_x, t, top1)
+        return Routed(_winner_delta(x, t, chosen.chosen, spec.strategy), chosen.chosen, chosen.candidates)
+    approximate = spec.approximate
+    if spec.mode in ("lag", "arrow"):  # decided once: it also means padding
+        approximate = t.approximates(approximate, x.shape[0], spec.effort)
+    fast = _decode_one(x, t, spec, approximate)
+    if fast is not None:
+        return fast
+    if spec.mode == "lag":
+        top, cand = t.arrow(x, spec.k, approximate, spec.effort)  # [T, k]
+        winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, spec.strategy, spec.margin,
+                                        approximate)  # [T]
         return Routed(expand_pairs(proj[:, None], t.B, winner[:, None]), winner, kept)
-    if mode == "arrow":
-        approximate = t.approximates(approximate, x.shape[0], effort)
-        if fused and arrow_top_k == 1 and not approximate and _one_token(x, t, None):
-            return _fused(x, t, k=1)
-        top, idx = t.arrow(x, arrow_top_k, approximate, effort)  # [T, k]
-        if arrow_top_k == 1 and _one_token(x, t, top if approximate else None):
-            return _fused(x, t, cand=idx[0]) if fused else _apply_one(x, t, idx[0])
-        proj = project_pairs(x, t.A, idx, strategy)  # [T, k, r]
-        w = None if idx.shape[1] == 1 else arrow_weights(top, temperature).to(x.dtype)
+    if spec.mode == "arrow":
+        top, idx = t.arrow(x, spec.arrow_top_k, approximate, spec.effort)  # [T, k]
+        proj = project_pairs(x, t.A, idx, spec.strategy)  # [T, k, r]
+        w = None if idx.shape[1] == 1 else arrow_weights(top, spec.temperature).to(x.dtype)
         return Routed(expand_pairs(proj, t.B, idx, w), idx[:, 0])
-    if mode == "spectr":
-        if fused and spectr_top_k == 1 and _one_token(x, t, None):
-            return _fused(x, t, cand=torch.arange(t.n_adapters))
-        idx, proj = spectr_select(x, t.A, spectr_top_k, t.valid)  # [T, k], [T, k, r]
+    if spec.mode == "spectr":
+        idx, proj = spectr_select(x, t.A, spec.spectr_top_k, t.valid)  # [T, k], [T, k, r]
         if idx.shape[1] == 1:
             return Routed(expand_pairs(proj, t.B, idx), idx[:, 0])
         # SpectR's merge: (mean_j B*_j)(mean_j A*_j) x, i.e. every B*_j applied to the mean projection.
         mean = proj.mean(dim=1, keepdim=True).expand_as(proj)  # [T, k, r]
         w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype, device=x.device)
         return Routed(expand_pairs(mean, t.B, idx, w), idx[:, 0])
-    raise ValueError(f"route_tokens cannot route mode {mode!r}")
+    raise ValueError(f"route_tokens cannot route mode {spec.mode!r}")
 
 
-def _one_token(x: torch.Tensor, t: PoolTensors, top: torch.Tensor | None) -> bool:
-    """Whether the decode fast path applies: one token on the CPU, no autograd, every adapter valid here
-    and, for approximate search (``top`` given), every candidate found (it may return fewer than k)."""
-    return (x.shape[0] == 1 and x.is_cpu and t.valid is None and not torch.is_grad_enabled()
-            and (top is None or bool((top >= 0).all())))
+# ---- the one-token decode fast paths, and the functions that decide where they apply --------------------
+def _one_token(x: torch.Tensor, t: PoolTensors) -> bool:
+    """One token on the CPU, no autograd, every adapter valid here: a decode step's fast paths may run."""
+    return x.shape[0] == 1 and x.is_cpu and t.valid is None and not torch.is_grad_enabled()
+
+
+def _decode_one(x: torch.Tensor, t: PoolTensors, spec: RouteSpec, approximate: bool | None) -> Routed | None:
+    """:func:`route_tokens`'s result for one token through a fast path, or None: the general path.
+
+    Top-1 routing only (lag without dynamic k, Arrow top-1, SpectR top-1): the fused kernels of
+    :mod:`.kernels` where they run (exact Arrow, or SpectR over all N), else Python-int indexing
+    (:func:`_apply_one`); an approximate search that found fewer than k candidates takes the general path."""
+    if not _one_token(x, t):
+        return None
+    fused = spec.kernel != "torch" and t.bits is not None and kernels.available()
+    if spec.mode == "spectr":
+        return _fused(x, t, cand=torch.arange(t.n_adapters)) if fused and spec.spectr_top_k == 1 else None
+    if spec.mode == "lag" and spec.margin is None:
+        k = spec.k
+    elif spec.mode == "arrow" and spec.arrow_top_k == 1:
+        k = 1
+    else:
+        return None
+    if fused and not approximate:
+        return _fused(x, t, k=k)
+    top, cand = t.arrow(x, k, approximate, spec.effort)  # [1, k]
+    if approximate and not bool((top >= 0).all()):
+        return None
+    return _fused(x, t, cand=cand[0]) if fused else _apply_one(x, t, cand[0])
 
 
 def _apply_one(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor) -> Routed:
@@ -168,6 +200,15 @@ def _fused(x: torch.Tensor, t: PoolTensors, k: int = 1, cand: torch.Tensor | Non
     return Routed(delta if x.dtype == torch.float32 else delta.to(x.dtype), winner)
 
 
+def in_place_ok(x: torch.Tensor, out: torch.Tensor, t: PoolTensors) -> bool:
+    """Whether the in-place decode kernels (:func:`add_fused`, :func:`add_shortlist_fused`) can add one
+    token's delta into ``out``: x [.., n] and out [.., m] one contiguous float32 CPU token, no autograd,
+    CPU views of the library, every adapter valid, numba present."""
+    return (x.numel() == x.shape[-1] and x.dtype == torch.float32 and out.dtype == torch.float32
+            and x.is_contiguous() and out.is_contiguous() and _one_token(x.reshape(1, -1), t)
+            and t.bits is not None and kernels.available())
+
+
 def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float,
                     *, score_x: torch.Tensor | None = None, strategy: str = "auto") -> Routed:
     """Two-level routing, the token level: per token the candidate of its sequence's shortlist with the best
@@ -191,7 +232,7 @@ def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: 
 def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> int:
     """Decode in place: out [.., m] += B*_w A*_w x for one float32 token x [.., n] (contiguous, CPU, no
     autograd), w chosen by exact Arrow top-k -> SpectR (k = 1: Arrow top-1). What :func:`route_tokens` adds
-    for that token, bit for bit, without allocating (see :meth:`PoolTensors.fused_exact`). Returns w."""
+    for that token, bit for bit, without allocating (where :func:`in_place_ok`, exact Arrow). Returns w."""
     protos, A, B = t.bits  # type: ignore[misc]
     return kernels.add_one(protos, A, B, x, k, out)
 
@@ -200,7 +241,7 @@ def add_shortlist_fused(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, pri
                         weight: float, centre: torch.Tensor | None, out: torch.Tensor) -> int:
     """Decode in place for two-level routing: out [.., m] += B*_w A*_w x for one float32 token x [.., n], w
     the shortlisted candidate cand [M] with the best prior [M] + weight * log ||A*_w (x - centre)||: what
-    :func:`route_shortlist` adds for that token, without its tensors. Needs ``t.bits`` and ``t.valid`` None.
+    :func:`route_shortlist` adds for that token, without its tensors (where :func:`in_place_ok`).
     Returns w."""
     _, A, B = t.bits  # type: ignore[misc]
     return kernels.add_shortlist_one(A, B, x, centre, cand, prior, weight, out)
@@ -213,33 +254,34 @@ def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: tor
     return expand_pairs(proj, t.B, idx.expand(T, F), weights.to(x.dtype).expand(T, F))
 
 
-def sequence_scores(
-    x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, mode: str, how: str, *, k: int = 20,
-    strategy: str = "auto", approximate: bool | None = False, effort: int | None = None,
-    centre: torch.Tensor | None = None,
-) -> torch.Tensor:
+def sequence_scores(x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, spec: RouteSpec | str, how: str, *,
+                    centre: torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
     """Aggregate per-token scores over each sequence. x [B, S, n], mask [B, S] -> [B, N].
 
-    ``mass``: per token, the SpectR scores ||A*_i x|| of its candidates (all N for spectr, Arrow top-k for
-    lag, Arrow scores for arrow) normalised to sum 1 over the candidates, summed over the sequence.
-    ``vote``: the number of tokens whose per-token winner is each adapter. ``centre`` [B, n]: score
-    ``x - centre`` (request-centred tokens, see :func:`request_centre`).
+    ``spec``: its mode, k (lag candidates), strategy and Arrow search settings are used (a
+    :class:`RouteSpec`, or a mode name with its fields as keywords). ``mass``: per token, the SpectR scores
+    ||A*_i x|| of its candidates (all N for spectr, Arrow top-k for lag, Arrow scores for arrow) normalised
+    to sum 1 over the candidates, summed over the sequence. ``vote``: the number of tokens whose per-token
+    (top-1) winner is each adapter. ``centre`` [B, n]: score ``x - centre`` (request-centred tokens, see
+    :func:`request_centre`).
     """
+    spec = _spec(spec, settings)
+    mode, k, strategy = spec.mode, spec.k, spec.strategy
     Bsz, S, n = x.shape
     if centre is not None:
         x = x.float() - centre[:, None].to(x.device)
     flat = x.reshape(-1, n)  # [T, n]
     N = t.n_adapters
     if how == "vote":
-        chosen = route_tokens(flat, t, mode, k=k, strategy=strategy, approximate=approximate,
-                              effort=effort).chosen  # [T]
+        top1 = RouteSpec(mode, k=k, strategy=strategy, approximate=spec.approximate, effort=spec.effort)
+        chosen = route_tokens(flat, t, top1).chosen  # [T]
         cand, score = chosen[:, None], flat.new_ones(flat.shape[0], 1, dtype=torch.float32)
     else:
         everyone = torch.arange(N, device=x.device).expand(flat.shape[0], N)  # [T, N]
         if mode == "spectr":
             cand, score = everyone, project_all(flat, t.A).float().norm(dim=-1)  # [T, N]
         elif mode == "lag":
-            cand = t.arrow(flat, k, approximate, effort)[1]  # [T, k]
+            cand = t.arrow(flat, k, spec.approximate, spec.effort)[1]  # [T, k]
             score = project_pairs(flat, t.A, cand, strategy).float().norm(dim=-1)  # [T, k]
         else:  # arrow
             cand, score = everyone, arrow_scores(flat, t.protos, t.valid).float().clamp_min(0)
