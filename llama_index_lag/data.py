@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -385,7 +386,7 @@ __all__ = [
 
 
 # ---- committed instances -----------------------------------------------------------------------------
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(str(resources.files("llama_index_lag").joinpath("data")))
 """Folder of the committed instances: ``demo/``, ``benchmark/`` and ``benchmark-seed1/`` (written by
 :mod:`llama_index_lag.eval.synthetic`)."""
 PACKAGED = ("demo", "benchmark", "benchmark-seed1")
