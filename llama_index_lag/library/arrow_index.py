@@ -2,11 +2,10 @@
 
 Two index types (float16 vectors, the size of float16 prototypes):
 
-* ``hnsw`` (default): a graph (``IndexHNSWSQ``, M = 32). At the default ``efSearch`` 512 it finds ~98 % of
-  the exact top-20 of 100k synthetic prototypes for 3-10 ms per token and module on 2 CPU cores, where the
-  exact scan takes ~21 ms for n = 1536 (``lag bench scale``, BENCHMARKS.md). Graphs
-  cannot delete nodes: removed adapters become *tombstones* that searches skip (an ``IDSelector``), and the
-  index is rebuilt once they pass a quarter of it.
+* ``hnsw`` (default): a graph (``IndexHNSWSQ``, M = 32); its recall of the exact top-k and its speed
+  against the exact scan, per library size: ``lag bench scale`` (BENCHMARKS.md). Graphs cannot delete
+  nodes: removed adapters become *tombstones* that searches skip (an ``IDSelector``), and the index is
+  rebuilt once they pass a quarter of it.
 * ``ivf``: an inverted file (``IndexIVFScalarQuantizer``, ~4 sqrt(N) lists), searched in ``nprobe`` lists.
   Cheaper to build and update (ids are removed in place) but needs ~4x the reads of ``hnsw`` for the same
   recall on spread-out prototypes.
@@ -217,8 +216,7 @@ def load_module_indexes(pinned: PinnedArrow | None, lib_dir: Path, modules: list
                         mmap: bool = True) -> dict[str, Any]:
     """Read every module's index of a pinned revision (memory-mapped); raise LibraryFormatError if missing
     or built for another revision. Several are read at once (FAISS releases the GIL): on a cold page cache
-    each read waits on the disk (18 indexes of a 10k library: 0.44 s one by one, 0.18-0.22 s with 8
-    threads)."""
+    each read waits on the disk."""
     meta = checked_meta(pinned, lib_dir, modules, revision)
     assert pinned is not None
     paths = pinned.paths()

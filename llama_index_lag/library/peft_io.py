@@ -282,8 +282,8 @@ def factor_arrays(header: AdapterHeader, data: bytes) -> dict[str, tuple[np.ndar
     """Per module, (lora_A [r, n], lora_B [m, r]) as zero-copy numpy views of the weights file's bytes.
 
     What the library compiler stacks, without a copy per tensor: ``safetensors.torch.load`` makes a torch
-    tensor per stored tensor (~15 us each, :func:`load_weights`) and ``safetensors.numpy.load`` copies each
-    one into its own bytes first (compiling 100 adapters was ~10-20 % slower with it, measured). Float32 /
+    tensor per stored tensor (:func:`load_weights`) and ``safetensors.numpy.load`` copies each one into its
+    own bytes first (a slower compile). Float32 /
     float16 / float64 factors are views; bfloat16 ones, which numpy lacks, are converted to float32. The
     file is checked against ``header`` (read and validated by safetensors earlier): one that changed since,
     or whose offsets do not add up, is refused."""

@@ -1,8 +1,9 @@
 """Fused one-token kernels for KV-cached decoding (numba), the CPU analogue of multi-LoRA serving kernels.
 
 A decode step routes one token through every adapted module (~90 in SmolLM2's MLPs). In PyTorch each module
-costs a dozen small ops (scan, topk, gather, products, norms, argmax, apply) of ~10-30 us each, plus a
-half-precision GEMV for the scan. Here one call per module does it all:
+costs a dozen small ops (scan, topk, gather, products, norms, argmax, apply), each with its own dispatch
+overhead, plus a half-precision GEMV for the scan (the costs: BENCHMARKS.md). Here one call per module does
+it all:
 
     scores_i = a*_i . x                       over all N prototypes (rows split across cores)   [N]
     cand     = top-k of |scores|                                                                  [k]

@@ -43,7 +43,7 @@ StepCallback = Callable[[int, int, float], None]
 
 @lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
-    """Whether this x86 CPU has AMX bf16 tiles (bf16 autocast is then ~1.7x faster than float32)."""
+    """Whether this x86 CPU has AMX bf16 tiles (bf16 autocast then beats float32: BENCHMARKS.md)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -87,7 +87,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
 
 
 #: batches are padded to a multiple of this many tokens: few distinct shapes keep oneDNN's compiled bf16
-#: kernels cached (every new shape costs a JIT compile; measured 2-4x slower training without buckets)
+#: kernels cached (every new shape costs a JIT compile)
 PAD_MULTIPLE = 32
 
 
