@@ -1,61 +1,24 @@
-"""LAGLLM and the six pipeline modes on a tiny real model, real PEFT adapters, a real FAISS index and the
-real offline MiniLM embedder."""
+"""The six pipeline modes on a tiny real model, real PEFT adapters, a real FAISS index and the real offline
+MiniLM embedder (LAGLLM itself: tests/test_llm.py; configuration files: tests/test_config.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from llama_index.core import Settings
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
-from llama_index.core.chat_engine import CondensePlusContextChatEngine, SimpleChatEngine
-from llama_index.core.llms import ChatMessage
+from llama_index.core.schema import QueryBundle
 
-from llama_index_lag import LAGLLM, AdapterLibrary, LAGConfig
+from llama_index_lag import LAGConfig
 from llama_index_lag.cli import main as cli_main
-from llama_index_lag.data import read_documents
-from llama_index_lag.errors import ConfigError, LibraryError, VectorIndexError
-from llama_index_lag.indexing import build_index
-from llama_index_lag.llm import PromptTooLongError
+from llama_index_lag.errors import LibraryError, VectorIndexError
 from llama_index_lag.models import load_embed_model
 from llama_index_lag.pipeline import LAGPipelineConfig, NoRetriever, build_query_engine
-from llama_index_lag.testing import make_lora_adapters, make_tiny_model, make_tiny_model_dir
 
-DEMO = Path(__file__).resolve().parents[1] / "llama_index_lag" / "data" / "demo" / "documents.jsonl"
-QUESTION = "In which town was Veltrano Oskimar born?"
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """Model folder, knowledge library (one adapter per demo document), task library, FAISS index."""
-    root = tmp_path_factory.mktemp("world")
-    model_dir = make_tiny_model_dir(root / "model", max_position_embeddings=2048)
-    model = make_tiny_model("llama", max_position_embeddings=2048)
-    docs = read_documents(DEMO)
-    raw = make_lora_adapters(model, root / "raw", len(docs), rank=4, seed=1)
-    dirs = []
-    for path, doc in zip(raw, docs):
-        dirs.append(path.rename(root / "raw" / doc.id))
-    AdapterLibrary.compile(dirs[:-1], kind="knowledge", base_model=model_dir, out=root / "know",
-                           progress=False)  # the last document has no adapter
-    task_dirs = make_lora_adapters(model, root / "traw", 2, rank=2, target_modules=("q_proj", "v_proj"),
-                                   seed=2, prefix="style")
-    AdapterLibrary.compile(task_dirs, kind="task", base_model=model_dir, out=root / "task", progress=False)
-    embed = load_embed_model()
-    build_index(docs, root / "index", embed_model=embed, show_progress=False)
-    return {"root": root, "model": str(model_dir), "know": str(root / "know"), "task": str(root / "task"),
-            "index": str(root / "index"), "embed": embed, "docs": docs}
-
-
-@pytest.fixture(scope="session")
-def config(world) -> LAGPipelineConfig:
-    return LAGPipelineConfig(model=world["model"], index=world["index"], knowledge=world["know"],
-                             task=[world["task"]], max_new_tokens=6, k=3)
+from .conftest import QUESTION
 
 
 def _engine(config, mode, world, **kw):
@@ -158,124 +121,7 @@ def test_concurrent_requests_in_different_modes_do_not_mix(world, config):
                 assert actual["libraries"] == expected["libraries"]
 
 
-# ---- LAGLLM ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def llm(world) -> LAGLLM:
-    return LAGLLM(world["model"], libraries=[world["know"], world["task"]],
-                  lag_config=LAGConfig(mode="lag", k=3), max_new_tokens=8)
-
-
-def test_streaming_equals_complete_and_carries_the_summary(llm):
-    full = llm.complete("Tell me about Drelmouth.")
-    chunks = list(llm.stream_complete("Tell me about Drelmouth."))
-    assert "".join(c.delta or "" for c in chunks) == chunks[-1].text == full.text
-    assert chunks[-1].additional_kwargs["lag"]["libraries"] == full.additional_kwargs["lag"]["libraries"]
-    chat = llm.chat([ChatMessage(role="user", content="Tell me about Drelmouth.")])
-    assert chat.message.content == full.text
-    streamed = list(llm.stream_chat([ChatMessage(role="user", content="Tell me about Drelmouth.")]))
-    assert streamed[-1].message.content == full.text
-
-
-def test_per_call_routing_and_generation_kwargs(llm):
-    base = llm.complete("Hello there")
-    spectr = llm.complete("Hello there", routing={"mode": "spectr"})
-    assert spectr.additional_kwargs["lag"]["mode"] == "spectr"
-    off = llm.complete("Hello there", routing={"mode": "none"})
-    assert off.additional_kwargs["lag"] is None
-    assert llm.complete("Hello there").text == base.text  # per-call settings did not stick
-    short = llm.complete("Hello there", max_new_tokens=2)
-    assert short.additional_kwargs["lag"]["new_tokens"] <= 2
-    first = base.text.strip()[:2]
-    if first:
-        stopped = llm.complete("Hello there", stop=[first])
-        assert first not in stopped.text
-    with pytest.raises(LibraryError, match="nope"):
-        llm.complete("Hello", routing={"mode": "fixed", "fixed": {"knowledge": ["nope"]}})
-
-
-def test_async_does_not_block_the_event_loop(llm):
-    async def main():
-        ticks = 0
-        stop = False
-
-        async def ticker():
-            nonlocal ticks
-            while not stop:
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        task = asyncio.create_task(ticker())
-        results = await asyncio.gather(llm.acomplete("one two", max_new_tokens=24),
-                                       llm.acomplete("three four", max_new_tokens=24,
-                                                     routing={"mode": "spectr"}))
-        stop = True
-        await task
-        gen = await llm.astream_complete("one two", max_new_tokens=24)
-        streamed = [c async for c in gen]
-        return ticks, results, streamed
-
-    ticks, results, streamed = asyncio.run(main())
-    assert ticks >= 3
-    assert results[0].text == llm.complete("one two", max_new_tokens=24).text
-    assert results[1].additional_kwargs["lag"]["mode"] == "spectr"
-    assert streamed[-1].text == results[0].text
-
-
-def test_prompt_longer_than_context(world):
-    llm = LAGLLM(world["model"], max_new_tokens=4, context_window=64, truncation="error")
-    with pytest.raises(PromptTooLongError, match="context window 64"):
-        llm.complete("word " * 200)
-    left = llm.model_copy(update={"truncation": "left"})
-    assert left.complete("word " * 200).additional_kwargs["prompt_tokens"] == 60
-
-
-def test_works_in_standard_llama_index_engines(world, llm):
-    assert LAGLLM.class_name() == "LAGLLM"
-    json.dumps(llm.to_dict())  # serialisable: torch objects are private
-    chat = SimpleChatEngine.from_defaults(llm=llm)
-    assert chat.chat("Hi!").response is not None
-    from llama_index_lag.indexing import load_index
-
-    index = load_index(world["index"], embed_model=world["embed"])
-    engine = CondensePlusContextChatEngine.from_defaults(index.as_retriever(similarity_top_k=1), llm=llm)
-    assert engine.chat(QUESTION).response is not None
-    answer = index.as_query_engine(llm=llm, similarity_top_k=1).query(QUESTION)
-    assert str(answer) and answer.source_nodes[0].node.metadata["doc_id"] == "person-veltrano-oskimar"
-    old = Settings._llm
-    try:
-        Settings.llm = llm  # picked up by engines built without llm=
-        via_settings = index.as_query_engine(similarity_top_k=1).query(QUESTION)
-        assert str(via_settings) == str(answer)
-    finally:
-        Settings._llm = old
-
-
-# ---- config and bad input --------------------------------------------------------------------------
-@pytest.mark.parametrize("suffix", [".json", ".yaml", ".toml"])
-def test_config_round_trip_and_relative_paths(tmp_path, suffix):
-    cfg = LAGPipelineConfig(mode="prag+lag", k=5, task=["/abs/t1"], knowledge="/abs/know", max_new_tokens=9)
-    path = cfg.save(tmp_path / f"pipeline{suffix}")
-    assert LAGPipelineConfig.load(path) == cfg
-    (tmp_path / f"rel{suffix}").write_text({".json": '{"index": "idx", "mode": "rag"}',
-                                            ".yaml": "index: idx\nmode: rag\n",
-                                            ".toml": 'index = "idx"\nmode = "rag"\n'}[suffix])
-    rel = LAGPipelineConfig.load(tmp_path / f"rel{suffix}", k=7)
-    assert rel.index == str((tmp_path / "idx").resolve()) and rel.k == 7
-
-
-def test_bad_configs(world, config):
-    with pytest.raises(ConfigError, match="unknown mode 'best'"):
-        LAGPipelineConfig(mode="best")
-    with pytest.raises(ConfigError, match="k"):
-        LAGPipelineConfig(k=0)
-    with pytest.raises(ConfigError, match="needs|set index"):
-        build_query_engine(LAGPipelineConfig(mode="rag", model=world["model"]))
-    with pytest.raises(ConfigError, match="set knowledge"):
-        build_query_engine(LAGPipelineConfig(mode="lag", model=world["model"]))
-    with pytest.raises(ConfigError, match="granularity"):
-        LAGPipelineConfig(routing={"granularity": "paragraph"})
-
-
+# ---- bad input ---------------------------------------------------------------------------------
 def test_bad_index_folders(world, config, tmp_path):
     with pytest.raises(VectorIndexError):
         _engine(config, "rag", world, index=str(tmp_path / "missing"))
@@ -329,18 +175,3 @@ def test_cli_ask_json_and_compare(world, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "[prag]" in text and "person-veltrano-oskimar 100%" in text
     assert cli_main(["ask", QUESTION, "--config", str(path), "--mode", "nope"]) == 1
-
-
-from llama_index.core.schema import QueryBundle  # noqa: E402
-
-
-def test_chat_marks_the_user_message_as_focus(llm):
-    from llama_index_lag.llm import _user_texts
-
-    messages = [ChatMessage(role="system", content="You are terse."),
-                ChatMessage(role="user", content="Where is Drelmouth?")]
-    prompt = llm.chat_prompt(messages)
-    enc = llm.encode(prompt, 8, _user_texts(messages))
-    ids = enc["input_ids"][0][enc["focus"][0]]
-    assert llm.tokenizer.decode(ids).strip() == "Where is Drelmouth?"
-    assert enc["focus"][0].sum() < enc["input_ids"].shape[1]  # template and system tokens are not focus

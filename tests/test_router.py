@@ -11,11 +11,11 @@ import pytest
 import torch
 from peft import ArrowConfig, PeftModel, create_arrow_model
 
-from llama_index_lag import AdapterLibrary, LAGConfig, attach_lag
+from llama_index_lag import LAGConfig, attach_lag
 from llama_index_lag.errors import ConfigError, IncompatibleLibraryError, LibraryError
 from llama_index_lag.testing import make_lora_adapters, make_tiny_model
 
-from .conftest import MLP
+from .conftest import MLP, compile_library
 
 
 # ---- the independent reference ------------------------------------------------------------------
@@ -90,17 +90,6 @@ def reference_logits(model, libs: dict[str, tuple[list[Path], int]], cfg: LAGCon
             h.remove()
 
 
-def _compile(dirs, kind, model, out, **kw) -> AdapterLibrary:
-    return AdapterLibrary.compile(dirs, kind=kind, base_model=model, out=out, progress=False, **kw)
-
-
-@pytest.fixture
-def two_libs(tmp_path, tiny_model, knowledge_dirs, task_dirs):
-    know = _compile(knowledge_dirs, "knowledge", tiny_model, tmp_path / "klib")
-    task = _compile(task_dirs, "task", tiny_model, tmp_path / "tlib")
-    return know, task
-
-
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 64, 11, 300, 2, 77]])
 
 
@@ -165,7 +154,7 @@ def test_arrow_matches_peft_create_arrow_model(llama, tmp_path, top_k):
                                     ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0))
     with torch.no_grad():
         expected = peft_model(IDS).logits
-    lib = _compile(dirs, "task", llama, tmp_path / "lib")
+    lib = compile_library(dirs, "task", llama, tmp_path / "lib")
     router = attach_lag(llama, lib, LAGConfig(mode="arrow", arrow_top_k=top_k, temperature=1.0))
     with torch.no_grad():
         got = llama(IDS).logits
@@ -176,7 +165,7 @@ def test_arrow_matches_peft_create_arrow_model(llama, tmp_path, top_k):
 
 
 def test_fixed_matches_peft_lora(tiny_model, knowledge_dirs, tmp_path):
-    lib = _compile(knowledge_dirs, "knowledge", tiny_model, tmp_path / "lib")
+    lib = compile_library(knowledge_dirs, "knowledge", tiny_model, tmp_path / "lib")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(knowledge_dirs[3]))
     with torch.no_grad():
         expected = peft_model(IDS).logits
@@ -226,8 +215,8 @@ def test_generate_batch_with_padding_matches_single(tiny_model, two_libs):
 
 
 def test_bfloat16_model_and_library(tmp_path, knowledge_dirs, tiny_model):
-    lib32 = _compile(knowledge_dirs, "knowledge", tiny_model, tmp_path / "l32")
-    lib16 = _compile(knowledge_dirs, "knowledge", tiny_model, tmp_path / "l16", dtype="bfloat16")
+    lib32 = compile_library(knowledge_dirs, "knowledge", tiny_model, tmp_path / "l32")
+    lib16 = compile_library(knowledge_dirs, "knowledge", tiny_model, tmp_path / "l16", dtype="bfloat16")
     model16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
     r32 = attach_lag(tiny_model, lib32, LAGConfig(mode="lag", k=3))
     r16 = attach_lag(model16, lib16, LAGConfig(mode="lag", k=3))
@@ -245,7 +234,7 @@ def test_bfloat16_model_and_library(tmp_path, knowledge_dirs, tiny_model):
 def test_mistral_architecture(tmp_path):
     model = make_tiny_model("mistral", seed=3)
     dirs = make_lora_adapters(model, tmp_path / "ad", 4, rank=3, target_modules=MLP, seed=4)
-    lib = _compile(dirs, "knowledge", model, tmp_path / "lib")
+    lib = compile_library(dirs, "knowledge", model, tmp_path / "lib")
     cfg = LAGConfig(mode="lag", k=2)
     expected = reference_logits(model, {"knowledge": (dirs, 3)}, cfg, IDS)
     attach_lag(model, lib, cfg)
@@ -281,21 +270,6 @@ def test_set_and_using_are_isolated_per_thread(tiny_model, two_libs):
         assert torch.equal(tiny_model(IDS).logits, alone["spectr"])
 
 
-def test_trace_counts_and_shares(tiny_model, two_libs):
-    router = attach_lag(tiny_model, list(two_libs), LAGConfig(mode="lag", k=3))
-    with torch.no_grad(), router.trace() as t:
-        tiny_model(IDS)
-    summary = t.summary(top=None, per_layer=True)
-    assert summary["knowledge"]["selections"] == IDS.shape[1] * 2 * 3
-    assert summary["task"]["selections"] == IDS.shape[1] * 2 * 3
-    assert sum(a["share"] for a in summary["knowledge"]["adapters"]) == pytest.approx(1.0, abs=1e-3)
-    assert set(summary["knowledge"]["per_layer"]) == {0, 1}
-    shares = [a["share"] for a in summary["knowledge"]["adapters"]]
-    assert shares == sorted(shares, reverse=True)
-    module = "model.layers.1.mlp.up_proj"
-    assert t.tokens("knowledge", module).shape == (IDS.shape[1],)
-
-
 def test_sequence_granularity_applies_prompt_winner(tiny_model, two_libs):
     know, _ = two_libs
     router = attach_lag(tiny_model, know, LAGConfig(mode="lag", k=3, granularity="sequence"))
@@ -319,7 +293,7 @@ def test_bad_configs_and_attachments(tiny_model, two_libs, tmp_path, knowledge_d
     other = make_tiny_model("llama", seed=0, intermediate_size=128)
     with pytest.raises(IncompatibleLibraryError, match="another base model"):
         attach_lag(other, know)
-    half = _compile(knowledge_dirs, "task", tiny_model, tmp_path / "half", dtype="float16", names=[
+    half = compile_library(knowledge_dirs, "task", tiny_model, tmp_path / "half", dtype="float16", names=[
         f"t{i}" for i in range(len(knowledge_dirs))])
     with pytest.raises(IncompatibleLibraryError, match="share one dtype"):
         attach_lag(tiny_model, [know, half])
@@ -329,17 +303,6 @@ def test_bad_configs_and_attachments(tiny_model, two_libs, tmp_path, knowledge_d
     router.detach()
     with pytest.raises(IncompatibleLibraryError, match="two knowledge libraries"):
         attach_lag(tiny_model, [know, know])
-
-
-def test_nested_traces_and_timers_all_record(tiny_model, two_libs):
-    router = attach_lag(tiny_model, list(two_libs), LAGConfig(mode="lag", k=3))
-    with torch.no_grad(), router.trace() as outer, router.timing() as t_outer:
-        tiny_model(IDS)
-        with router.trace() as inner, router.timing() as t_inner, router.using(mode="spectr"):
-            tiny_model(IDS)
-    assert inner.summary()["knowledge"]["selections"] == IDS.shape[1] * 6
-    assert outer.summary()["knowledge"]["selections"] == 2 * IDS.shape[1] * 6
-    assert t_outer[0] > t_inner[0] > 0
 
 
 def test_focus_restricts_sequence_aggregation_to_content_tokens(tiny_model, two_libs):
