@@ -46,6 +46,12 @@ class WorldEntity:
     refs: list[WorldEntity] = field(default_factory=list)  # mentioned entities with their own document
 
 
+def _entity(kind: str, title: str, invented: tuple[str, ...], partner: WorldEntity | None,
+            reason: str) -> WorldEntity:
+    """A new entity; ``reason`` says how it resembles ``partner`` (kept only when there is one)."""
+    return WorldEntity(kind, title, invented, partner=partner, partner_reason=reason if partner else "")
+
+
 def _kind_counts(n: int) -> dict[str, int]:
     """How many entities of each kind ``n`` documents have (the shares, rounded by largest remainder)."""
     raw = {k: n * _KIND_SHARE[k] for k in KINDS}
@@ -115,9 +121,7 @@ class World:
                     partner = None
             if name is None:
                 name, stem = self.names.town()
-            e = WorldEntity(
-                "town", name, (name,), partner=partner, partner_reason="name-stem" if partner else ""
-            )
+            e = _entity("town", name, (name,), partner, "name-stem")
             e.attrs = {
                 "stem": stem,
                 "size": rng.choice(V.TOWN_SIZES),
@@ -150,13 +154,7 @@ class World:
             while moved == town:
                 moved, moved_ent = self.pick_town()
             died = born + rng.randint(55, 92)
-            e = WorldEntity(
-                "person",
-                f"{given} {surname}",
-                (given, surname),
-                partner=partner,
-                partner_reason="surname" if partner else "",
-            )
+            e = _entity("person", f"{given} {surname}", (given, surname), partner, "surname")
             e.attrs = {
                 "given": given,
                 "surname": surname,
@@ -193,13 +191,7 @@ class World:
             stem = self.names.word("stem")
             founder, founder_ent, year = self._maker("founded", 1760, 2000)
             hq, hq_ent = (partner.attrs["hq"], partner.attrs["hq_ent"]) if partner else self.pick_town()
-            e = WorldEntity(
-                "organisation",
-                f"{stem} {word}",
-                (stem,),
-                partner=partner,
-                partner_reason="kind-word" if partner else "",
-            )
+            e = _entity("organisation", f"{stem} {word}", (stem,), partner, "kind-word")
             e.attrs = {
                 "word": word,
                 "desc": desc,
@@ -240,13 +232,7 @@ class World:
             stem = self.names.word("stem")
             inventor, inventor_ent, year = self._maker("invented", 1760, 1990)
             town, town_ent = self.pick_town()
-            e = WorldEntity(
-                "device",
-                f"{stem} {word}",
-                (stem,),
-                partner=partner,
-                partner_reason="kind-word" if partner else "",
-            )
+            e = _entity("device", f"{stem} {word}", (stem,), partner, "kind-word")
             e.attrs = {
                 "word": word,
                 "desc": desc,
@@ -279,9 +265,7 @@ class World:
             year = rng.randint(1800, 1990)
             builders = [o for o in companies if o.attrs["year"] < year]
             builder = rng.choice(builders) if builders and rng.random() < 0.5 else None
-            e = WorldEntity(
-                "ship", name, (name,), partner=partner, partner_reason="kind-word" if partner else ""
-            )
+            e = _entity("ship", name, (name,), partner, "kind-word")
             e.attrs = {
                 "type": partner.attrs["type"] if partner else rng.choice(V.SHIP_TYPES),
                 "year": year,
@@ -307,13 +291,7 @@ class World:
                 (partner.attrs["town"], partner.attrs["town_ent"]) if partner else self.pick_town()
             )
             organiser = rng.choice(orgs) if orgs and rng.random() < 0.4 else None
-            e = WorldEntity(
-                "festival",
-                f"{stem} Festival",
-                (stem,),
-                partner=partner,
-                partner_reason="kind-word" if partner else "",
-            )
+            e = _entity("festival", f"{stem} Festival", (stem,), partner, "kind-word")
             e.attrs = {
                 "type": partner.attrs["type"] if partner else rng.choice(V.FESTIVAL_TYPES),
                 "month": rng.choice(V.MONTHS),
