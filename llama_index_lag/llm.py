@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import difflib
+import functools
 import logging
 import math
 import threading
@@ -36,12 +38,13 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, ValidationError
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.types import Thread
 
 from .config import DEFAULT_PRESET, LAGConfig
 from .data import check_text
 from .errors import ConfigError, DataError, PromptTooLongError
-from .generation import routed_generate
+from .generation import eos_ids, routed_generate
 from .library import AdapterLibrary
 from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
@@ -61,36 +64,117 @@ def _number(value: Any, field: str, minimum: float, maximum: float = math.inf) -
     return float(value)
 
 
+_HINTS = {
+    "device": "use device_map='cuda' / 'cpu' / 'auto'",
+    "tokenizer_outputs_to_remove": "LAGLLM passes only input_ids and attention_mask to generate",
+    "torch_dtype": "use dtype= or model_kwargs={'dtype': ...}",
+}
+
+
+def _check_keywords(kwargs: Mapping[str, Any], known: set[str]) -> None:
+    """Unknown constructor keywords are an error naming them (with the closest known name)."""
+    unknown = sorted(set(kwargs) - known)
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = _HINTS.get(key) or (f"did you mean {close[0]!r}?" if close else None)
+        named.append(f"{key!r}" + (f" ({hint})" if hint else ""))
+    raise ConfigError(f"LAGLLM got unknown keyword argument(s): {', '.join(named)}", field=unknown[0])
+
+
+@functools.cache
+def _generate_keys() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    names = {k for k in GenerationConfig().to_dict() if not k.startswith("_") and k != "transformers_version"}
+    return frozenset(names | {"stopping_criteria", "logits_processor", "prefix_allowed_tokens_fn",
+                              "negative_prompt_ids", "negative_prompt_attention_mask"})
+
+
+def _check_generate_keys(kwargs: Mapping[str, Any]) -> None:
+    """Generation options that ``model.generate`` does not take are an error naming them."""
+    unknown = sorted(set(kwargs) - _generate_keys())
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(_generate_keys() | set(_GEN_KEYS)), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown generation argument(s) {unknown}{hint}", field=unknown[0])
+
+
+def _load(model: Any, tokenizer: Any, kw: Mapping[str, Any],
+          dtype: str | torch.dtype) -> tuple[Any, Any, str]:
+    """(model, tokenizer, model name) from LAGLLM's arguments, as HuggingFaceLLM reads them: a loaded
+    ``model`` wins over ``model_name`` (then only a label); ``tokenizer_name`` names the tokenizer's
+    folder."""
+    from .models import load_causal_lm, load_tokenizer, resolve_model_dir
+
+    tok_name, tok_kwargs = kw.get("tokenizer_name") or None, dict(kw.get("tokenizer_kwargs") or {})
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None and tok_name is None:
+            raise ConfigError("a loaded model needs its tokenizer: LAGLLM(model, tokenizer, ...) or "
+                              "tokenizer_name=", field="tokenizer")
+        if tokenizer is None:
+            tokenizer = load_tokenizer(tok_name, **tok_kwargs)
+        name = kw.get("model_name") or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        return model, tokenizer, name
+    folder = resolve_model_dir(model if model is not None else kw.get("model_name") or None)
+    loaded, loaded_tokenizer = load_causal_lm(folder, dtype=dtype, device_map=kw.get("device_map"),
+                                              model_kwargs=kw.get("model_kwargs"), tokenizer_path=tok_name,
+                                              tokenizer_kwargs=tok_kwargs)
+    name = kw.get("model_name") if model is not None and kw.get("model_name") else str(folder)
+    return loaded, loaded_tokenizer if tokenizer is None else tokenizer, name
+
+
 class LAGLLM(CustomLLM):
     """A local Hugging Face causal LM whose adapted layers are routed by LAG over adapter libraries.
 
+    The constructor takes llama-index ``HuggingFaceLLM``'s parameters with the same meaning (local folders
+    only, never the Hub): ``model_name``, ``tokenizer_name``, ``model``, ``tokenizer``, ``context_window``,
+    ``max_new_tokens``, ``generate_kwargs``, ``system_prompt``, ``query_wrapper_prompt``,
+    ``messages_to_prompt``, ``completion_to_prompt``, ``is_chat_model``, ``stopping_ids``, ``device_map``,
+    ``model_kwargs``, ``tokenizer_kwargs`` (and llama-index's ``callback_manager``, ``output_parser``, ...).
+    An unknown keyword is a :class:`ConfigError`.
+
     Args:
-        model: a local model folder, an already-loaded ``PreTrainedModel``, or None for the embedded default.
-        tokenizer: required with a loaded model (else loaded from the folder).
+        model: a local model folder, an already-loaded ``PreTrainedModel``, or None (then ``model_name``, else
+            the embedded default).
+        tokenizer: a loaded tokenizer (required with a loaded model unless ``tokenizer_name`` is given).
         libraries: compiled :class:`AdapterLibrary` objects or folders (task and/or knowledge).
         lag_config: the default routing (``LAGConfig(mode="none")`` when there are no libraries).
-        max_new_tokens, temperature (0 = greedy), top_p, stop: generation defaults, overridable per call.
+        dtype: the model's dtype when loaded from a folder (``model_kwargs["dtype"]`` wins).
+        max_new_tokens, temperature (0 = greedy), top_p, stop: generation defaults, overridable per call;
+            ``generate_kwargs`` adds any other ``model.generate`` argument (top_k, repetition_penalty, ...).
         routing_summary: attach ``additional_kwargs["lag"]`` to responses (a few bincounts per call).
         truncation: ``"left"`` drops the start of a too-long prompt (keeps the question at its end),
             ``"error"`` raises :class:`PromptTooLongError`.
     """
 
-    model_name: str = Field(default="", description="Model folder or name.")
+    model_name: str = Field(default="", description="Model folder (loaded when no model object is given).")
+    tokenizer_name: str = Field(default="", description="Tokenizer folder (default: the model's).")
     context_window: int = Field(default=2048, gt=0, description="Max tokens of prompt + generation.")
     max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate by default.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, description="Stop sequences (cut from the output).")
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                            description="Other model.generate arguments, e.g. top_k.")
+    stopping_ids: list[int] = Field(default_factory=list, description="Token ids that also end generation.")
+    is_chat_model: bool = Field(default=True, description="Render completions with the chat template.")
+    device_map: str | dict[str, Any] | None = Field(default=None, description="Where the model is placed.")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="from_pretrained arguments.")
+    tokenizer_kwargs: dict[str, Any] = Field(default_factory=dict, description="Tokenizer arguments.")
     routing_summary: bool = Field(default=True, description="Attach the routing summary to responses.")
     summary_top: int = Field(default=5, gt=0, description="Adapters per library in the routing summary.")
     truncation: str = Field(default="left", description="'left' or 'error' for prompts too long.")
     routing: dict[str, Any] = Field(default_factory=dict, description="Default routing (LAGConfig fields).")
-    chat_model: bool = Field(default=True, description="Use the tokenizer's chat template.")
 
     _model: Any = PrivateAttr()
     _tokenizer: Any = PrivateAttr()
     _router: LAGRouter | None = PrivateAttr(default=None)
     _config: LAGConfig = PrivateAttr()
+    _custom_messages: bool = PrivateAttr(default=False)  # messages_to_prompt given: no chat template
+    _custom_completion: bool = PrivateAttr(default=False)  # completion_to_prompt given
 
     def __init__(
         self,
@@ -103,25 +187,22 @@ class LAGLLM(CustomLLM):
         router: LAGRouter | None = None,
         **kwargs: Any,
     ) -> None:
-        from .models import load_causal_lm, resolve_model_dir
-
-        if isinstance(model, torch.nn.Module):
-            if tokenizer is None:
-                raise ConfigError("a loaded model needs its tokenizer: LAGLLM(model, tokenizer, ...)",
-                                  field="tokenizer")
-            name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-        else:
-            folder = resolve_model_dir(model)
-            model, tokenizer = load_causal_lm(folder, dtype=dtype)
-            name = str(folder)
+        if "chat_model" in kwargs:  # the earlier spelling of is_chat_model
+            kwargs.setdefault("is_chat_model", kwargs.pop("chat_model"))
+        _check_keywords(kwargs, set(type(self).model_fields) - {"routing"})
+        if isinstance(kwargs.get("query_wrapper_prompt"), str):
+            kwargs["query_wrapper_prompt"] = PromptTemplate(kwargs["query_wrapper_prompt"])
+        model, tokenizer, name = _load(model, tokenizer, kwargs, dtype)
         libs = [lib if isinstance(lib, AdapterLibrary) else AdapterLibrary.load(lib) for lib in libraries]
         config = lag_config or (LAGConfig.preset(DEFAULT_PRESET) if libs else LAGConfig(mode="none"))
         if router is None and libs:
             router = attach_lag(model, libs, LAGConfig(mode="none"))  # bare unless a call says otherwise
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        kwargs.setdefault("model_name", name)
+        custom = {key: kwargs.get(key) is not None for key in ("messages_to_prompt", "completion_to_prompt")}
+        kwargs["model_name"] = name
+        kwargs["model_kwargs"] = {k: str(v) if isinstance(v, torch.dtype) else v
+                                  for k, v in (kwargs.get("model_kwargs") or {}).items()}  # JSON-able
         kwargs.setdefault("context_window", _context_window(model))
-        kwargs.setdefault("chat_model", has_template)
+        kwargs.setdefault("is_chat_model", bool(getattr(tokenizer, "chat_template", None)))
         try:
             super().__init__(routing=config.to_dict(), **kwargs)
         except ValidationError as exc:
@@ -132,6 +213,9 @@ class LAGLLM(CustomLLM):
         if self.truncation not in ("left", "error"):
             raise ConfigError("truncation must be 'left' or 'error'", field="truncation")
         self._model, self._tokenizer, self._router, self._config = model, tokenizer, router, config
+        self._custom_messages, self._custom_completion = (custom["messages_to_prompt"],
+                                                          custom["completion_to_prompt"])
+        self.generation_kwargs({})  # bad generate_kwargs / stopping_ids fail here, not at the first call
         self._check_routing(config)
 
     # ---- construction helpers -------------------------------------------------------------------
@@ -176,7 +260,7 @@ class LAGLLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
-                           is_chat_model=self.chat_model, model_name=self.model_name)
+                           is_chat_model=self.is_chat_model, model_name=self.model_name)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -194,10 +278,23 @@ class LAGLLM(CustomLLM):
     def lag_config(self) -> LAGConfig:
         return self._config
 
-    # ---- prompts --------------------------------------------------------------------------------
+    # ---- prompts (as HuggingFaceLLM renders them) ---------------------------------------------------
+    @property
+    def chat_model(self) -> bool:
+        """The earlier name of ``is_chat_model``."""
+        return self.is_chat_model
+
+    def _chat_templated(self) -> bool:
+        """Chat prompts come from the tokenizer's chat template (no ``messages_to_prompt`` given)."""
+        return not self._custom_messages and bool(getattr(self._tokenizer, "chat_template", None))
+
+    def _completion_templated(self) -> bool:
+        return self.is_chat_model and not self._custom_completion and self._chat_templated()
+
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """Messages rendered with the tokenizer's chat template (generation prompt appended)."""
-        if self.chat_model:
+        """Messages as one prompt: ``messages_to_prompt`` when given, else the tokenizer's chat template
+        (generation prompt appended), else llama-index's generic rendering."""
+        if self._chat_templated():
             return self._tokenizer.apply_chat_template(
                 [{"role": m.role.value, "content": m.content or ""} for m in messages],
                 tokenize=False, add_generation_prompt=True,
@@ -205,11 +302,19 @@ class LAGLLM(CustomLLM):
         return self.messages_to_prompt(messages)
 
     def completion_prompt(self, prompt: str) -> str:
-        """A plain completion prompt as a user turn (after ``system_prompt``) of the chat template."""
-        messages = [ChatMessage(role="user", content=prompt)]
-        if self.system_prompt:
-            messages.insert(0, ChatMessage(role="system", content=self.system_prompt))
-        return self.chat_prompt(messages) if self.chat_model else self.completion_to_prompt(prompt)
+        """A plain completion prompt: wrapped in ``query_wrapper_prompt`` (``{query_str}``), then
+        ``completion_to_prompt`` when given; else, for a chat model, a user turn after ``system_prompt``
+        rendered by :meth:`chat_prompt`; else prefixed by ``system_prompt``."""
+        if self.query_wrapper_prompt is not None:
+            prompt = self.query_wrapper_prompt.format(query_str=prompt)
+        if self._custom_completion:
+            return self.completion_to_prompt(prompt)
+        if self.is_chat_model:
+            messages = [ChatMessage(role="user", content=prompt)]
+            if self.system_prompt:
+                messages.insert(0, ChatMessage(role="system", content=self.system_prompt))
+            return self.chat_prompt(messages)
+        return f"{self.system_prompt} {prompt}" if self.system_prompt else prompt
 
     # ---- generation -----------------------------------------------------------------------------
     def _call_config(self, routing: Any) -> LAGConfig:
@@ -225,17 +330,19 @@ class LAGLLM(CustomLLM):
         self._check_routing(config)
         return config
 
-    def encode(self, prompt: str, max_new_tokens: int,
-               focus: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, prompt: str, max_new_tokens: int, focus: Sequence[str] | None = None,
+               templated: bool | None = None) -> dict[str, torch.Tensor]:
         """Tokenise a formatted prompt, fitted to the context window (see ``truncation``).
 
         ``focus``: the texts that carry the request (e.g. the user's messages); their tokens are marked in
-        ``enc["focus"]`` [1, S] (bool) for sequence-level routing (fast tokenizers only)."""
+        ``enc["focus"]`` [1, S] (bool) for sequence-level routing (fast tokenizers only). ``templated``: the
+        prompt was rendered by the chat template, which holds its special tokens (default: as completions)."""
         if not isinstance(prompt, str):
             raise DataError(f"the prompt must be a string, got {type(prompt).__name__}", field="prompt")
         check_text(prompt, "prompt")
         want_offsets = bool(focus) and getattr(self._tokenizer, "is_fast", False)
-        enc = dict(self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat_model,
+        templated = self._completion_templated() if templated is None else templated
+        enc = dict(self._tokenizer(prompt, return_tensors="pt", add_special_tokens=not templated,
                                    return_offsets_mapping=want_offsets))
         if want_offsets:
             enc["focus"] = _span_mask(prompt, enc.pop("offset_mapping")[0], focus)[None]
@@ -251,8 +358,10 @@ class LAGLLM(CustomLLM):
         return dict(enc)
 
     def generation_kwargs(self, opts: Mapping[str, Any]) -> dict[str, Any]:
-        """``model.generate`` keyword arguments from this LLM's defaults and per-call ``opts`` (checked:
-        a bad value is a :class:`ConfigError` naming it)."""
+        """``model.generate`` keyword arguments from this LLM's defaults, ``generate_kwargs`` and per-call
+        ``opts`` (checked: a bad value or an argument ``generate`` does not take is a :class:`ConfigError`
+        naming it)."""
+        opts = {**self.generate_kwargs, **opts}
         temperature = _number(opts.get("temperature", self.temperature), "temperature", minimum=0.0)
         max_new_tokens = opts.get("max_new_tokens", self.max_new_tokens)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
@@ -269,16 +378,23 @@ class LAGLLM(CustomLLM):
         stop = list(opts.get("stop") or self.stop)
         if stop:
             kw.update(stop_strings=stop, tokenizer=self._tokenizer)
-        return kw
+        if self.stopping_ids:
+            kw["eos_token_id"] = sorted(eos_ids(self._model, self._tokenizer) | set(self.stopping_ids))
+        extra = {k: v for k, v in opts.items() if k not in _GEN_KEYS}
+        _check_generate_keys(extra)
+        return {**kw, **extra}  # e.g. top_k, repetition_penalty, do_sample as given
 
     def _run(self, prompt: str, formatted: bool, routing: Any, opts: dict[str, Any],
              streamer: Any = None,
              focus: Sequence[str] | None = None) -> tuple[str, dict[str, Any] | None, int]:
         """Generate (in the calling thread); returns (text, routing summary, prompt tokens)."""
+        opts = {**self.generate_kwargs, **opts}
+        templated = opts.pop("templated", None)
         full = prompt if formatted else self.completion_prompt(prompt)
         focus = focus if formatted else [prompt]
         gen_kw = self.generation_kwargs(opts)
-        inputs = self.encode(full, gen_kw["max_new_tokens"], focus)
+        inputs = self.encode(full, gen_kw["max_new_tokens"], focus,
+                             templated if formatted else self._completion_templated())
         focus_mask = inputs.pop("focus", None)
         config = self._call_config(routing)
         traced = self._router is not None and self.routing_summary and config.mode != "none"
@@ -308,9 +424,13 @@ class LAGLLM(CustomLLM):
 
     @staticmethod
     def _split_kwargs(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(routing, generation options): every keyword but ``routing`` is a generation option."""
         routing = kwargs.pop("routing", None)
-        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _GEN_KEYS}
-        opts["focus"] = kwargs.pop("_focus", None)
+        focus, templated = kwargs.pop("_focus", None), kwargs.pop("_templated", None)
+        opts = dict(kwargs)
+        opts["focus"] = focus
+        if templated is not None:
+            opts["templated"] = templated
         return routing, opts
 
     def _response(self, text: str, summary: dict[str, Any] | None, n_prompt: int) -> CompletionResponse:
@@ -365,15 +485,19 @@ class LAGLLM(CustomLLM):
 
         return gen()
 
+    def _chat_kwargs(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
+        """What a chat call hands to its completion call: the user's texts (focus), template or not."""
+        return {"_focus": _user_texts(messages), "_templated": self._chat_templated()}
+
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return completion_response_to_chat_response(self.complete(self.chat_prompt(messages), formatted=True,
-                                                                  _focus=_user_texts(messages), **kwargs))
+                                                                  **self._chat_kwargs(messages), **kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         return stream_completion_response_to_chat_response(
-            self.stream_complete(self.chat_prompt(messages), formatted=True, _focus=_user_texts(messages),
+            self.stream_complete(self.chat_prompt(messages), formatted=True, **self._chat_kwargs(messages),
                                  **kwargs))
 
     # ---- async: generation runs in a worker thread, the event loop stays free --------------------
@@ -393,13 +517,13 @@ class LAGLLM(CustomLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return completion_response_to_chat_response(
-            await self.acomplete(self.chat_prompt(messages), formatted=True, _focus=_user_texts(messages),
+            await self.acomplete(self.chat_prompt(messages), formatted=True, **self._chat_kwargs(messages),
                                  **kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         gen = await self.astream_complete(self.chat_prompt(messages), formatted=True,
-                                          _focus=_user_texts(messages), **kwargs)
+                                          **self._chat_kwargs(messages), **kwargs)
 
         async def chat_gen() -> AsyncGenerator[ChatResponse, None]:
             async for response in gen:

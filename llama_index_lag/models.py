@@ -311,39 +311,83 @@ def check_causal_lm_dir(folder: str | Path) -> Any:
     return config
 
 
+def load_tokenizer(path: str | Path, **tokenizer_kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local folder (``tokenizer_kwargs`` go to ``AutoTokenizer.from_pretrained``); its pad
+    token falls back to its eos token. Raises :class:`ModelError` naming the folder."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_dir(path)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(f"no tokenizer files in the folder (expected one of {list(_TOKENIZER_FILES)})",
+                         path=folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **tokenizer_kwargs)
+    except Exception as exc:  # any tokenizer failure means a broken folder or a bad keyword
+        raise ModelError(f"cannot load the tokenizer: {exc}", path=folder) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(
     path: str | Path | None = None,
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    tokenizer_path: str | Path | None = None,
+    tokenizer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a local causal-LM folder (None: the default model), in eval mode.
 
-    The tokenizer's pad token falls back to its eos token. Raises :class:`ModelError` naming the folder when
-    it is missing, not a causal LM, or its weights / tokenizer cannot be loaded. A plain loader: callers
-    cache.
+    ``device_map`` (as in transformers: ``"cpu"``, ``"cuda"``, ``"auto"``, a dict) places the model instead
+    of ``device``; ``model_kwargs`` go to ``from_pretrained`` (a ``dtype`` / ``torch_dtype`` there wins over
+    ``dtype``); the tokenizer comes from ``tokenizer_path`` (default: the model folder) with
+    ``tokenizer_kwargs``. Raises :class:`ModelError` naming the folder when it is missing, not a causal LM,
+    or its weights / tokenizer cannot be loaded. A plain loader: callers cache.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = resolve_model_dir(path)
     check_causal_lm_dir(folder)
-    torch_dtype = parse_torch_dtype(dtype)
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    kwargs = dict(model_kwargs or {})
+    kwargs.pop("local_files_only", None)  # always local
+    chosen = kwargs.pop("dtype", kwargs.pop("torch_dtype", dtype))
+    torch_dtype = parse_torch_dtype(chosen)
+    if tokenizer_path is None and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelError(f"no tokenizer files in the model folder (expected one of {list(_TOKENIZER_FILES)})",
                          path=folder)
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        device, device_map = device_map, None  # one device: load, then move (no accelerate needed)
+    _check_device(device, folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype,
+                                                     device_map=device_map, **kwargs)
     except Exception as exc:  # OSError, ValueError, RuntimeError, safetensors' SafetensorError, ...
         raise ModelError(f"cannot load the model weights: {exc}", path=folder) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # any tokenizer failure means a broken model folder
-        raise ModelError(f"cannot load the tokenizer: {exc}", path=folder) from exc
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    tokenizer = load_tokenizer(folder if tokenizer_path is None else tokenizer_path,
+                               **(tokenizer_kwargs or {}))
+    if device_map is None:
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _check_device(device: str | torch.device, folder: Path) -> None:
+    """A clear error for a device this machine does not have (before loading gigabytes)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {device!r}: {exc}", path=folder) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r} requested but CUDA is not available on this machine",
+                         path=folder)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {str(device)!r} requested but MPS is not available on this machine",
+                         path=folder)
 
 
 def load_embed_model(path: str | Path | None = None, *, device: str = "cpu") -> HuggingFaceEmbedding:

@@ -269,7 +269,7 @@ def test_prompts_answers_and_routing_equal_the_pipeline(world, tmp_path):
 
 
 def test_prompts_of_a_model_without_chat_template_equal_the_pipeline(world, tmp_path):
-    plain = world["llm"].model_copy(update={"chat_model": False})
+    plain = world["llm"].model_copy(update={"is_chat_model": False})
     harness = EvalHarness(_config(world, tmp_path / "out", modes="none,rag", limit=1), llm=plain,
                           index=world["loaded_index"], progress=False)
     harness.prepare()

@@ -258,7 +258,7 @@ class EvalHarness:
                           for kind, libs in sorted(self.router.libraries.items())},
             "index": index_digest(cfg.index) if self.index is not None and cfg.index is not None else None,
             "prompts": digest({"templates": prompts, "system_prompt": llm.system_prompt,
-                                "chat_model": llm.chat_model, "context_window": llm.context_window}),
+                                "chat_model": llm.is_chat_model, "context_window": llm.context_window}),
             "generation": {"max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "seed": cfg.seed,
                            "dtype": str(next(llm.model.parameters()).dtype)},
             "settings": {"k": cfg.k, "similarity_top_k": cfg.similarity_top_k,
