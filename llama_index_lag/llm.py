@@ -46,9 +46,10 @@ from .data import check_text
 from .errors import ConfigError, DataError, PromptTooLongError
 from .generation import eos_ids, routed_generate
 from .library import AdapterLibrary
+from .observe import emit_routing, instrument
 from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
-from .trace import collect_routing, record_routing  # noqa: F401  (collect_routing: re-exported)
+from .trace import RoutingSummary, collect_routing, record_routing  # noqa: F401  (collect_routing: re-export)
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class LAGLLM(CustomLLM):
         self._custom_messages, self._custom_completion = (custom["messages_to_prompt"],
                                                           custom["completion_to_prompt"])
         self.generation_kwargs({})  # bad generate_kwargs / stopping_ids fail here, not at the first call
+        instrument()  # routing summaries into the metadata of any query / chat engine's responses
         self._check_routing(config)
 
     # ---- construction helpers -------------------------------------------------------------------
@@ -408,17 +410,15 @@ class LAGLLM(CustomLLM):
         summary = None
         if trace is not None and out.routing_seconds is not None:
             per_library = trace.summary(top=self.summary_top)
-            summary = {
-                "mode": config.mode,
-                "k": config.k,
-                "libraries": {kind: entry["adapters"] for kind, entry in per_library.items()},
-                "routing_ms": round(out.routing_seconds * 1e3, 2),
-                "generate_ms": round(seconds * 1e3, 2),
-                "new_tokens": int(new_tokens.numel()),
-            }
-            summary["selections"] = {kind: entry["selections"] for kind, entry in per_library.items()}
-            if config.fixed:
-                summary["fixed"] = {kind: list(names) for kind, names in config.fixed.items()}
+            summary = RoutingSummary(
+                mode=config.mode, k=config.k,
+                libraries={kind: entry["adapters"] for kind, entry in per_library.items()},
+                routing_ms=round(out.routing_seconds * 1e3, 2), generate_ms=round(seconds * 1e3, 2),
+                new_tokens=int(new_tokens.numel()),
+                selections={kind: entry["selections"] for kind, entry in per_library.items()},
+                fixed={kind: list(names) for kind, names in config.fixed.items()} if config.fixed else None,
+            ).as_dict()
+            emit_routing(summary)
         record_routing(summary)
         return text, summary, int(inputs["input_ids"].shape[1])
 

@@ -35,7 +35,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 from .errors import ConfigError, LibraryError
 from .llm import shared_llm
 from .pipeline_config import MODES, RETRIEVAL_MODES, LAGPipelineConfig, Mode
-from .trace import collect_routing
+from .trace import collect_into, collect_routing, merge_summaries  # merge_summaries: re-exported (moved)
 
 __all__ = ["MODES", "RETRIEVAL_MODES", "LAGPipelineConfig", "LAGQueryEngine", "Mode", "NoRetriever",
            "build_query_engine", "merge_summaries", "shared_embed_model", "shared_index", "shared_llm"]
@@ -71,32 +71,6 @@ class NoRetriever(BaseRetriever):
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         return []
-
-
-def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """One routing summary for a query that made several LLM calls (shares weighted by selections)."""
-    if not summaries:
-        return None
-    if len(summaries) == 1:
-        return summaries[0]
-    libraries: dict[str, dict[str, float]] = {}
-    totals: dict[str, int] = {}
-    for s in summaries:
-        for kind, adapters in s["libraries"].items():
-            n = s.get("selections", {}).get(kind, 1)
-            totals[kind] = totals.get(kind, 0) + n
-            for a in adapters:
-                libraries.setdefault(kind, {})
-                libraries[kind][a["adapter"]] = libraries[kind].get(a["adapter"], 0.0) + a["share"] * n
-    merged = dict(summaries[-1])
-    merged["libraries"] = {
-        kind: [{"adapter": a, "share": round(v / max(totals[kind], 1), 4)}
-               for a, v in sorted(shares.items(), key=lambda kv: -kv[1])]
-        for kind, shares in libraries.items()
-    }
-    merged["routing_ms"] = round(sum(s.get("routing_ms", 0.0) for s in summaries), 2)
-    merged["calls"] = len(summaries)
-    return merged
 
 
 class LAGQueryEngine(RetrieverQueryEngine):
@@ -146,8 +120,9 @@ class LAGQueryEngine(RetrieverQueryEngine):
         if isinstance(response, StreamingResponse) and response.response_gen is not None:
             inner = response.response_gen
 
-            def gen() -> Iterator[str]:
-                yield from inner
+            def gen() -> Iterator[str]:  # the synthesizer calls the LLM lazily, while this runs
+                with collect_into(sink), self._routing(nodes):
+                    yield from inner
                 response.metadata["lag"] = merge_summaries(sink)
 
             response.response_gen = gen()

@@ -1,5 +1,5 @@
 """Routing trace: which adapter each token chose at each module, and per-adapter shares; the routing
-summaries of the LLM calls a request made (:func:`collect_routing`)."""
+summaries of the LLM calls a request made (:class:`RoutingSummary`, :func:`collect_routing`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -133,15 +134,91 @@ class RoutingTrace:
             self._candidates.clear()
 
 
-_COLLECT: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("lag_collect",
-                                                                                        default=None)
+# ---- the routing summary of LLM calls: one schema ----------------------------------------------------
+ROUTING_SCHEMA_VERSION = 1
+
+
+class AdapterShare(BaseModel):
+    """One adapter and its share of its library's (token x module) selections."""
+
+    adapter: str
+    share: float
+
+
+class RoutingSummary(BaseModel):
+    """The routing summary (schema version 1) of one LAGLLM call (``additional_kwargs["lag"]``) or of all the
+    calls of one query or chat turn (``response.metadata["lag"]``, ``lag ask --json``), as a plain dict in
+    responses (``RoutingSummary.model_validate(d)`` checks one).
+
+    ``libraries``: per library kind, the adapters that won most selections, largest share first (top
+    ``LAGLLM.summary_top`` per call); ``selections``: per kind, the (token x module) selections counted;
+    ``fixed``: the adapters a fixed / PRAG call was pinned to; ``calls``: LLM calls merged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = ROUTING_SCHEMA_VERSION
+    mode: str
+    k: int
+    libraries: dict[str, list[AdapterShare]]
+    routing_ms: float
+    generate_ms: float | None = None
+    new_tokens: int | None = None
+    selections: dict[str, int] = Field(default_factory=dict)
+    fixed: dict[str, list[str]] | None = None
+    calls: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One routing summary for a query that made several LLM calls (shares weighted by selections; the last
+    call's mode, k and pins)."""
+    if not summaries:
+        return None
+    if len(summaries) == 1:
+        return summaries[0]
+    libraries: dict[str, dict[str, float]] = {}
+    totals: dict[str, int] = {}
+    for s in summaries:
+        for kind, adapters in s["libraries"].items():
+            n = s.get("selections", {}).get(kind, 1)
+            totals[kind] = totals.get(kind, 0) + n
+            for a in adapters:
+                libraries.setdefault(kind, {})
+                libraries[kind][a["adapter"]] = libraries[kind].get(a["adapter"], 0.0) + a["share"] * n
+    merged = dict(summaries[-1])
+    merged["libraries"] = {
+        kind: [{"adapter": a, "share": round(v / max(totals[kind], 1), 4)}
+               for a, v in sorted(shares.items(), key=lambda kv: -kv[1])]
+        for kind, shares in libraries.items()
+    }
+    merged["selections"] = totals
+    merged["routing_ms"] = round(sum(s.get("routing_ms", 0.0) for s in summaries), 2)
+    merged["generate_ms"] = round(sum(s.get("generate_ms", 0.0) for s in summaries), 2)
+    merged["new_tokens"] = sum(int(s.get("new_tokens", 0)) for s in summaries)
+    merged["calls"] = sum(int(s.get("calls", 1)) for s in summaries)
+    return merged
+
+
+# ---- collecting the summaries of a request's calls --------------------------------------------------------
+_COLLECT: contextvars.ContextVar[tuple[list[dict[str, Any]], ...]] = contextvars.ContextVar("lag_collect",
+                                                                                            default=())
 
 
 @contextlib.contextmanager
 def collect_routing() -> Iterator[list[dict[str, Any]]]:
-    """Collect the routing summaries of the LAGLLM calls made inside the block (this request only)."""
-    sink: list[dict[str, Any]] = []
-    token = _COLLECT.set(sink)
+    """Collect the routing summaries of the LAGLLM calls made inside the block (this request only; blocks
+    nest: an outer block also sees the calls of an inner one). Threads started with a copy of the context
+    (llama-index's ``Thread``, ``asyncio.to_thread``) report into the same list, even after the block."""
+    with collect_into([]) as sink:
+        yield sink
+
+
+@contextlib.contextmanager
+def collect_into(sink: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """:func:`collect_routing` into an existing list (e.g. again while a lazy response stream runs)."""
+    token = _COLLECT.set((*_COLLECT.get(), sink))
     try:
         yield sink
     finally:
@@ -150,6 +227,6 @@ def collect_routing() -> Iterator[list[dict[str, Any]]]:
 
 def record_routing(summary: dict[str, Any] | None) -> None:
     """Called by LAGLLM after each generation."""
-    sink = _COLLECT.get()
-    if sink is not None and summary is not None:
-        sink.append(summary)
+    if summary is not None:
+        for sink in _COLLECT.get():
+            sink.append(summary)

@@ -17,6 +17,7 @@ from llama_index_lag.cli import main as cli_main
 from llama_index_lag.errors import LibraryError, VectorIndexError
 from llama_index_lag.models import load_embed_model
 from llama_index_lag.pipeline import LAGPipelineConfig, NoRetriever, build_query_engine
+from llama_index_lag.trace import RoutingSummary
 
 from .conftest import QUESTION
 
@@ -168,7 +169,8 @@ def test_cli_ask_json_and_compare(world, tmp_path, capsys):
     assert out[1]["sources"][0]["id"] == "person-veltrano-oskimar" and out[1]["lag"] is None
     assert set(out[1]["sources"][0]) == {"id", "score", "text"}
     lag = out[2]["lag"]
-    assert set(lag) == {"mode", "k", "libraries", "routing_ms"} and lag["k"] == 3
+    assert RoutingSummary.model_validate(lag).as_dict() == lag and lag["k"] == 3
+    assert lag["schema_version"] == 1 and lag["calls"] == 1 and lag["mode"] == "lag"
     shares = [a["share"] for a in lag["libraries"]["knowledge"]]
     assert shares == sorted(shares, reverse=True)
     assert cli_main(["ask", QUESTION, "--config", str(path), "--mode", "prag", "--k", "2"]) == 0

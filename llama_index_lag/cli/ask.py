@@ -41,16 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def answer(engine_config: Any, question: str) -> dict[str, Any]:
-    """Run one mode; the ``--json`` object: mode, answer, sources, lag (routing summary or null)."""
+    """Run one mode; the ``--json`` object: mode, answer, sources, lag (a
+    :class:`~llama_index_lag.trace.RoutingSummary` as a dict, or null)."""
     from ..pipeline import build_query_engine
+    from ..trace import RoutingSummary
 
     response = build_query_engine(engine_config).query(question)
     sources = [{"id": n.node.metadata.get("doc_id") or n.node.ref_doc_id, "score": float(n.score or 0.0),
                 "text": n.node.get_content()} for n in response.source_nodes]
     lag = (response.metadata or {}).get("lag")
     if lag is not None:
-        lag = {"mode": lag["mode"], "k": lag["k"], "libraries": lag["libraries"],
-               "routing_ms": lag["routing_ms"]}
+        lag = RoutingSummary.model_validate(lag).as_dict()
     return {"mode": engine_config.mode, "answer": str(response).strip(), "sources": sources, "lag": lag}
 
 

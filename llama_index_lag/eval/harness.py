@@ -479,8 +479,7 @@ class EvalHarness:
         import torch
         from llama_index.core.schema import QueryBundle
 
-        from ..pipeline import merge_summaries
-        from ..trace import collect_routing
+        from ..trace import collect_routing, merge_summaries
 
         engine = self.engines[item.mode.prompt if item.mode.prompt == "rag" else "question"]
         overrides = item.routing.to_dict()
