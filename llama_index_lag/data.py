@@ -10,9 +10,13 @@ Keys other than these are kept, unchanged, in the record's ``metadata`` dict and
 Blank lines are skipped. Every problem raises :class:`~llama_index_lag.errors.DataError` naming the file,
 the 1-based line and the field.
 
-Ids (document and question ids, and the ``doc_id`` a question refers to) become adapter folder names, so they
-are checked by :func:`~llama_index_lag.ids.validate_id` (the rules: :mod:`llama_index_lag.ids`). Ids in one
-file must also differ case-insensitively (adapter folders would collide on case-insensitive file systems).
+Document ids (and the ``doc_id`` a question refers to) are any text without control characters (file paths,
+names with spaces): :func:`~llama_index_lag.ids.validate_document_id`; a document's adapter is named
+:func:`~llama_index_lag.ids.adapter_name` of its id. Question ids are strict
+(:func:`~llama_index_lag.ids.validate_id`). The adapter names of one file's ids must differ case-insensitively
+(adapter folders would collide on case-insensitive file systems). :func:`document_records` turns llama-index
+``Document`` s / nodes into records with stable ids (:func:`stable_document_id`), :func:`read_directory`
+reads a folder with ``SimpleDirectoryReader``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._fs import atomic_write_text
 from .errors import ConfigError, DataError
-from .ids import MAX_ID_LENGTH, id_key, validate_id  # re-exported: the id rules of documents and adapters
+from .ids import (  # re-exported: the id rules of documents and adapters
+    MAX_ID_LENGTH,
+    adapter_name,
+    id_key,
+    validate_document_id,
+    validate_id,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.core import Document
@@ -101,10 +111,11 @@ def _req_str(
     return value
 
 
-def _req_id(obj: Mapping[str, Any], key: str) -> str:
+def _req_id(obj: Mapping[str, Any], key: str, document: bool = False) -> str:
+    """A required id: a document id (any text, see :mod:`llama_index_lag.ids`) or a strict one."""
     if key not in obj:
         raise DataError(f"missing field {key!r}", field=key)
-    return validate_id(obj[key], field=key)
+    return (validate_document_id if document else validate_id)(obj[key], field=key)
 
 
 def _extras(obj: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
@@ -113,7 +124,7 @@ def _extras(obj: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
 
 def parse_document(obj: Mapping[str, Any]) -> DocumentRecord:
     """Build a :class:`DocumentRecord` from one JSON object (no file/line context)."""
-    doc_id = _req_id(obj, "id")
+    doc_id = _req_id(obj, "id", document=True)
     text = _req_str(obj, "text")
     title = _req_str(obj, "title", allow_empty=True, default="")
     metadata = _extras(obj, DOCUMENT_FIELDS)
@@ -147,7 +158,7 @@ def parse_question(obj: Mapping[str, Any], *, allow_empty_answers: bool = False)
     """Build a :class:`QuestionRecord` from one JSON object (no file/line context)."""
     qid = _req_id(obj, "id")
     question = _req_str(obj, "question")
-    doc_id = _req_id(obj, "doc_id")
+    doc_id = _req_id(obj, "doc_id", document=True)
     task = _req_str(obj, "task", default="qa")
     answers = _parse_answers(obj, task, allow_empty_answers)
     metadata = _extras(obj, QUESTION_FIELDS)
@@ -253,7 +264,7 @@ def _read(
 
 
 def _check_duplicate(rid: str, lineno: int, seen: dict[str, tuple[str, int]], path: Path | None) -> None:
-    k = id_key(rid)
+    k = id_key(adapter_name(rid))  # ids whose adapter folders would collide
     if k in seen:
         first, first_line = seen[k]
         what = (
@@ -366,6 +377,8 @@ __all__ = [
     "QuestionRecord",
     "TaskExample",
     "validate_id",
+    "validate_document_id",
+    "adapter_name",
     "id_key",
     "read_documents",
     "read_questions",

@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._fs import atomic_dir, atomic_write_json, check_output, sha256_file
-from .data import DocumentRecord, check_text, doc_to_llama_document, id_key, validate_id
+from .data import (
+    DocumentRecord,
+    adapter_name,
+    check_text,
+    doc_to_llama_document,
+    id_key,
+    validate_document_id,
+)
 from .errors import ConfigError, DataError, LAGError, VectorIndexError
+from .ingest import load_documents
 from .models import load_embed_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -226,15 +234,13 @@ def chunk_documents(
 # ---- build -------------------------------------------------------------------------------------------------
 
 
-def _check_documents(documents: Iterable[DocumentRecord], max_chars: int) -> list[DocumentRecord]:
-    records = list(documents)
+def _check_documents(documents: Any, max_chars: int) -> list[DocumentRecord]:
+    records = load_documents(documents)
     if not records:
         raise DataError("no documents to index")
     seen: dict[str, str] = {}
-    for i, rec in enumerate(records):
-        if not isinstance(rec, DocumentRecord):
-            raise DataError(f"document {i} is a {type(rec).__name__}, expected DocumentRecord")
-        validate_id(rec.id)
+    for rec in records:
+        validate_document_id(rec.id)
         if not rec.text.strip():
             raise DataError(f"document {rec.id!r} has empty text", field="text")
         for name in ("text", "title"):
@@ -245,7 +251,7 @@ def _check_documents(documents: Iterable[DocumentRecord], max_chars: int) -> lis
         if len(rec.text) > max_chars:
             raise DataError(f"document {rec.id!r} has {len(rec.text)} characters, more than the limit of "
                             f"{max_chars} (max_document_chars)", field="text")
-        key = id_key(rec.id)
+        key = id_key(adapter_name(rec.id))  # as the library's adapter names
         if key in seen:
             raise DataError(f"duplicate document id {rec.id!r} (also {seen[key]!r})", field="id")
         seen[key] = rec.id
@@ -279,7 +285,7 @@ def _manifest(
 
 
 def build_index(
-    documents: Iterable[DocumentRecord],
+    documents: Iterable[DocumentRecord | BaseNode] | str | Path,
     out_dir: str | Path,
     *,
     embed_model: BaseEmbedding | None = None,
@@ -291,6 +297,10 @@ def build_index(
     max_document_chars: int = MAX_DOCUMENT_CHARS,
 ) -> VectorStoreIndex:
     """Embed, index (FAISS ``IndexFlatIP``) and persist ``documents`` to ``out_dir``, atomically.
+
+    ``documents``: :class:`DocumentRecord` s, llama-index ``Document`` s / nodes (ids by
+    :func:`~llama_index_lag.ingest.stable_document_id`, the library's policy), a ``documents.jsonl`` path or
+    a folder path (read with ``SimpleDirectoryReader``).
 
     ``chunk_size`` counts embedder tokens including the title line; ``None`` means 512 capped at what the
     embedder reads (254 for MiniLM); larger values are capped with a warning. An existing index at ``out_dir``
@@ -304,6 +314,8 @@ def build_index(
     if not isinstance(max_document_chars, int) or max_document_chars <= 0:
         raise ConfigError(f"max_document_chars must be a positive integer, got {max_document_chars!r}",
                           field="max_document_chars")
+    if isinstance(documents, (str, Path)):
+        inputs = [*inputs, documents]
     records = _check_documents(documents, max_document_chars)
     out = check_output(out_dir, ours=lambda p: (p / MANIFEST_FILE).is_file(), what="lag index", inputs=inputs,
                        force=force)

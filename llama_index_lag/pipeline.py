@@ -20,8 +20,9 @@ libraries attached once), one embedder and one index per process.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.response_synthesizers import get_response_synthesizer
 from llama_index.core.retrievers import BaseRetriever
-from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
 from .errors import ConfigError, LibraryError
+from .ingest import stable_document_id
 from .llm import shared_llm
 from .pipeline_config import MODES, RETRIEVAL_MODES, LAGPipelineConfig, Mode
 from .trace import collect_into, collect_routing, merge_summaries  # merge_summaries: re-exported (moved)
@@ -66,6 +68,10 @@ def shared_index(index_dir: str, embed_model: Any) -> Any:
 
 
 # ---- query engine ------------------------------------------------------------------------------------
+#: PRAG's document -> adapter mapping: a callable ``node -> adapter name``, or a metadata key holding it
+DocToAdapter = Callable[[BaseNode], "str | None"] | str | None
+
+
 class NoRetriever(BaseRetriever):
     """Retrieves nothing, without embedding the query: for the modes that do not retrieve."""
 
@@ -77,12 +83,12 @@ class LAGQueryEngine(RetrieverQueryEngine):
     """A ``RetrieverQueryEngine`` that knows its pipeline mode: PRAG's per-query adapter and the routing
     summary in ``response.metadata["lag"]``."""
 
-    def __init__(self, *args: Any, mode: str, llm: Any = None, doc_to_adapter: dict[str, str] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mode: str, llm: Any = None,
+                 doc_to_adapter: dict[str, str] | DocToAdapter = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
         self._llm = llm
-        self._doc_to_adapter = doc_to_adapter or {}
+        self._doc_to_adapter = doc_to_adapter if doc_to_adapter is not None else {}
 
     @property
     def llm(self) -> Any:
@@ -93,8 +99,14 @@ class LAGQueryEngine(RetrieverQueryEngine):
         """The knowledge adapter PRAG applies for these retrieved nodes (the top document's)."""
         if not nodes:
             raise LibraryError("PRAG retrieved no document, so there is no knowledge adapter to apply")
-        doc_id = nodes[0].node.metadata.get("doc_id") or nodes[0].node.ref_doc_id
-        adapter = self._doc_to_adapter.get(doc_id)
+        node = nodes[0].node
+        doc_id = stable_document_id(node)  # the library's id policy (ingest)
+        if callable(self._doc_to_adapter):
+            adapter = self._doc_to_adapter(node)
+        elif isinstance(self._doc_to_adapter, str):
+            adapter = (node.metadata or {}).get(self._doc_to_adapter)
+        else:
+            adapter = self._doc_to_adapter.get(doc_id)
         if adapter is None:
             raise LibraryError(f"retrieved document {doc_id!r} has no adapter in the knowledge library "
                                "(build it with `lag build-adapters`)", adapter=doc_id, field="knowledge")
@@ -146,49 +158,88 @@ class LAGQueryEngine(RetrieverQueryEngine):
         return self._finish(response, nodes, sink)
 
 
+#: as_query_engine / RetrieverQueryEngine.from_args keyword arguments build_query_engine passes on
+ENGINE_KWARGS = ("node_postprocessors", "text_qa_template", "refine_template", "summary_template",
+                 "simple_template", "filters", "use_async", "verbose", "output_cls", "callback_manager")
+
+
+def _split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config overrides, engine keyword arguments); anything else is a ConfigError naming it."""
+    fields = set(LAGPipelineConfig.model_fields)
+    unknown = sorted(set(kwargs) - fields - set(ENGINE_KWARGS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(fields | set(ENGINE_KWARGS)), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"build_query_engine got unknown keyword argument(s) {unknown}{hint}",
+                          field=unknown[0])
+    return ({k: v for k, v in kwargs.items() if k in fields},
+            {k: v for k, v in kwargs.items() if k in ENGINE_KWARGS})
+
+
 def build_query_engine(
-    config: LAGPipelineConfig | str | Path,
+    config: LAGPipelineConfig | str | Path | None = None,
     *,
     llm: Any = None,
     index: Any = None,
+    retriever: BaseRetriever | None = None,
     embed_model: Any = None,
     streaming: bool = False,
-    **overrides: Any,
+    doc_to_adapter: DocToAdapter = None,
+    **kwargs: Any,
 ) -> LAGQueryEngine:
-    """A LlamaIndex query engine for ``config.mode`` (a config object or file; ``overrides`` replace fields).
+    """A LlamaIndex query engine for ``config.mode`` (a config object, a file, or None for the defaults).
 
-    ``llm`` (a LAGLLM), ``index`` (a VectorStoreIndex) and ``embed_model`` are reused when given; otherwise
-    they are loaded once per process and shared by every engine built here.
+    ``llm`` (a LAGLLM), ``index`` (any ``VectorStoreIndex``: FAISS, the simple store, yours) or ``retriever``
+    (any ``BaseRetriever``) and ``embed_model`` are used when given (then ``config.index`` is not needed);
+    otherwise they are loaded once per process and shared by every engine built here. ``kwargs``:
+    :class:`LAGPipelineConfig` fields (``mode``, ``k``, ``similarity_top_k``, ``response_mode``, ...) replace
+    the config's, and ``as_query_engine``'s own arguments (:data:`ENGINE_KWARGS`: ``node_postprocessors``,
+    ``text_qa_template``, ``refine_template``, ``filters``, ...) are passed on; any other is a
+    :class:`ConfigError`. ``doc_to_adapter`` (PRAG): a callable ``node -> adapter name``, or a metadata key
+    holding it; by default the retrieved document's id (:func:`~llama_index_lag.ingest.stable_document_id`)
+    looked up in the knowledge library.
     """
-    if not isinstance(config, LAGPipelineConfig):
+    overrides, engine_kw = _split_engine_kwargs(kwargs)
+    if config is None:
+        config = LAGPipelineConfig(**overrides)
+    elif not isinstance(config, LAGPipelineConfig):
         config = LAGPipelineConfig.load(config, **overrides)
     elif overrides:
         config = config.model_copy(update=overrides)
         config = LAGPipelineConfig(**config.model_dump())
-    config.check()
+    config.check(has_index=index is not None or retriever is not None, has_llm=llm is not None)
     if llm is None:
         llm = shared_llm(config)
     else:
         llm = llm.with_routing(config.lag_config()).model_copy(
             update={"max_new_tokens": config.max_new_tokens})
-    doc_to_adapter = None
+    mapping = None
     if config.mode in ("prag", "prag+lag"):
         know = [lib for lib in (llm.router.libraries.get("knowledge", []) if llm.router else [])]
         if not know:
             raise ConfigError(f"mode {config.mode!r} needs a knowledge library attached to the LLM",
                               field="knowledge")
-        doc_to_adapter = {d: a for lib in know for d, a in lib.doc_ids().items()}
-    if config.mode in RETRIEVAL_MODES:
+        mapping = doc_to_adapter if doc_to_adapter is not None else {
+            d: a for lib in know for d, a in lib.doc_ids().items()}
+    filters = engine_kw.pop("filters", None)
+    if config.mode in RETRIEVAL_MODES and retriever is None:
         if index is None:
             embed = embed_model if embed_model is not None else shared_embed_model(config.embed_model)
             index = shared_index(config.index, embed)
-        retriever = index.as_retriever(similarity_top_k=config.similarity_top_k)
-    else:
+        retriever = index.as_retriever(similarity_top_k=config.similarity_top_k,
+                                       **({"filters": filters} if filters is not None else {}))
+    elif filters is not None:
+        raise ConfigError("filters apply to an index's retriever; set them on the retriever you pass",
+                          field="filters")
+    elif config.mode not in RETRIEVAL_MODES:
         retriever = NoRetriever()
     response_mode = config.response_mode if config.mode in ("rag", "rag+lag") else "generation"
     # count prompt tokens with the model's own tokenizer when packing retrieved text into the window
     helper = PromptHelper.from_llm_metadata(llm.metadata, tokenizer=lambda text: llm.tokenizer.encode(text))
+    synth_kw = {k: engine_kw.pop(k) for k in list(engine_kw)
+                if k in ("text_qa_template", "refine_template", "summary_template", "simple_template",
+                         "use_async", "verbose", "output_cls", "callback_manager")}
     synthesizer = get_response_synthesizer(llm=llm, response_mode=response_mode, streaming=streaming,
-                                           prompt_helper=helper)
+                                           prompt_helper=helper, **synth_kw)
     return LAGQueryEngine(retriever=retriever, response_synthesizer=synthesizer, mode=config.mode, llm=llm,
-                          doc_to_adapter=doc_to_adapter)
+                          doc_to_adapter=mapping, **engine_kw)

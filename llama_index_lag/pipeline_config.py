@@ -74,11 +74,14 @@ class LAGPipelineConfig(BaseModel):
             return LAGConfig.from_dict({"mode": "none", "k": self.k, **extra})
         return LAGConfig.preset(self.lag_method, k=self.k, **extra)
 
-    def check(self) -> None:
-        """Fail early with a clear message when the mode lacks what it needs."""
-        if self.mode in RETRIEVAL_MODES and not self.index:
+    def check(self, has_index: bool = False, has_llm: bool = False) -> None:
+        """Fail early with a clear message when the mode lacks what it needs (``has_index``: an index or
+        retriever object is given instead of ``index``; ``has_llm``: an LLM with its own libraries)."""
+        if self.mode in RETRIEVAL_MODES and not self.index and not has_index:
             raise ConfigError(f"mode {self.mode!r} retrieves documents: set index "
                               "(a folder from `lag index`)", field="index")
+        if has_llm:
+            return
         if self.mode in ("lag", "rag+lag") and not (self.knowledge or self.task):
             raise ConfigError(f"mode {self.mode!r} routes adapters: set knowledge and/or task libraries",
                               field="knowledge")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 from pathlib import Path
@@ -12,10 +13,12 @@ from llama_index_lag.data import (
     DocumentRecord,
     QuestionRecord,
     TaskExample,
+    adapter_name,
     doc_to_llama_document,
     read_documents,
     read_questions,
     read_task_examples,
+    validate_document_id,
     validate_id,
     write_documents,
     write_questions,
@@ -128,12 +131,27 @@ def test_bad_document_fields(tmp_path: Path, obj: dict, field: str, match: str) 
         unicodedata.normalize("NFD", "café"),
     ],
 )
-def test_unsafe_ids_refused(tmp_path: Path, bad: str) -> None:
+def test_unsafe_adapter_names_refused_and_mapped(tmp_path: Path, bad: str) -> None:
     with pytest.raises(DataError) as info:
         validate_id(bad)
     assert info.value.field == "id"
     path = _write_lines(tmp_path / "d.jsonl", [_doc("ok"), _doc(bad)])
-    _raises(read_documents, path, line=2, field="id")
+    if any(c in bad for c in "\x00\t\n"):  # control characters: not even a document id
+        _raises(read_documents, path, line=2, field="id", match="control character")
+        return
+    assert read_documents(path)[1].id == bad  # any other text is a document id ...
+    name = adapter_name(bad)  # ... whose adapter gets a safe, stable folder name
+    assert validate_id(name) == name != bad and adapter_name(bad) == name
+    assert name.endswith(hashlib.sha256(bad.encode()).hexdigest()[:10])
+
+
+def test_adapter_names_of_document_ids() -> None:
+    assert adapter_name("doc-1") == "doc-1"  # a safe id names its adapter unchanged
+    assert adapter_name("notes/a b.md").startswith("notes-a-b.md-")
+    assert adapter_name("a b") != adapter_name("a_b") != adapter_name("a-b")  # no collisions by folding
+    for bad in ("", "  ", " lead", "a" * 1025, "x\x00y"):
+        with pytest.raises(DataError):
+            validate_document_id(bad)
 
 
 @pytest.mark.parametrize("good", ["doc-1", "Doc_2.v3", "café", "文档七", "a" * 128, "0", "a..b", "console"])
@@ -190,7 +208,7 @@ def test_read_questions(tmp_path: Path) -> None:
         (_q(answers=["Ann", 3]), "answers[1]", "non-empty string"),
         (_q(answers=["Ann", " "]), "answers[1]", "non-empty string"),
         (_q(answers=[]), "answers", "empty"),
-        (_q(doc_id="../etc"), "doc_id", "contains"),
+        (_q(doc_id="a\nb"), "doc_id", "control character"),
         ({"id": "q", "question": "q", "answers": ["a"]}, "doc_id", "missing"),
         (_q(task=1), "task", "must be a string"),
         (_q(task="fact", answers=["maybe"]), "answers", "true"),
@@ -270,7 +288,7 @@ def test_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        DocumentRecord(id="a/b", text="x"),
+        DocumentRecord(id="a\nb", text="x"),
         DocumentRecord(id="ok", text=""),
         DocumentRecord(id="ok", text="x", metadata={"title": "clash"}),
         DocumentRecord(id="ok", text="x", metadata={"obj": object()}),

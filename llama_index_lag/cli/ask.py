@@ -43,11 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def answer(engine_config: Any, question: str) -> dict[str, Any]:
     """Run one mode; the ``--json`` object: mode, answer, sources, lag (a
     :class:`~llama_index_lag.trace.RoutingSummary` as a dict, or null)."""
+    from ..ingest import stable_document_id
     from ..pipeline import build_query_engine
     from ..trace import RoutingSummary
 
     response = build_query_engine(engine_config).query(question)
-    sources = [{"id": n.node.metadata.get("doc_id") or n.node.ref_doc_id, "score": float(n.score or 0.0),
+    sources = [{"id": stable_document_id(n.node), "score": float(n.score or 0.0),
                 "text": n.node.get_content()} for n in response.source_nodes]
     lag = (response.metadata or {}).get("lag")
     if lag is not None:

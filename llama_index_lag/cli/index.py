@@ -7,16 +7,19 @@ import json
 import time
 from typing import Any
 
+from ._documents import add_document_args, documents_from
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "index",
-        help="embed documents.jsonl into a persisted FAISS index",
-        description="Embed documents.jsonl (offline MiniLM by default) into a FAISS index folder, atomically."
+        help="embed documents (documents.jsonl or a folder) into a persisted FAISS index",
+        description="Embed documents.jsonl or a folder of files (offline MiniLM by default) into a FAISS "
+        "index folder, atomically."
         " "
         "With --inspect, print an index's manifest instead.",
     )
-    p.add_argument("--docs", help="documents.jsonl ({id, title, text} per line)")
+    add_document_args(p, required=False)
     p.add_argument("--out", help="index folder to write (an existing index there is replaced on success)")
     p.add_argument(
         "--embed-model", metavar="DIR", help="local sentence-transformers folder (default: offline MiniLM)"
@@ -61,13 +64,12 @@ def _run_index(args: argparse.Namespace) -> int:
 
     if args.inspect:
         return _inspect(args.inspect)
-    if not args.docs or not args.out:
-        raise ConfigError("lag index needs --docs and --out (or --inspect INDEX_DIR)")
-    from ..data import read_documents
+    if not (args.docs or args.input_dir) or not args.out:
+        raise ConfigError("lag index needs --docs or --input-dir, and --out (or --inspect INDEX_DIR)")
     from ..indexing import build_index
 
     start = time.perf_counter()
-    docs = read_documents(args.docs)
+    docs = documents_from(args, args.out)
     index = build_index(
         docs,
         args.out,
@@ -76,7 +78,7 @@ def _run_index(args: argparse.Namespace) -> int:
         chunk_overlap=args.chunk_overlap,
         show_progress=not args.quiet,
         force=args.force,
-        inputs=[args.docs],
+        inputs=[args.docs] if args.docs else [],
         **({"max_document_chars": args.max_document_chars} if args.max_document_chars is not None else {}),
     )
     dim = index.vector_store.client.d

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stop_on_sigterm
+from ._documents import add_document_args, documents_from
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -57,11 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train one knowledge adapter (PEFT LoRA) per document, optionally compile them into a library",
         description="For every document: the base model writes a rewrite and question-answer pairs, a LoRA "
         "(EVA init) is trained on the document, the rewrite, sentence facts and the QA pairs, and saved as "
-        "ADAPTERS_DIR/<doc_id> (a standard PEFT folder + lag_adapter.json). Re-running skips finished "
+        "ADAPTERS_DIR/<name> (a standard PEFT folder + lag_adapter.json; name: the document id, or a safe "
+        "folder name derived from it). Re-running skips finished "
         "adapters; an interrupted run never leaves a half-written one.",
     )
-    p.add_argument("--docs", required=True, metavar="DOCUMENTS_JSONL",
-                   help="documents.jsonl (id, title, text)")
+    add_document_args(p)
     p.add_argument("--out", required=True, metavar="ADAPTERS_DIR", help="folder of the adapter folders")
     p.add_argument("--base", metavar="MODEL_DIR", default=None,
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -75,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
-                   help="replace folders at ADAPTERS_DIR/<doc_id> or --compile that "
+                   help="replace folders at ADAPTERS_DIR/<name> or --compile that "
                         "llama-index-lag did not write")
     _recipe_args(p)
     p.set_defaults(func=_build)
@@ -108,7 +109,8 @@ def _build(args: argparse.Namespace) -> int:
         fields.update(n_rewrites=0, qa=False)
     recipe = KnowledgeRecipe.from_dict({**KnowledgeRecipe().to_dict(), **fields})
     with stop_on_sigterm():
-        report = build_knowledge_adapters(args.docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
+        docs = documents_from(args, args.out, args.compile)
+        report = build_knowledge_adapters(docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
                                           workers=args.workers, compile_to=args.compile,
                                           progress=not args.quiet, overwrite=args.overwrite, force=args.force)
     times = [m["timings"]["total_s"] for d, m in report.metadata.items() if d in report.built]

@@ -2,9 +2,9 @@
 
 Layout of ``ADAPTERS_DIR``::
 
-    <doc_id>/adapter_config.json          a standard PEFT LoRA folder, named by the document id
-    <doc_id>/adapter_model.safetensors
-    <doc_id>/lag_adapter.json             doc_id, kind, recipe, seed, timings, train loss, QA counts
+    <name>/adapter_config.json            a standard PEFT LoRA folder, named adapter_name(document id)
+    <name>/adapter_model.safetensors      (the id itself when it is a safe folder name)
+    <name>/lag_adapter.json               doc_id (the original id), kind, recipe, seed, timings, QA counts
 
 Each adapter is written into a hidden temporary sibling and renamed into place only when complete
 (``atomic_dir``), ``lag_adapter.json`` included, so a folder with a valid ``lag_adapter.json`` is a finished
@@ -40,13 +40,15 @@ from .._fs import atomic_dir, atomic_write_json, check_output, file_lock, free_b
 from ..data import (
     DocumentRecord,
     TaskExample,
+    adapter_name,
     check_text,
     id_key,
-    read_documents,
     read_task_examples,
+    validate_document_id,
     validate_id,
 )
 from ..errors import BuildError, ConfigError, DataError, LAGError, UnsafeOutputError
+from ..ingest import load_documents
 from .augment import (
     HFGenerator,
     QAGenerationWarning,
@@ -61,6 +63,7 @@ from .recipe import KnowledgeRecipe, TaskRecipe
 from .train import StepCallback, train_lora
 
 if TYPE_CHECKING:  # pragma: no cover
+    from llama_index.core.schema import BaseNode, Document
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ..library import AdapterLibrary
@@ -229,7 +232,7 @@ class BuildReport:
 
     @property
     def adapter_dirs(self) -> list[Path]:
-        return [self.out / doc_id for doc_id in self.metadata]
+        return [self.out / adapter_name(doc_id) for doc_id in self.metadata]
 
 
 def _check_documents(documents: Sequence[DocumentRecord]) -> None:
@@ -237,8 +240,8 @@ def _check_documents(documents: Sequence[DocumentRecord]) -> None:
         raise DataError("no documents to build adapters for")
     seen: dict[str, str] = {}
     for doc in documents:
-        validate_id(doc.id)
-        key = id_key(doc.id)
+        validate_document_id(doc.id)
+        key = id_key(adapter_name(doc.id))  # the adapter folders must not collide
         if key in seen:
             raise DataError(f"duplicate document id {doc.id!r} (collides with {seen[key]!r})", field="id")
         seen[key] = doc.id
@@ -251,14 +254,14 @@ def _check_documents(documents: Sequence[DocumentRecord]) -> None:
             raise DataError(exc.message, field=exc.field, adapter=doc.id) from None
 
 
-def _clean_stale(out: Path, doc_id: str) -> None:
+def _clean_stale(out: Path, name: str) -> None:
     """Remove temp folders an earlier crashed run left for this adapter."""
-    for stale in out.glob(f".{doc_id}.tmp-*"):
+    for stale in out.glob(f".{name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def build_knowledge_adapters(
-    documents: Sequence[DocumentRecord] | str | Path,
+    documents: Sequence[DocumentRecord | Document | BaseNode] | str | Path,
     out: str | Path,
     *,
     base: str | Path | None = None,
@@ -275,8 +278,12 @@ def build_knowledge_adapters(
     on_step: StepCallback | None = None,
     force: bool = False,
 ) -> BuildReport:
-    """Build the knowledge adapter of every document into ``out/<doc_id>`` (skipping finished ones unless
-    ``overwrite``), then compile them into a knowledge library at ``compile_to`` when given.
+    """Build the knowledge adapter of every document into ``out/<adapter_name(doc id)>`` (skipping finished
+    ones unless ``overwrite``), then compile them into a knowledge library at ``compile_to`` when given.
+
+    ``documents``: :class:`DocumentRecord` s, llama-index ``Document`` s or nodes (e.g. from
+    ``SimpleDirectoryReader``; ids by :func:`~llama_index_lag.ingest.stable_document_id`), a
+    ``documents.jsonl`` path or a folder path (:func:`~llama_index_lag.ingest.read_directory`).
 
     ``base`` is the model folder (None: the embedded SmolLM2-135M-Instruct); pass ``model`` + ``tokenizer``
     to reuse a loaded model (``workers`` must then be 1). ``workers > 1`` trains in that many spawned
@@ -284,14 +291,14 @@ def build_knowledge_adapters(
     ``on_adapter(doc_id, meta)`` is called in this process after each finished adapter (raise from it to stop
     the build).
 
-    Nothing that is not ours is replaced: an existing ``out/<doc_id>`` that is not a finished adapter (and
+    Nothing that is not ours is replaced: an existing adapter folder that is not a finished adapter (and
     not empty), or a ``compile_to`` that is a user's folder, equal to ``out`` or inside it, is refused with an
     :class:`UnsafeOutputError` before any training (``force=True`` replaces such adapter folders and library
     folders, never the adapters themselves). One build at a time writes ``out``: a second one, or one started
     while a worker of a killed build still runs, is refused. Workers die with this process.
     """
     start = time.perf_counter()
-    docs = read_documents(documents) if isinstance(documents, (str, Path)) else list(documents)
+    docs = load_documents(documents)
     _check_documents(docs)
     recipe = recipe or KnowledgeRecipe()
     if not isinstance(workers, int) or workers < 1:
@@ -327,7 +334,7 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
     report = BuildReport(out=out)
     todo: list[DocumentRecord] = []
     for doc in docs:
-        folder = out / doc.id
+        folder = out / adapter_name(doc.id)
         meta = read_adapter_meta(folder)
         ours = meta is not None or not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
         if not ours and not force:
@@ -344,7 +351,7 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         else:
             todo.append(doc)
     for doc in todo:
-        _clean_stale(out, doc.id)
+        _clean_stale(out, adapter_name(doc.id))
 
     if todo:
         if model is None and workers == 1:
@@ -370,8 +377,9 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
                 assert model is not None and tokenizer is not None
                 for doc in todo:
                     bar.set_description(f"adapters ({doc.id})")
-                    meta = build_knowledge_adapter(doc, model, tokenizer, out / doc.id, recipe=recipe,
-                                                   seed=seed, generate=generate, on_step=on_step)
+                    meta = build_knowledge_adapter(doc, model, tokenizer, out / adapter_name(doc.id),
+                                                   recipe=recipe, seed=seed, generate=generate,
+                                                   on_step=on_step)
                     finished(doc.id, meta)
             else:
                 _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished)
@@ -390,9 +398,9 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         from ..library import AdapterLibrary
 
         base_model: Any = model if model is not None else _resolve(base)
-        lib: AdapterLibrary = AdapterLibrary.compile([out / doc.id for doc in docs], kind="knowledge",
-                                                     base_model=base_model, out=compile_to, progress=progress,
-                                                     force=force)
+        dirs = [out / adapter_name(doc.id) for doc in docs]
+        lib: AdapterLibrary = AdapterLibrary.compile(dirs, kind="knowledge", base_model=base_model,
+                                                     out=compile_to, progress=progress, force=force)
         report.library = lib.path
     report.seconds = time.perf_counter() - start
     return report
@@ -493,7 +501,8 @@ def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | No
                                initializer=_worker_init, initargs=(base_str, threads, os.getpid(), str(out)))
     clean = False
     try:
-        pending = {pool.submit(_worker_build, doc, str(out / doc.id), recipe, seed): doc.id for doc in todo}
+        pending = {pool.submit(_worker_build, doc, str(out / adapter_name(doc.id)), recipe, seed): doc.id
+                   for doc in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
