@@ -177,28 +177,32 @@ def _marker(gguf: Path, seconds: float) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' progress bars (incl. the GGUF dequantisation bar) when ``enabled`` is False."""
-    if enabled:
-        yield
-        return
+    """Show (``enabled``) or silence transformers' progress bars (incl. the GGUF dequantisation bar) inside
+    the block, whatever the process-wide setting (``lag`` silences them unless ``-v``)."""
     import functools
 
     from tqdm.auto import tqdm
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    was_disabled = hf_logging.is_progress_bar_enabled() is False
-    hf_logging.disable_progress_bar()
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
     original = getattr(gguf_utils, "tqdm", None)
-    if original is not None:
+    if original is not None and not enabled:
         gguf_utils.tqdm = functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
         if original is not None:
             gguf_utils.tqdm = original
-        if not was_disabled:
-            hf_logging.enable_progress_bar()
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def quiet_model_loading() -> None:
+    """Silence transformers' per-load progress bars ("Loading weights") for this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:

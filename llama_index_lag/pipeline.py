@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,11 @@ from .llm import shared_llm
 from .pipeline_config import MODES, RETRIEVAL_MODES, LAGPipelineConfig, Mode
 from .trace import collect_into, collect_routing, merge_summaries  # merge_summaries: re-exported (moved)
 
-__all__ = ["MODES", "RETRIEVAL_MODES", "LAGPipelineConfig", "LAGQueryEngine", "Mode", "NoRetriever",
-           "build_query_engine", "merge_summaries", "shared_embed_model", "shared_index", "shared_llm"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODES", "RETRIEVAL_MODES", "Coverage", "LAGPipelineConfig", "LAGQueryEngine", "Mode",
+           "NoRetriever", "build_query_engine", "check_coverage", "index_document_ids", "merge_summaries",
+           "shared_embed_model", "shared_index", "shared_llm"]
 
 # ---- process-wide sharing: one model (llm.shared_llm) / embedder / index per process, whatever the mode ---
 _LOCK = threading.Lock()
@@ -158,6 +163,60 @@ class LAGQueryEngine(RetrieverQueryEngine):
         return self._finish(response, nodes, sink)
 
 
+# ---- index <-> library coverage -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Coverage:
+    """Which indexed documents have a knowledge adapter (under the one id policy)."""
+
+    documents: int
+    adapters: int
+    documents_without_adapters: list[str]
+    adapters_without_documents: list[str]
+
+    @property
+    def complete(self) -> bool:
+        return not self.documents_without_adapters and not self.adapters_without_documents
+
+
+def index_document_ids(index: Any) -> list[str] | None:
+    """The document ids of an index folder (its manifest) or of an index object (its docstore's nodes; None
+    when the vector store keeps no docstore)."""
+    if isinstance(index, (str, Path)):
+        from .indexing import read_index_manifest
+
+        return list(read_index_manifest(index)["doc_ids"])
+    nodes = list(getattr(getattr(index, "docstore", None), "docs", {}).values())
+    return sorted({stable_document_id(n) for n in nodes}) if nodes else None
+
+
+def check_coverage(index: Any, libraries: Any) -> Coverage:
+    """Documents of ``index`` (folder or object) without an adapter in the knowledge ``libraries`` (library
+    objects or folders), and adapters whose document is not in the index."""
+    from .library import AdapterLibrary
+
+    libs = [lib if isinstance(lib, AdapterLibrary) else AdapterLibrary.load(lib)
+            for lib in (libraries if isinstance(libraries, (list, tuple)) else [libraries])]
+    docs = index_document_ids(index)
+    if docs is None:
+        raise ConfigError("the index keeps no docstore, so its documents cannot be listed", field="index")
+    known = {d: a for lib in libs for d, a in lib.doc_ids().items()}
+    return Coverage(documents=len(docs), adapters=len(known),
+                    documents_without_adapters=[d for d in docs if d not in known],
+                    adapters_without_documents=sorted(a for d, a in known.items() if d not in set(docs)))
+
+
+def _warn_uncovered(index: Any, libraries: Any) -> None:
+    try:
+        cov = check_coverage(index, libraries)
+    except ConfigError:
+        return
+    if cov.documents_without_adapters:
+        missing = cov.documents_without_adapters
+        logger.warning("%d of %d indexed documents have no knowledge adapter (e.g. %r): PRAG fails when it "
+                       "retrieves one; `lag check --index ... --knowledge ...` lists them", len(missing),
+                       cov.documents, missing[0])
+
+
 #: as_query_engine / RetrieverQueryEngine.from_args keyword arguments build_query_engine passes on
 ENGINE_KWARGS = ("node_postprocessors", "text_qa_template", "refine_template", "summary_template",
                  "simple_template", "filters", "use_async", "verbose", "output_cls", "callback_manager")
@@ -228,6 +287,8 @@ def build_query_engine(
             index = shared_index(config.index, embed)
         retriever = index.as_retriever(similarity_top_k=config.similarity_top_k,
                                        **({"filters": filters} if filters is not None else {}))
+        if mapping is not None and doc_to_adapter is None:
+            _warn_uncovered(index, know)
     elif filters is not None:
         raise ConfigError("filters apply to an index's retriever; set them on the retriever you pass",
                           field="filters")

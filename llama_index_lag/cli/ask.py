@@ -8,6 +8,7 @@ import shutil
 import textwrap
 from typing import Any
 
+from ..errors import LAGError
 from ..modes import LAG_METHODS, PIPELINE_MODES
 
 FIELDS = ("model", "embed_model", "index", "knowledge", "k", "similarity_top_k", "response_mode",
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help=f"answer a question (modes {' / '.join(PIPELINE_MODES)})",
                        description="Answer QUESTION with the pipeline in --config (JSON/YAML/TOML); flags of "
                        "the same names override the config's fields.")
-    p.add_argument("question")
+    p.add_argument("question", help="the question to answer")
     p.add_argument("--config", default=None, help="pipeline config file (LAGPipelineConfig fields)")
     p.add_argument("--mode", default=None, help=" | ".join(PIPELINE_MODES))
     p.add_argument("--compare", default=None, metavar="MODES",
@@ -31,11 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=None, help="Arrow candidates per token (LAG)")
     p.add_argument("--lag-method", dest="lag_method", default=None, choices=LAG_METHODS,
                    help="LAG routing: two-level (default) or the paper's per-token Arrow -> SpectR")
-    p.add_argument("--similarity-top-k", dest="similarity_top_k", type=int, default=None)
-    p.add_argument("--response-mode", dest="response_mode", default=None)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--similarity-top-k", dest="similarity_top_k", type=int, default=None,
+                   help="documents retrieved in rag modes")
+    p.add_argument("--response-mode", dest="response_mode", default=None,
+                   help="llama-index response mode of rag modes (compact, refine, ...)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None,
+                   help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="the model's dtype")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per mode")
     p.set_defaults(func=_ask)
 
@@ -70,13 +74,19 @@ def _ask(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(PIPELINE_MODES)}",
                               field="mode")
-    results = [answer(LAGPipelineConfig(**{**base.model_dump(), "mode": mode}), args.question)
-               for mode in modes]
+    results = []
+    for mode in modes:
+        try:
+            results.append(answer(LAGPipelineConfig(**{**base.model_dump(), "mode": mode}), args.question))
+        except LAGError as exc:
+            if len(modes) == 1:
+                raise
+            results.append({"mode": mode, "answer": None, "sources": [], "lag": None, "error": str(exc)})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(render(args.question, results))
-    return 0
+    return 1 if any("error" in r for r in results) else 0  # --compare: every mode answered or reported
 
 
 def _routing_line(lag: dict[str, Any] | None) -> str:
@@ -95,6 +105,9 @@ def render(question: str, results: list[dict[str, Any]]) -> str:
     lines = [f"Q: {question}", ""]
     for r in results:
         lines.append(f"[{r['mode']}]")
+        if "error" in r:
+            lines += [f"  error:   {r['error']}", ""]
+            continue
         lines += textwrap.wrap(r["answer"] or "(empty)", width=width, initial_indent="  answer:  ",
                                subsequent_indent=" " * 11)
         if r["sources"]:

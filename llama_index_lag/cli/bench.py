@@ -12,7 +12,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (tables + JSON; results belong in BENCHMARKS.md)")
-    bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True, help="the benchmark to run")
 
     r = bench.add_parser("routing", help="routing overhead per mode vs the bare model and PEFT Arrow")
     r.add_argument("--out", default="bench-routing.json", help="JSON results file")
@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n", type=_ints, default=(1000, 10000, 100000), help="library sizes, e.g. 1k,10k,100k")
     s.add_argument("--layers", type=int, default=None,
                    help="adapted layers (default: all 30, fewer for large N when disk demands; stated)")
-    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="storage dtype of the random libraries")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     s.add_argument("--work", default=None, help="folder for the generated libraries (kept for reuse)")
     s.add_argument("--index", default="hnsw", choices=["hnsw", "ivf"],
                    help="approximate Arrow index of the libraries from 4096 adapters up (default hnsw)")
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="bench-dispatch.json", help="JSON results file")
     d.add_argument("--tokens", type=_ints, default=(1, 8, 32, 128, 256), help="token counts, e.g. 1,32,256")
     d.add_argument("--n", type=_ints, default=(100, 1000), help="library sizes")
-    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     d.set_defaults(func=_dispatch)
 
     f = bench.add_parser("reliability",
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--trials", type=int, default=10, help="trials per scenario (default 10)")
     f.add_argument("--seconds", type=float, default=20.0, help="duration of the readers-during-writes run")
     f.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="random seed")
     f.set_defaults(func=_reliability)
 
 

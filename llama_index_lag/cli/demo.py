@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=3,
                    help="Arrow candidates per token (default 3 of the 5 adapters)")
     p.add_argument("--workers", type=int, default=1, help="processes building adapters")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per answer")
     p.set_defaults(func=_demo)
 
 

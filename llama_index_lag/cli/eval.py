@@ -48,10 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default) or refuse")
     p.add_argument("--qa-metric", choices=["f1", "em", "contains"], default="f1",
                    help="metric of short-answer tasks in the normalised score (default f1)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per answer")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N usable questions")
     p.add_argument("--restart", action="store_true",
                    help="if RESULTS_DIR holds answers of another configuration, archive them and start over")

@@ -42,9 +42,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run_index)
 
     s = subparsers.add_parser("search", help="retrieve the best documents of a FAISS index for a query")
-    s.add_argument("index_dir", metavar="INDEX_DIR")
-    s.add_argument("query")
-    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("index_dir", metavar="INDEX_DIR", help="an index folder from `lag index`")
+    s.add_argument("query", help="the search text")
+    s.add_argument("--top-k", type=int, default=3, help="results to show")
     s.add_argument(
         "--embed-model", metavar="DIR", help="local sentence-transformers folder (default: offline MiniLM)"
     )

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", metavar="MODEL_DIR", default=None,
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, metavar="LIB_DIR", help="library folder to write")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage dtype of the library")
     p.add_argument("--add", action="store_true", help="add the adapters to the existing library at --out")
     p.add_argument("--arrow-index", default="auto", choices=["auto", "hnsw", "ivf", "none"],
                    help="approximate Arrow index (FAISS) stored with the library: auto = an HNSW index from "
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("inspect", help="show a library's adapters, modules, ranks, size and dtype")
-    p.add_argument("library", metavar="LIB_DIR")
+    p.add_argument("library", metavar="LIB_DIR", help="a compiled adapter library")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--health", action="store_true",
                    help="routing health: shared input subspace, and with --prompts the hubness of routing")
@@ -49,12 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Reads the packed tensors and the approximate Arrow index of LIB_DIR and "
                        "checks them against the checksums stored when it was written; exit code 1 names the "
                        "first damaged adapter, module or file.")
-    p.add_argument("library", metavar="LIB_DIR")
+    p.add_argument("library", metavar="LIB_DIR", help="a compiled adapter library")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("remove", help="remove adapters from a library (atomic rewrite)")
-    p.add_argument("library", metavar="LIB_DIR")
-    p.add_argument("names", nargs="+", metavar="ADAPTER")
+    p.add_argument("library", metavar="LIB_DIR", help="a compiled adapter library")
+    p.add_argument("names", nargs="+", metavar="ADAPTER", help="adapter names to remove")
     p.set_defaults(func=_remove)
 
 

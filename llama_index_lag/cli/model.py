@@ -10,7 +10,7 @@ from typing import Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("model", help="prepare the default model, describe a model folder")
-    sub = parser.add_subparsers(dest="model_command", metavar="ACTION")
+    sub = parser.add_subparsers(dest="model_command", metavar="ACTION", help="what to do")
     parser.set_defaults(func=lambda args: _usage(parser))
 
     prepare = sub.add_parser(

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="rebuild adapters that are already finished")
     p.add_argument("--no-generate", action="store_true",
                    help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
                    help="replace folders at ADAPTERS_DIR/<name> or --compile that "
                         "llama-index-lag did not write")
@@ -88,12 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(loss on the answer) and writes OUT (a standard PEFT folder + lag_adapter.json with kind 'task'). "
         "Compile several with `lag compile --kind task`.",
     )
-    p.add_argument("--data", required=True, metavar="EXAMPLES_JSONL")
+    p.add_argument("--data", required=True, metavar="EXAMPLES_JSONL",
+                   help="training examples ({prompt, answer} per line)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="adapter folder to write (its name = adapter name)")
     p.add_argument("--base", metavar="MODEL_DIR", default=None,
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--epochs", type=float, help="epochs over the examples (when --steps is not given)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT even if llama-index-lag did not write it")
