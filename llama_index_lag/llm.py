@@ -46,6 +46,7 @@ from .data import check_text
 from .errors import ConfigError, DataError, PromptTooLongError
 from .generation import eos_ids, routed_generate
 from .library import AdapterLibrary
+from .modes import RETRIEVAL_MODES
 from .observe import emit_routing, instrument
 from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
@@ -63,6 +64,19 @@ def _number(value: Any, field: str, minimum: float, maximum: float = math.inf) -
         bound = f"in [{minimum}, {maximum}]" if maximum != math.inf else f">= {minimum}"
         raise ConfigError(f"{field} must be a number {bound}, got {value!r}", field=field)
     return float(value)
+
+
+def _routing_of_pipeline_mode(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A routing override naming a pipeline mode: ``rag`` -> off, ``rag+lag`` -> the default LAG; ``prag`` /
+    ``prag+lag`` need the retrieved document (the pipeline's engines replace them before the LLM runs)."""
+    mode = overrides["mode"]
+    rest = {k: v for k, v in overrides.items() if k != "mode"}
+    if mode == "rag":
+        return {**rest, "mode": "none"}
+    if mode == "rag+lag":
+        return {**LAGConfig.preset(DEFAULT_PRESET).to_dict(), **rest}
+    raise ConfigError(f"routing mode {mode!r} applies the retrieved document's adapter: use an engine of "
+                      "build_query_engine / build_chat_engine", field="mode")
 
 
 _HINTS = {
@@ -238,14 +252,31 @@ class LAGLLM(CustomLLM):
         return view
 
     @contextlib.contextmanager
-    def routing_override(self, **changes: Any) -> Iterator[None]:
-        """Per-request routing for calls made inside the block (this thread / asyncio task only)."""
+    def routing_override(self, **changes: Any) -> Iterator[dict[str, Any]]:
+        """Per-request routing for the calls made inside the block (this thread / asyncio task and the
+        threads it starts with llama-index's ``Thread``): ``LAGConfig`` fields, e.g. ``mode="spectr"``,
+        ``k=5``, ``fixed={"knowledge": [...]}``. A pipeline mode with retrieval is accepted too: in any
+        engine ``mode="rag"`` turns routing off and ``mode="rag+lag"`` turns the default LAG on; in the
+        engines of :func:`~llama_index_lag.pipeline.build_query_engine` / ``build_chat_engine`` the query
+        then runs in that pipeline mode (``prag`` / ``prag+lag`` apply the retrieved document's adapter).
+        Blocks nest; yields the block's settings (a dict: what is added to it applies to later calls)."""
         current = _CALL_ROUTING.get() or {}
-        token = _CALL_ROUTING.set({**current, **changes})
+        settings = {**current, **changes}
+        token = _CALL_ROUTING.set(settings)
         try:
-            yield
+            yield settings
         finally:
             _CALL_ROUTING.reset(token)
+
+    @staticmethod
+    def current_override() -> dict[str, Any]:
+        """The settings of the innermost :meth:`routing_override` block (empty outside one)."""
+        return _CALL_ROUTING.get() or {}
+
+    @staticmethod
+    def override_mode() -> str | None:
+        """The ``mode`` set by the innermost :meth:`routing_override` block, if any."""
+        return (_CALL_ROUTING.get() or {}).get("mode")
 
     def _check_routing(self, config: LAGConfig) -> None:
         if config.mode != "none" and self._router is None:
@@ -322,6 +353,8 @@ class LAGLLM(CustomLLM):
     def _call_config(self, routing: Any) -> LAGConfig:
         config = self._config
         for overrides in (_CALL_ROUTING.get(), routing):
+            if isinstance(overrides, Mapping) and overrides.get("mode") in RETRIEVAL_MODES:
+                overrides = _routing_of_pipeline_mode(overrides)
             if isinstance(overrides, LAGConfig):
                 config = overrides
             elif isinstance(overrides, Mapping) and overrides:

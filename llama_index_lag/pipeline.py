@@ -84,16 +84,54 @@ class NoRetriever(BaseRetriever):
         return []
 
 
+def prag_adapter(nodes: list[NodeWithScore], doc_to_adapter: dict[str, str] | DocToAdapter) -> str:
+    """The knowledge adapter PRAG applies for these retrieved nodes (the top document's)."""
+    if not nodes:
+        raise LibraryError("PRAG retrieved no document, so there is no knowledge adapter to apply")
+    node = nodes[0].node
+    doc_id = stable_document_id(node)  # the library's id policy (ingest)
+    if callable(doc_to_adapter):
+        adapter = doc_to_adapter(node)
+    elif isinstance(doc_to_adapter, str):
+        adapter = (node.metadata or {}).get(doc_to_adapter)
+    else:
+        adapter = (doc_to_adapter or {}).get(doc_id)
+    if adapter is None:
+        raise LibraryError(f"retrieved document {doc_id!r} has no adapter in the knowledge library "
+                           "(build it with `lag build-adapters`)", adapter=doc_id, field="knowledge")
+    return adapter
+
+
+def mode_routing(mode: str, nodes: list[NodeWithScore], doc_to_adapter: Any,
+                 lag_routing: dict[str, Any]) -> dict[str, Any]:
+    """The routing (LAGConfig fields) of pipeline ``mode`` for one query with these retrieved nodes;
+    ``lag_routing``: the engine's LAG settings. Empty for ``none`` / ``lag`` (the LLM's own routing)."""
+    if mode in ("prag", "prag+lag"):
+        fixed = {"knowledge": [prag_adapter(nodes, doc_to_adapter)]}
+        return {"mode": "fixed", "fixed": fixed} if mode == "prag" else {**lag_routing, "fixed": fixed}
+    if mode == "rag":
+        return {"mode": "none"}
+    if mode == "rag+lag":
+        return dict(lag_routing)
+    return {}
+
+
 class LAGQueryEngine(RetrieverQueryEngine):
     """A ``RetrieverQueryEngine`` that knows its pipeline mode: PRAG's per-query adapter and the routing
-    summary in ``response.metadata["lag"]``."""
+    summary in ``response.metadata["lag"]``. Under ``llm.routing_override(mode=...)`` with a retrieval mode
+    (``rag``, ``rag+lag``, ``prag``, ``prag+lag``) a query runs in that mode (the engine needs an index)."""
 
     def __init__(self, *args: Any, mode: str, llm: Any = None,
-                 doc_to_adapter: dict[str, str] | DocToAdapter = None, **kwargs: Any) -> None:
+                 doc_to_adapter: dict[str, str] | DocToAdapter = None,
+                 lag_routing: dict[str, Any] | None = None,
+                 synthesizer_factory: Callable[[str], Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
         self._llm = llm
         self._doc_to_adapter = doc_to_adapter if doc_to_adapter is not None else {}
+        self._lag_routing = lag_routing or {}
+        self._synthesizer_factory = synthesizer_factory
+        self._synthesizers: dict[str, Any] = {}
 
     @property
     def llm(self) -> Any:
@@ -102,65 +140,73 @@ class LAGQueryEngine(RetrieverQueryEngine):
 
     def prag_adapter(self, nodes: list[NodeWithScore]) -> str:
         """The knowledge adapter PRAG applies for these retrieved nodes (the top document's)."""
-        if not nodes:
-            raise LibraryError("PRAG retrieved no document, so there is no knowledge adapter to apply")
-        node = nodes[0].node
-        doc_id = stable_document_id(node)  # the library's id policy (ingest)
-        if callable(self._doc_to_adapter):
-            adapter = self._doc_to_adapter(node)
-        elif isinstance(self._doc_to_adapter, str):
-            adapter = (node.metadata or {}).get(self._doc_to_adapter)
-        else:
-            adapter = self._doc_to_adapter.get(doc_id)
-        if adapter is None:
-            raise LibraryError(f"retrieved document {doc_id!r} has no adapter in the knowledge library "
-                               "(build it with `lag build-adapters`)", adapter=doc_id, field="knowledge")
-        return adapter
+        return prag_adapter(nodes, self._doc_to_adapter)
+
+    def mode_now(self) -> str:
+        """This query's pipeline mode: a retrieval mode set by ``llm.routing_override(mode=...)``, else the
+        engine's."""
+        override = self._llm.override_mode() if self._llm is not None else None
+        if override in RETRIEVAL_MODES and override != self.mode:
+            if isinstance(self._retriever, NoRetriever):
+                raise ConfigError(f"mode {override!r} retrieves documents, but this engine was built in mode "
+                                  f"{self.mode!r} without an index", field="mode")
+            return override
+        return self.mode
+
+    def _synthesizer(self, mode: str) -> Any:
+        same_kind = (mode in ("rag", "rag+lag")) == (self.mode in ("rag", "rag+lag"))
+        if same_kind or self._synthesizer_factory is None:
+            return self._response_synthesizer
+        if mode not in self._synthesizers:
+            self._synthesizers[mode] = self._synthesizer_factory(mode)
+        return self._synthesizers[mode]
 
     @contextlib.contextmanager
-    def _routing(self, nodes: list[NodeWithScore]) -> Iterator[None]:
-        if self.mode in ("prag", "prag+lag"):
-            adapter = self.prag_adapter(nodes)
-            mode = "fixed" if self.mode == "prag" else "lag"
-            with self._llm.routing_override(mode=mode, fixed={"knowledge": [adapter]}):
+    def _routing(self, nodes: list[NodeWithScore], mode: str) -> Iterator[None]:
+        routing = mode_routing(mode, nodes, self._doc_to_adapter, self._lag_routing)
+        if routing and (mode != self.mode or mode in ("prag", "prag+lag")):
+            with self._llm.routing_override(**routing):
                 yield
         else:
             yield
 
-    def _synth_nodes(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
-        return [] if self.mode in ("prag", "prag+lag") else nodes
+    @staticmethod
+    def _synth_nodes(nodes: list[NodeWithScore], mode: str) -> list[NodeWithScore]:
+        return [] if mode in ("prag", "prag+lag") else nodes
 
-    def _finish(self, response: RESPONSE_TYPE, nodes: list[NodeWithScore],
-                sink: list[dict[str, Any]]) -> RESPONSE_TYPE:
+    def _finish(self, response: RESPONSE_TYPE, nodes: list[NodeWithScore], sink: list[dict[str, Any]],
+                mode: str) -> RESPONSE_TYPE:
         response.source_nodes = nodes
         response.metadata = dict(response.metadata or {})
         if isinstance(response, StreamingResponse) and response.response_gen is not None:
             inner = response.response_gen
 
             def gen() -> Iterator[str]:  # the synthesizer calls the LLM lazily, while this runs
-                with collect_into(sink), self._routing(nodes):
+                with collect_into(sink), self._routing(nodes, mode):
                     yield from inner
                 response.metadata["lag"] = merge_summaries(sink)
 
             response.response_gen = gen()
         else:
             response.metadata["lag"] = merge_summaries(sink)
-        response.metadata["mode"] = self.mode
+        response.metadata["mode"] = mode
         return response
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
-        nodes = self.retrieve(query_bundle)
-        with collect_routing() as sink, self._routing(nodes):
-            response = self._response_synthesizer.synthesize(query=query_bundle,
-                                                             nodes=self._synth_nodes(nodes))
-        return self._finish(response, nodes, sink)
+        mode = self.mode_now()
+        nodes = self.retrieve(query_bundle) if mode in RETRIEVAL_MODES else []
+        with collect_routing() as sink, self._routing(nodes, mode):
+            response = self._synthesizer(mode).synthesize(query=query_bundle,
+                                                          nodes=self._synth_nodes(nodes, mode))
+        return self._finish(response, nodes, sink, mode)
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
-        nodes = await self.aretrieve(query_bundle)
-        with collect_routing() as sink, self._routing(nodes):
-            response = await self._response_synthesizer.asynthesize(query=query_bundle,
-                                                                    nodes=self._synth_nodes(nodes))
-        return self._finish(response, nodes, sink)
+        mode = self.mode_now()
+        nodes = await self.aretrieve(query_bundle) if mode in RETRIEVAL_MODES else []
+        with collect_routing() as sink, self._routing(nodes, mode):
+            response = await self._synthesizer(mode).asynthesize(query=query_bundle,
+                                                                 nodes=self._synth_nodes(nodes, mode))
+        return self._finish(response, nodes, sink, mode)
 
 
 # ---- index <-> library coverage -------------------------------------------------------------------------
@@ -222,17 +268,71 @@ ENGINE_KWARGS = ("node_postprocessors", "text_qa_template", "refine_template", "
                  "simple_template", "filters", "use_async", "verbose", "output_cls", "callback_manager")
 
 
-def _split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split_kwargs(kwargs: dict[str, Any], engine_keys: tuple[str, ...],
+                  what: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config overrides, engine keyword arguments); anything else is a ConfigError naming it."""
     fields = set(LAGPipelineConfig.model_fields)
-    unknown = sorted(set(kwargs) - fields - set(ENGINE_KWARGS))
+    unknown = sorted(set(kwargs) - fields - set(engine_keys))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(fields | set(ENGINE_KWARGS)), n=1)
+        close = difflib.get_close_matches(unknown[0], sorted(fields | set(engine_keys)), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"build_query_engine got unknown keyword argument(s) {unknown}{hint}",
-                          field=unknown[0])
+        raise ConfigError(f"{what} got unknown keyword argument(s) {unknown}{hint}", field=unknown[0])
     return ({k: v for k, v in kwargs.items() if k in fields},
-            {k: v for k, v in kwargs.items() if k in ENGINE_KWARGS})
+            {k: v for k, v in kwargs.items() if k in engine_keys})
+
+
+def resolve_config(config: LAGPipelineConfig | str | Path | None,
+                   overrides: dict[str, Any]) -> LAGPipelineConfig:
+    """A config object from an object, a file or None (the defaults), with ``overrides`` applied."""
+    if config is None:
+        return LAGPipelineConfig(**overrides)
+    if not isinstance(config, LAGPipelineConfig):
+        return LAGPipelineConfig.load(config, **overrides)
+    if overrides:
+        return LAGPipelineConfig(**config.model_copy(update=overrides).model_dump())
+    return config
+
+
+@dataclass
+class EngineParts:
+    """What every pipeline engine is built from: the LLM view, the retriever (None: the mode does not
+    retrieve and no index was given), PRAG's mapping, and the LAG settings of the ``+lag`` modes."""
+
+    config: LAGPipelineConfig
+    llm: Any
+    retriever: BaseRetriever | None
+    doc_to_adapter: Any
+    lag_routing: dict[str, Any]
+
+
+def engine_parts(config: LAGPipelineConfig, *, llm: Any, index: Any, retriever: BaseRetriever | None,
+                 embed_model: Any, doc_to_adapter: DocToAdapter, filters: Any = None) -> EngineParts:
+    """Load or reuse the LLM, index / retriever and PRAG mapping of ``config`` (see build_query_engine)."""
+    config.check(has_index=index is not None or retriever is not None, has_llm=llm is not None)
+    if llm is None:
+        llm = shared_llm(config)
+    else:
+        llm = llm.with_routing(config.lag_config()).model_copy(
+            update={"max_new_tokens": config.max_new_tokens})
+    know = list(llm.router.libraries.get("knowledge", [])) if llm.router else []
+    if config.mode in ("prag", "prag+lag") and not know:
+        raise ConfigError(f"mode {config.mode!r} needs a knowledge library attached to the LLM",
+                          field="knowledge")
+    mapping = doc_to_adapter if doc_to_adapter is not None else {
+        d: a for lib in know for d, a in lib.doc_ids().items()}
+    if retriever is None and (index is not None or config.mode in RETRIEVAL_MODES):
+        if index is None:
+            embed = embed_model if embed_model is not None else shared_embed_model(config.embed_model)
+            index = shared_index(config.index, embed)
+        retriever = index.as_retriever(similarity_top_k=config.similarity_top_k,
+                                       **({"filters": filters} if filters is not None else {}))
+        if config.mode in ("prag", "prag+lag") and doc_to_adapter is None:
+            _warn_uncovered(index, know)
+    elif filters is not None:
+        raise ConfigError("filters apply to an index's retriever; set them on the retriever you pass",
+                          field="filters")
+    lag_routing = config.model_copy(update={"mode": "lag"}).lag_config().to_dict()
+    return EngineParts(config, llm, retriever, mapping, lag_routing)
 
 
 def build_query_engine(
@@ -258,49 +358,23 @@ def build_query_engine(
     holding it; by default the retrieved document's id (:func:`~llama_index_lag.ingest.stable_document_id`)
     looked up in the knowledge library.
     """
-    overrides, engine_kw = _split_engine_kwargs(kwargs)
-    if config is None:
-        config = LAGPipelineConfig(**overrides)
-    elif not isinstance(config, LAGPipelineConfig):
-        config = LAGPipelineConfig.load(config, **overrides)
-    elif overrides:
-        config = config.model_copy(update=overrides)
-        config = LAGPipelineConfig(**config.model_dump())
-    config.check(has_index=index is not None or retriever is not None, has_llm=llm is not None)
-    if llm is None:
-        llm = shared_llm(config)
-    else:
-        llm = llm.with_routing(config.lag_config()).model_copy(
-            update={"max_new_tokens": config.max_new_tokens})
-    mapping = None
-    if config.mode in ("prag", "prag+lag"):
-        know = [lib for lib in (llm.router.libraries.get("knowledge", []) if llm.router else [])]
-        if not know:
-            raise ConfigError(f"mode {config.mode!r} needs a knowledge library attached to the LLM",
-                              field="knowledge")
-        mapping = doc_to_adapter if doc_to_adapter is not None else {
-            d: a for lib in know for d, a in lib.doc_ids().items()}
-    filters = engine_kw.pop("filters", None)
-    if config.mode in RETRIEVAL_MODES and retriever is None:
-        if index is None:
-            embed = embed_model if embed_model is not None else shared_embed_model(config.embed_model)
-            index = shared_index(config.index, embed)
-        retriever = index.as_retriever(similarity_top_k=config.similarity_top_k,
-                                       **({"filters": filters} if filters is not None else {}))
-        if mapping is not None and doc_to_adapter is None:
-            _warn_uncovered(index, know)
-    elif filters is not None:
-        raise ConfigError("filters apply to an index's retriever; set them on the retriever you pass",
-                          field="filters")
-    elif config.mode not in RETRIEVAL_MODES:
-        retriever = NoRetriever()
-    response_mode = config.response_mode if config.mode in ("rag", "rag+lag") else "generation"
+    overrides, engine_kw = _split_kwargs(kwargs, ENGINE_KWARGS, "build_query_engine")
+    config = resolve_config(config, overrides)
+    parts = engine_parts(config, llm=llm, index=index, retriever=retriever, embed_model=embed_model,
+                         doc_to_adapter=doc_to_adapter, filters=engine_kw.pop("filters", None))
+    llm = parts.llm
     # count prompt tokens with the model's own tokenizer when packing retrieved text into the window
     helper = PromptHelper.from_llm_metadata(llm.metadata, tokenizer=lambda text: llm.tokenizer.encode(text))
     synth_kw = {k: engine_kw.pop(k) for k in list(engine_kw)
                 if k in ("text_qa_template", "refine_template", "summary_template", "simple_template",
                          "use_async", "verbose", "output_cls", "callback_manager")}
-    synthesizer = get_response_synthesizer(llm=llm, response_mode=response_mode, streaming=streaming,
-                                           prompt_helper=helper, **synth_kw)
-    return LAGQueryEngine(retriever=retriever, response_synthesizer=synthesizer, mode=config.mode, llm=llm,
-                          doc_to_adapter=mapping, **engine_kw)
+
+    def synthesizer_for(mode: str) -> Any:
+        response_mode = config.response_mode if mode in ("rag", "rag+lag") else "generation"
+        return get_response_synthesizer(llm=llm, response_mode=response_mode, streaming=streaming,
+                                        prompt_helper=helper, **synth_kw)
+
+    return LAGQueryEngine(retriever=parts.retriever or NoRetriever(),
+                          response_synthesizer=synthesizer_for(config.mode), mode=config.mode, llm=llm,
+                          doc_to_adapter=parts.doc_to_adapter, lag_routing=parts.lag_routing,
+                          synthesizer_factory=synthesizer_for, **engine_kw)

@@ -10,9 +10,11 @@ import pytest
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, SimpleChatEngine
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMCompletionStartEvent
 
 from llama_index_lag import LAGLLM, LAGConfig
 from llama_index_lag.indexing import load_index
+from llama_index_lag.ingest import stable_document_id
 from llama_index_lag.observe import LAGRoutingEvent
 from llama_index_lag.pipeline import build_query_engine
 from llama_index_lag.trace import ROUTING_SCHEMA_VERSION, RoutingSummary, merge_summaries
@@ -21,22 +23,25 @@ from .conftest import QUESTION
 
 
 class _Events(BaseEventHandler):
-    """Collects the LAGRoutingEvents dispatched while registered."""
+    """Collects the LAGRoutingEvents (or the completion prompts) dispatched while registered."""
 
     events: list = []
+    prompts: bool = False
 
     @classmethod
     def class_name(cls) -> str:
         return "TestRoutingEvents"
 
     def handle(self, event, **kwargs) -> None:
-        if isinstance(event, LAGRoutingEvent):
+        if self.prompts and isinstance(event, LLMCompletionStartEvent):
+            self.events.append(event.prompt)
+        elif not self.prompts and isinstance(event, LAGRoutingEvent):
             self.events.append(event)
 
 
 @contextlib.contextmanager
-def routing_events():
-    handler = _Events(events=[])
+def routing_events(prompts: bool = False):
+    handler = _Events(events=[], prompts=prompts)
     root = get_dispatcher()
     root.add_event_handler(handler)
     try:
@@ -120,3 +125,49 @@ def test_streaming_pipeline_modes_route_like_non_streaming(world, config, mode):
     assert lag["mode"] == whole.metadata["lag"]["mode"]
     if mode == "prag":
         assert lag["fixed"] == {"knowledge": ["person-veltrano-oskimar"]}
+
+
+# ---- per-query pipeline modes and chat in every mode -----------------------------------------------------
+def test_routing_override_switches_the_pipeline_mode_per_query(world, config):
+    from llama_index_lag.pipeline import build_query_engine
+
+    engine = build_query_engine(config.model_copy(update={"mode": "rag"}), embed_model=world["embed"])
+    alone = {m: build_query_engine(config.model_copy(update={"mode": m}), embed_model=world["embed"])
+             for m in ("rag+lag", "prag", "prag+lag")}
+    llm = engine.llm
+    for mode, reference in alone.items():
+        with llm.routing_override(mode=mode):
+            switched = engine.query(QUESTION)
+        expected = reference.query(QUESTION)
+        assert switched.metadata["mode"] == mode and str(switched) == str(expected), mode
+        assert switched.metadata["lag"]["libraries"] == expected.metadata["lag"]["libraries"]
+    plain = engine.query(QUESTION)  # the block ended: the engine's own mode again
+    assert plain.metadata["mode"] == "rag" and plain.metadata["lag"] is None
+    lag_only = build_query_engine(config.model_copy(update={"mode": "lag"}), embed_model=world["embed"])
+    with lag_only.llm.routing_override(mode="rag"), pytest.raises(Exception, match="without an index"):
+        lag_only.query(QUESTION)
+
+
+@pytest.mark.parametrize("mode", ["none", "rag", "rag+lag", "prag", "prag+lag"])
+def test_chat_engine_in_every_pipeline_mode(world, config, mode):
+    from llama_index_lag.chat import build_chat_engine
+
+    chat = build_chat_engine(config.model_copy(update={"mode": mode}), embed_model=world["embed"],
+                             similarity_top_k=1, skip_condense=True)
+    with routing_events() as events, routing_events(prompts=True) as prompts:
+        first = chat.chat(QUESTION)
+        streamed = chat.stream_chat("And what else?")
+        text = "".join(streamed.response_gen)
+    assert first.response and text is not None
+    assert ("glassblower" in prompts[0]) == (mode in ("rag", "rag+lag"))  # the document's text: rag only
+    routed = [e.summary for e in events]
+    if mode in ("prag", "prag+lag"):  # each turn: its own retrieved document's adapter
+        second = stable_document_id(streamed.source_nodes[0].node)
+        assert [s.fixed for s in routed] == [{"knowledge": ["person-veltrano-oskimar"]},
+                                             {"knowledge": [second]}]
+        assert first.source_nodes and first.metadata["lag"]["fixed"] == routed[0].fixed
+    elif mode in ("rag+lag",):
+        assert len(routed) == 2 and all(s.fixed is None for s in routed)
+    else:
+        assert routed == [] and first.metadata is None or "lag" not in (first.metadata or {})
+    assert chat.chat_history[-1].content == text.strip() or chat.chat_history[-1].content == text
