@@ -164,3 +164,17 @@ def test_read_directory_and_the_cli_input_dir(folder, built, tmp_path, capsys):
                                knowledge=str(tmp_path / "lib"), max_new_tokens=3, similarity_top_k=1)
     response = build_query_engine(config, embed_model=built["embed"]).query(QUESTION)
     assert response.metadata["lag"]["fixed"] == {"knowledge": [adapter_name("Veltrano Oskimar.md")]}
+
+
+def test_existing_app_example_runs(folder, built, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "existing_app.py"
+    env = {**os.environ, "LLAMA_INDEX_LAG_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(script), "--docs", str(folder), "--base", str(built["model_dir"]),
+           "--steps", "1", "--no-generate", "--question", QUESTION]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"Q: {QUESTION}" in run.stdout and "routing: lag {'knowledge':" in run.stdout
