@@ -82,6 +82,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_build)
 
     p = sub.add_parser(
+        "sync",
+        help="update an index and a knowledge library after documents were added, edited or removed",
+        description="Compares the documents with the knowledge library (document ids, text hashes): builds "
+        "adapters only for added and changed documents, removes those of removed ones (one atomic library "
+        "rewrite), and re-embeds the index (atomic replace). A missing library or index is built. "
+        "Re-running after an interruption resumes.",
+    )
+    add_document_args(p)
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index folder to update")
+    p.add_argument("--knowledge", required=True, metavar="LIB_DIR", help="the knowledge library to update")
+    p.add_argument("--adapters", metavar="ADAPTERS_DIR", default=None,
+                   help="the folder of the adapter folders (default: where the library's adapters are)")
+    p.add_argument("--base", metavar="MODEL_DIR", default=None,
+                   help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--embed-model", metavar="DIR", default=None,
+                   help="local sentence-transformers folder (default: offline MiniLM)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes for the adapters")
+    p.add_argument("--no-generate", action="store_true",
+                   help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
+    p.add_argument("--dry-run", action="store_true", help="only report what would change")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _recipe_args(p)
+    p.set_defaults(func=_sync)
+
+    p = sub.add_parser(
         "train-task",
         help="train a task adapter (PEFT LoRA) on {prompt, answer} examples",
         description="Trains a LoRA on examples.jsonl lines {\"prompt\", \"answer\"} in the chat template "
@@ -120,6 +146,31 @@ def _build(args: argparse.Namespace) -> int:
           f"({report.seconds:.0f} s)")
     if report.library is not None:
         print(f"knowledge library: {report.library} ({len(report.metadata)} adapters)")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from ..models import load_embed_model
+    from ..training import KnowledgeRecipe
+    from ..training.sync import sync_documents
+
+    fields = _overrides(args)
+    if args.no_generate:
+        fields.update(n_rewrites=0, qa=False)
+    recipe = KnowledgeRecipe.from_dict({**KnowledgeRecipe().to_dict(), **fields})
+    docs = documents_from(args, args.index, args.knowledge, args.adapters)
+    embed = load_embed_model(args.embed_model) if args.embed_model else None
+    with stop_on_sigterm():
+        report = sync_documents(docs, index_dir=args.index, library_dir=args.knowledge,
+                                adapters_dir=args.adapters, base=args.base, recipe=recipe, seed=args.seed,
+                                workers=args.workers, embed_model=embed, progress=not args.quiet,
+                                dry_run=args.dry_run)
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{len(report.added)} added, {len(report.changed)} changed, {len(report.removed)} removed, "
+          f"{len(report.unchanged)} unchanged ({verb}; {report.seconds:.0f} s)")
+    for what in ("added", "changed", "removed"):
+        for doc_id in getattr(report, what):
+            print(f"  {what}: {doc_id}")
     return 0
 
 

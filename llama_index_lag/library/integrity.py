@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,3 +260,14 @@ def _reconstruct(index: Any, kind: str, uids: np.ndarray) -> np.ndarray | None:
     except (RuntimeError, KeyError):
         raise LibraryFormatError("the approximate Arrow index does not hold every adapter of the library "
                                  "(another library's index?)") from None
+
+
+def module_patterns(modules: Iterable[str]) -> dict[str, int]:
+    """Group module names by replacing layer numbers with '*': {'model.layers.*.mlp.gate_proj': 30}."""
+    import re
+
+    counts: dict[str, int] = {}
+    for module in modules:
+        key = re.sub(r"\.\d+\.", ".*.", module)
+        counts[key] = counts.get(key, 0) + 1
+    return counts

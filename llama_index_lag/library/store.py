@@ -53,6 +53,7 @@ from .integrity import (  # noqa: F401  (FORMAT, FORMAT_VERSION, dtype_name: re-
     TENSORS,
     check_adapter_name,
     dtype_name,
+    module_patterns,
     parse_dtype,
     parse_manifest,
 )
@@ -393,20 +394,27 @@ class AdapterLibrary:
         Writers of one library take turns (a lock beside it); the change is applied to the revision on disk
         when the writer's turn comes, so adapters another process added or removed since this object was
         loaded are kept as they are now."""
-        with library_lock(self.path):
-            current = self._current()
-            rows = [Row(dict(e), old_index=i) for i, e in enumerate(current.adapters)]
-            rows += new_rows(adapter_dirs, names, current._spec(), allow_pickle, taken=set(current.names))
-            base = header_of(current.manifest)
-            new = write_library(self.path, base, rows, old=current, progress=progress, chunk_size=chunk_size,
-                                library_cls=type(self))
-        self._adopt(new)
-        return self
+        return self.update(adapter_dirs, names=names, allow_pickle=allow_pickle, progress=progress,
+                           chunk_size=chunk_size)
 
     def remove(self, names: Iterable[str]) -> AdapterLibrary:
         """Remove adapters by name and rewrite the library atomically (applied to the revision on disk, as
         :meth:`add`). Returns self."""
-        drop = list(dict.fromkeys(names))
+        return self.update(remove=names, progress=False, chunk_size=4096)
+
+    def update(
+        self,
+        adapter_dirs: Sequence[str | Path] = (),
+        *,
+        remove: Iterable[str] = (),
+        names: Sequence[str] | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+        chunk_size: int | None = None,
+    ) -> AdapterLibrary:
+        """Remove adapters by name and add others in one atomic rewrite (a name removed may be added again:
+        that adapter is replaced). Applied to the revision on disk, as :meth:`add`. Returns self."""
+        drop = list(dict.fromkeys(remove))
         with library_lock(self.path):
             current = self._current()
             missing = [n for n in drop if n not in current._index]
@@ -416,11 +424,13 @@ class AdapterLibrary:
                                    path=self.path)
             rows = [Row(dict(e), old_index=i) for i, e in enumerate(current.adapters)
                     if e["name"] not in drop]
+            kept = {e["name"] for e in current.adapters if e["name"] not in drop}
+            if adapter_dirs:
+                rows += new_rows(adapter_dirs, names, current._spec(), allow_pickle, taken=kept)
             if not rows:
                 raise LibraryError("removing these adapters would leave the library empty", path=self.path)
-            base = header_of(current.manifest)
-            new = write_library(self.path, base, rows, old=current, progress=False, chunk_size=4096,
-                                library_cls=type(self))
+            new = write_library(self.path, header_of(current.manifest), rows, old=current, progress=progress,
+                                chunk_size=chunk_size, library_cls=type(self))
         self._adopt(new)
         return self
 
@@ -571,17 +581,6 @@ class AdapterLibrary:
             "arrow_index": self.arrow_index_type() or False,
             "base_model": self.fingerprint,
         }
-
-
-def module_patterns(modules: Iterable[str]) -> dict[str, int]:
-    """Group module names by replacing layer numbers with '*': {'model.layers.*.mlp.gate_proj': 30}."""
-    import re
-
-    counts: dict[str, int] = {}
-    for module in modules:
-        key = re.sub(r"\.\d+\.", ".*.", module)
-        counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 # ---- helpers --------------------------------------------------------------------------------------

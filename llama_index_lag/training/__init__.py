@@ -27,6 +27,8 @@ _EXPORTS = {
     "HFGenerator": "augment",
     "QAGenerationWarning": "augment",
     "train_lora": "train",
+    "sync_documents": "sync",
+    "SyncReport": "sync",
     "measure_recall": "evaluate",
     "recall_table": "evaluate",
 }
@@ -37,6 +39,7 @@ __all__ = [
     "HFGenerator",
     "KnowledgeRecipe",
     "QAGenerationWarning",
+    "SyncReport",
     "TaskRecipe",
     "augment_document",
     "build_knowledge_adapter",
@@ -47,6 +50,7 @@ __all__ = [
     "measure_recall",
     "read_adapter_meta",
     "recall_table",
+    "sync_documents",
     "train_lora",
     "train_task_adapter",
 ]

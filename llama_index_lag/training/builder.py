@@ -226,6 +226,7 @@ class BuildReport:
     out: Path
     built: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # rebuilt: their document changed since
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     library: Path | None = None
     seconds: float = 0.0
@@ -279,7 +280,8 @@ def build_knowledge_adapters(
     force: bool = False,
 ) -> BuildReport:
     """Build the knowledge adapter of every document into ``out/<adapter_name(doc id)>`` (skipping finished
-    ones unless ``overwrite``), then compile them into a knowledge library at ``compile_to`` when given.
+    ones built from the same text unless ``overwrite``; an adapter whose document changed is rebuilt), then
+    compile them into a knowledge library at ``compile_to`` when given.
 
     ``documents``: :class:`DocumentRecord` s, llama-index ``Document`` s or nodes (e.g. from
     ``SimpleDirectoryReader``; ids by :func:`~llama_index_lag.ingest.stable_document_id`), a
@@ -341,14 +343,16 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
             raise UnsafeOutputError(f"refusing to replace {folder} (the adapter folder of document "
                                     f"{doc.id!r}): it is not an adapter written by llama-index-lag; move it "
                                     "away or pass --force / force=True", path=folder, adapter=doc.id)
-        if (meta is not None and not overwrite and meta.get("kind") == "knowledge"
-                and meta.get("doc_id") == doc.id):
-            if meta.get("document_sha256") not in (None, _text_sha(doc.text)):
-                logger.warning("adapter %r was built from another version of the document; kept (pass "
-                               "overwrite=True / --overwrite to rebuild)", doc.id)
+        current = (meta is not None and meta.get("kind") == "knowledge" and meta.get("doc_id") == doc.id
+                   and meta.get("document_sha256") in (None, _text_sha(doc.text))
+                   and meta.get("title", doc.title) == doc.title)
+        if current and not overwrite:
             report.skipped.append(doc.id)
             report.metadata[doc.id] = meta
         else:
+            if meta is not None and not overwrite and meta.get("doc_id") == doc.id:
+                logger.info("document %r changed since its adapter was built: rebuilding it", doc.id)
+                report.stale.append(doc.id)
             todo.append(doc)
     for doc in todo:
         _clean_stale(out, adapter_name(doc.id))
