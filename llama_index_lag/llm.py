@@ -307,6 +307,12 @@ class LAGLLM(CustomLLM):
     def router(self) -> LAGRouter | None:
         return self._router
 
+    def libraries_current(self) -> bool:
+        """Whether every attached library is still the revision on disk (see ``AdapterLibrary.reload``)."""
+        if self._router is None:
+            return True
+        return all(lib.is_current() for libs in self._router.libraries.values() for lib in libs)
+
     @property
     def lag_config(self) -> LAGConfig:
         return self._config
@@ -588,6 +594,10 @@ def shared_llm(config: LAGPipelineConfig, **kwargs: Any) -> LAGLLM:
     key = (config.model, config.dtype, libs)
     with _SHARED_LOCK:
         base = _SHARED.get(key)
+        if base is not None and not base.libraries_current():
+            logger.info("a library of %s changed on disk: loading a fresh LLM (views made before keep the "
+                        "revision they have)", config.model or "the default model")
+            base = None
         if base is None:
             base = LAGLLM(config.model, libraries=list(libs), lag_config=LAGConfig(mode="none"),
                           dtype=config.dtype)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -63,13 +64,22 @@ def shared_embed_model(path: str | None) -> Any:
 
 
 def shared_index(index_dir: str, embed_model: Any) -> Any:
-    from .indexing import load_index
+    """The process's loaded index of ``index_dir``, reloaded when the index on disk was rebuilt since (its
+    manifest changed, e.g. by ``lag sync``); engines built before keep the index they have."""
+    from .indexing import MANIFEST_FILE, load_index
 
     key = (str(Path(index_dir).resolve()), id(embed_model))
+    try:
+        stamp = hashlib.sha256((Path(index_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+    except OSError:
+        stamp = None  # load_index names the problem
     with _LOCK:
-        if key not in _INDEXES:
-            _INDEXES[key] = load_index(index_dir, embed_model=embed_model)
-        return _INDEXES[key]
+        cached = _INDEXES.get(key)
+        if cached is None or cached[0] != stamp:
+            if cached is not None:
+                logger.info("index %s changed on disk: reloading it", index_dir)
+            _INDEXES[key] = (stamp, load_index(index_dir, embed_model=embed_model))
+        return _INDEXES[key][1]
 
 
 # ---- query engine ------------------------------------------------------------------------------------

@@ -100,3 +100,27 @@ def test_cli_sync(setup, tmp_path, capsys):
     assert main(args[:7] + args[9:]) == 0  # without --adapters: the library knows where they are
     out = capsys.readouterr().out
     assert "0 added, 1 changed, 0 removed, 2 unchanged" in out
+
+
+def test_a_running_process_picks_up_the_synced_index_and_library(setup, tmp_path):
+    from llama_index_lag.pipeline import build_query_engine
+    from llama_index_lag.pipeline_config import LAGPipelineConfig
+
+    folder, work = tmp_path / "docs", tmp_path / "work"
+    _write(folder, TEXTS)
+    kw = {"index_dir": work / "index", "library_dir": work / "lib", "adapters_dir": work / "adapters",
+          "base": setup["model"], "recipe": RECIPE, "embed_model": setup["embed"], "progress": False}
+    sync_documents(folder, **kw)
+    config = LAGPipelineConfig(mode="prag", model=str(setup["model"]), index=str(work / "index"),
+                               knowledge=str(work / "lib"), max_new_tokens=2, similarity_top_k=1)
+    before = build_query_engine(config, embed_model=setup["embed"])
+    library = before.llm.router.libraries["knowledge"][0]
+    assert library.is_current()
+    _write(folder, {"delta.md": "Delta is a river port with a red crane."})
+    sync_documents(folder, **kw)
+    assert not library.is_current() and library.reload().revision != library.revision
+    after = build_query_engine(config, embed_model=setup["embed"])  # the same process, a new engine
+    question = "Where is the red crane?"
+    assert after.query(question).metadata["lag"]["fixed"] == {"knowledge": ["delta.md"]}
+    old = before.query(question)  # the engine built before keeps the revision it had, and still works
+    assert old.metadata["lag"]["fixed"] != {"knowledge": ["delta.md"]}

@@ -271,3 +271,12 @@ def module_patterns(modules: Iterable[str]) -> dict[str, int]:
         key = re.sub(r"\.\d+\.", ".*.", module)
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def revision_on_disk(path: str | Path) -> str | None:
+    """The revision of the library at ``path`` now (its manifest's), or None when it cannot be read."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return manifest.get("revision") if isinstance(manifest, dict) else None

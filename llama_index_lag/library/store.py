@@ -56,6 +56,7 @@ from .integrity import (  # noqa: F401  (FORMAT, FORMAT_VERSION, dtype_name: re-
     module_patterns,
     parse_dtype,
     parse_manifest,
+    revision_on_disk,
 )
 from .integrity import verify as verify_library
 from .packed import PackedFormatError, PackedReader, tensor_names
@@ -527,6 +528,14 @@ class AdapterLibrary:
                 shutil.rmtree(staging, ignore_errors=True)
             self._adopt(AdapterLibrary.load(self.path))
         return self
+
+    def is_current(self) -> bool:
+        """Whether the library on disk is still this object's revision (a sync or add replaced it if not)."""
+        return revision_on_disk(self.path) == self.revision
+
+    def reload(self) -> AdapterLibrary:
+        """The library as it is on disk now (a new object; this one keeps reading its own revision)."""
+        return type(self).load(self.path)
 
     def _adopt(self, new: AdapterLibrary) -> None:
         """Take over ``new``'s manifest and open files (after this object's own write)."""
