@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import difflib
-import functools
 import logging
-import math
 import threading
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +43,14 @@ from .data import check_text
 from .errors import ConfigError, DataError, PromptTooLongError
 from .generation import eos_ids, routed_generate
 from .library import AdapterLibrary
+from .llm_args import (
+    GEN_KEYS,
+    check_generate_keys,
+    check_keywords,
+    check_number,
+    load_model_and_tokenizer,
+    routing_of_pipeline_mode,
+)
 from .modes import RETRIEVAL_MODES
 from .observe import emit_routing, instrument
 from .pipeline_config import LAGPipelineConfig
@@ -56,89 +61,6 @@ logger = logging.getLogger(__name__)
 
 _CALL_ROUTING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("lag_llm_routing",
                                                                                        default=None)
-_GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
-
-
-def _number(value: Any, field: str, minimum: float, maximum: float = math.inf) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not minimum <= value <= maximum:
-        bound = f"in [{minimum}, {maximum}]" if maximum != math.inf else f">= {minimum}"
-        raise ConfigError(f"{field} must be a number {bound}, got {value!r}", field=field)
-    return float(value)
-
-
-def _routing_of_pipeline_mode(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A routing override naming a pipeline mode: ``rag`` -> off, ``rag+lag`` -> the default LAG; ``prag`` /
-    ``prag+lag`` need the retrieved document (the pipeline's engines replace them before the LLM runs)."""
-    mode = overrides["mode"]
-    rest = {k: v for k, v in overrides.items() if k != "mode"}
-    if mode == "rag":
-        return {**rest, "mode": "none"}
-    if mode == "rag+lag":
-        return {**LAGConfig.preset(DEFAULT_PRESET).to_dict(), **rest}
-    raise ConfigError(f"routing mode {mode!r} applies the retrieved document's adapter: use an engine of "
-                      "build_query_engine / build_chat_engine", field="mode")
-
-
-_HINTS = {
-    "device": "use device_map='cuda' / 'cpu' / 'auto'",
-    "tokenizer_outputs_to_remove": "LAGLLM passes only input_ids and attention_mask to generate",
-    "torch_dtype": "use dtype= or model_kwargs={'dtype': ...}",
-}
-
-
-def _check_keywords(kwargs: Mapping[str, Any], known: set[str]) -> None:
-    """Unknown constructor keywords are an error naming them (with the closest known name)."""
-    unknown = sorted(set(kwargs) - known)
-    if not unknown:
-        return
-    named = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = _HINTS.get(key) or (f"did you mean {close[0]!r}?" if close else None)
-        named.append(f"{key!r}" + (f" ({hint})" if hint else ""))
-    raise ConfigError(f"LAGLLM got unknown keyword argument(s): {', '.join(named)}", field=unknown[0])
-
-
-@functools.cache
-def _generate_keys() -> frozenset[str]:
-    from transformers import GenerationConfig
-
-    names = {k for k in GenerationConfig().to_dict() if not k.startswith("_") and k != "transformers_version"}
-    return frozenset(names | {"stopping_criteria", "logits_processor", "prefix_allowed_tokens_fn",
-                              "negative_prompt_ids", "negative_prompt_attention_mask"})
-
-
-def _check_generate_keys(kwargs: Mapping[str, Any]) -> None:
-    """Generation options that ``model.generate`` does not take are an error naming them."""
-    unknown = sorted(set(kwargs) - _generate_keys())
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(_generate_keys() | set(_GEN_KEYS)), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown generation argument(s) {unknown}{hint}", field=unknown[0])
-
-
-def _load(model: Any, tokenizer: Any, kw: Mapping[str, Any],
-          dtype: str | torch.dtype) -> tuple[Any, Any, str]:
-    """(model, tokenizer, model name) from LAGLLM's arguments, as HuggingFaceLLM reads them: a loaded
-    ``model`` wins over ``model_name`` (then only a label); ``tokenizer_name`` names the tokenizer's
-    folder."""
-    from .models import load_causal_lm, load_tokenizer, resolve_model_dir
-
-    tok_name, tok_kwargs = kw.get("tokenizer_name") or None, dict(kw.get("tokenizer_kwargs") or {})
-    if isinstance(model, torch.nn.Module):
-        if tokenizer is None and tok_name is None:
-            raise ConfigError("a loaded model needs its tokenizer: LAGLLM(model, tokenizer, ...) or "
-                              "tokenizer_name=", field="tokenizer")
-        if tokenizer is None:
-            tokenizer = load_tokenizer(tok_name, **tok_kwargs)
-        name = kw.get("model_name") or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-        return model, tokenizer, name
-    folder = resolve_model_dir(model if model is not None else kw.get("model_name") or None)
-    loaded, loaded_tokenizer = load_causal_lm(folder, dtype=dtype, device_map=kw.get("device_map"),
-                                              model_kwargs=kw.get("model_kwargs"), tokenizer_path=tok_name,
-                                              tokenizer_kwargs=tok_kwargs)
-    name = kw.get("model_name") if model is not None and kw.get("model_name") else str(folder)
-    return loaded, loaded_tokenizer if tokenizer is None else tokenizer, name
 
 
 class LAGLLM(CustomLLM):
@@ -204,10 +126,10 @@ class LAGLLM(CustomLLM):
     ) -> None:
         if "chat_model" in kwargs:  # the earlier spelling of is_chat_model
             kwargs.setdefault("is_chat_model", kwargs.pop("chat_model"))
-        _check_keywords(kwargs, set(type(self).model_fields) - {"routing"})
+        check_keywords(kwargs, set(type(self).model_fields) - {"routing"})
         if isinstance(kwargs.get("query_wrapper_prompt"), str):
             kwargs["query_wrapper_prompt"] = PromptTemplate(kwargs["query_wrapper_prompt"])
-        model, tokenizer, name = _load(model, tokenizer, kwargs, dtype)
+        model, tokenizer, name = load_model_and_tokenizer(model, tokenizer, kwargs, dtype)
         libs = [lib if isinstance(lib, AdapterLibrary) else AdapterLibrary.load(lib) for lib in libraries]
         config = lag_config or (LAGConfig.preset(DEFAULT_PRESET) if libs else LAGConfig(mode="none"))
         if router is None and libs:
@@ -360,7 +282,7 @@ class LAGLLM(CustomLLM):
         config = self._config
         for overrides in (_CALL_ROUTING.get(), routing):
             if isinstance(overrides, Mapping) and overrides.get("mode") in RETRIEVAL_MODES:
-                overrides = _routing_of_pipeline_mode(overrides)
+                overrides = routing_of_pipeline_mode(overrides)
             if isinstance(overrides, LAGConfig):
                 config = overrides
             elif isinstance(overrides, Mapping) and overrides:
@@ -403,12 +325,12 @@ class LAGLLM(CustomLLM):
         ``opts`` (checked: a bad value or an argument ``generate`` does not take is a :class:`ConfigError`
         naming it)."""
         opts = {**self.generate_kwargs, **opts}
-        temperature = _number(opts.get("temperature", self.temperature), "temperature", minimum=0.0)
+        temperature = check_number(opts.get("temperature", self.temperature), "temperature", minimum=0.0)
         max_new_tokens = opts.get("max_new_tokens", self.max_new_tokens)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}",
                               field="max_new_tokens")
-        top_p = _number(opts.get("top_p", self.top_p), "top_p", minimum=0.0, maximum=1.0)
+        top_p = check_number(opts.get("top_p", self.top_p), "top_p", minimum=0.0, maximum=1.0)
         if top_p == 0:
             raise ConfigError("top_p must be in (0, 1], got 0", field="top_p")
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tokenizer.pad_token_id}
@@ -421,8 +343,8 @@ class LAGLLM(CustomLLM):
             kw.update(stop_strings=stop, tokenizer=self._tokenizer)
         if self.stopping_ids:
             kw["eos_token_id"] = sorted(eos_ids(self._model, self._tokenizer) | set(self.stopping_ids))
-        extra = {k: v for k, v in opts.items() if k not in _GEN_KEYS}
-        _check_generate_keys(extra)
+        extra = {k: v for k, v in opts.items() if k not in GEN_KEYS}
+        check_generate_keys(extra)
         return {**kw, **extra}  # e.g. top_k, repetition_penalty, do_sample as given
 
     def _run(self, prompt: str, formatted: bool, routing: Any, opts: dict[str, Any],

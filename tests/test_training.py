@@ -259,6 +259,11 @@ def test_long_documents_are_chunked_and_too_long_refused(tmp_path, tiny):
     recipe = FAST.replace(chunk_tokens=64)
     chunks = chunk_document(long_doc, tok, recipe)
     assert len(chunks) > 3
+    from llama_index.core.node_parser import SentenceSplitter  # the index's splitter: one chunker
+
+    count = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert chunks == SentenceSplitter(chunk_size=64, chunk_overlap=0, tokenizer=count).split_text(
+        " ".join(long_doc.text.split()))
     assert " ".join(chunks) == " ".join(long_doc.text.split())
     assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 64 for c in chunks)
     # one over-long "sentence" without punctuation is cut on word boundaries

@@ -334,3 +334,18 @@ class FaissArrow:
         top = np.take_along_axis(scores, order, 1)
         rows = self.uid_to_row[np.maximum(np.take_along_axis(uids, order, 1), 0)]
         return torch.from_numpy(top), torch.from_numpy(rows.astype(np.int64))
+
+
+class UidTable:
+    """uid -> library row for arrays of uids (``table[uids]``); uids are sparse after removals."""
+
+    def __init__(self, uids: np.ndarray) -> None:
+        self._order = np.argsort(uids, kind="stable")
+        self._sorted = uids[self._order]
+
+    def __getitem__(self, uids: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self._sorted, uids), len(self._sorted) - 1)
+        if not bool((self._sorted[pos] == uids).all()):
+            raise LibraryFormatError("the approximate Arrow index returned an adapter uid the library does "
+                                     "not have (stale index)")
+        return self._order[pos]

@@ -38,6 +38,7 @@ from .arrow_index import (
     DEFAULT_TYPE,
     FaissArrow,
     PinnedArrow,
+    UidTable,
     build_module_index,
     check_index_type,
     load_module_indexes,
@@ -604,18 +605,3 @@ def _replaced(path: Path, dir_fd: int) -> bool:
     except FileNotFoundError:
         return True
     return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
-
-
-class UidTable:
-    """uid -> library row for arrays of uids (``table[uids]``); uids are sparse after removals."""
-
-    def __init__(self, uids: np.ndarray) -> None:
-        self._order = np.argsort(uids, kind="stable")
-        self._sorted = uids[self._order]
-
-    def __getitem__(self, uids: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(self._sorted, uids), len(self._sorted) - 1)
-        if not bool((self._sorted[pos] == uids).all()):
-            raise LibraryFormatError("the approximate Arrow index returned an adapter uid the library does "
-                                     "not have (stale index)")
-        return self._order[pos]

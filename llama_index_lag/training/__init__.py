@@ -18,7 +18,7 @@ _EXPORTS = {
     "BuildReport": "builder",
     "build_knowledge_adapter": "builder",
     "build_knowledge_adapters": "builder",
-    "train_task_adapter": "builder",
+    "train_task_adapter": "task",
     "read_adapter_meta": "builder",
     "is_finished": "builder",
     "document_seed": "builder",

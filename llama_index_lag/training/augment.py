@@ -95,46 +95,27 @@ def split_sentences(text: str) -> list[str]:
 def chunk_document(doc: DocumentRecord, tokenizer: PreTrainedTokenizerBase,
                    recipe: KnowledgeRecipe) -> list[str]:
     """The document's training chunks: the whole text when it fits ``recipe.chunk_tokens`` tokens, else
-    consecutive sentence groups that fit (a sentence longer than the limit is cut on word boundaries).
+    llama-index's ``SentenceSplitter`` (the index's splitter) with the model's tokenizer: consecutive sentence
+    groups that fit, an over-long sentence cut on word boundaries; no overlap.
 
     Raises :class:`DataError` when the document is longer than ``recipe.max_document_tokens``.
     """
-    def count(s: str) -> int:
-        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+    from llama_index.core.node_parser import SentenceSplitter
 
-    total = count(doc.text)
+    def tokens(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    text = " ".join(doc.text.split())
+    total = len(tokens(doc.text))
     if total > recipe.max_document_tokens:
         raise DataError(
             f"document has {total} tokens, more than max_document_tokens={recipe.max_document_tokens}; split "
             "it into several documents or raise the limit", field="text", adapter=doc.id,
         )
     if total <= recipe.chunk_tokens:
-        return [" ".join(doc.text.split())]
-    pieces: list[str] = []
-    for sentence in split_sentences(doc.text):
-        if count(sentence) <= recipe.chunk_tokens:
-            pieces.append(sentence)
-            continue
-        words, cur = sentence.split(), []  # an over-long "sentence": cut on word boundaries
-        for word in words:
-            if cur and count(" ".join([*cur, word])) > recipe.chunk_tokens:
-                pieces.append(" ".join(cur))
-                cur = []
-            cur.append(word)
-        if cur:
-            pieces.append(" ".join(cur))
-    chunks: list[str] = []
-    cur_text = ""
-    for piece in pieces:
-        candidate = f"{cur_text} {piece}".strip()
-        if cur_text and count(candidate) > recipe.chunk_tokens:
-            chunks.append(cur_text)
-            cur_text = piece
-        else:
-            cur_text = candidate
-    if cur_text:
-        chunks.append(cur_text)
-    return chunks
+        return [text]
+    splitter = SentenceSplitter(chunk_size=recipe.chunk_tokens, chunk_overlap=0, tokenizer=tokens)
+    return [c for c in (" ".join(chunk.split()) for chunk in splitter.split_text(text)) if c]
 
 
 def _title(doc: DocumentRecord) -> str:

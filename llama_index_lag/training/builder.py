@@ -36,16 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._env import __version__
-from .._fs import atomic_dir, atomic_write_json, check_output, file_lock, free_bytes
+from .._fs import atomic_dir, atomic_write_json, file_lock, free_bytes
 from ..data import (
     DocumentRecord,
-    TaskExample,
     adapter_name,
     check_text,
     id_key,
-    read_task_examples,
     validate_document_id,
-    validate_id,
 )
 from ..errors import BuildError, ConfigError, DataError, LAGError, UnsafeOutputError
 from ..ingest import load_documents
@@ -54,12 +51,11 @@ from .augment import (
     QAGenerationWarning,
     TextGenerator,
     augment_document,
-    chat_example,
     chunk_document,
     eva_texts,
     knowledge_examples,
 )
-from .recipe import KnowledgeRecipe, TaskRecipe
+from .recipe import KnowledgeRecipe
 from .train import StepCallback, train_lora
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -326,14 +322,10 @@ def build_knowledge_adapters(
                           generate=generate, on_adapter=on_adapter, on_step=on_step, force=force, start=start)
 
 
-def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None, model: Any, tokenizer: Any,
-               recipe: KnowledgeRecipe, seed: int, workers: int, compile_to: str | Path | None,
-               progress: bool, overwrite: bool, generate: Any, on_adapter: Any, on_step: Any, force: bool,
-               start: float) -> BuildReport:
-    import torch
-    from tqdm.auto import tqdm
-
-    report = BuildReport(out=out)
+def _plan(docs: list[DocumentRecord], out: Path, report: BuildReport, *, overwrite: bool,
+          force: bool) -> list[DocumentRecord]:
+    """The documents to (re)build; finished adapters of the same text go to ``report.skipped``. A folder
+    that is not ours is refused unless ``force``."""
     todo: list[DocumentRecord] = []
     for doc in docs:
         folder = out / adapter_name(doc.id)
@@ -349,11 +341,23 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         if current and not overwrite:
             report.skipped.append(doc.id)
             report.metadata[doc.id] = meta
-        else:
-            if meta is not None and not overwrite and meta.get("doc_id") == doc.id:
-                logger.info("document %r changed since its adapter was built: rebuilding it", doc.id)
-                report.stale.append(doc.id)
-            todo.append(doc)
+            continue
+        if meta is not None and not overwrite and meta.get("doc_id") == doc.id:
+            logger.info("document %r changed since its adapter was built: rebuilding it", doc.id)
+            report.stale.append(doc.id)
+        todo.append(doc)
+    return todo
+
+
+def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None, model: Any, tokenizer: Any,
+               recipe: KnowledgeRecipe, seed: int, workers: int, compile_to: str | Path | None,
+               progress: bool, overwrite: bool, generate: Any, on_adapter: Any, on_step: Any, force: bool,
+               start: float) -> BuildReport:
+    import torch
+    from tqdm.auto import tqdm
+
+    report = BuildReport(out=out)
+    todo = _plan(docs, out, report, overwrite=overwrite, force=force)
     for doc in todo:
         _clean_stale(out, adapter_name(doc.id))
 
@@ -530,77 +534,6 @@ def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | No
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-# ---------------------------------------------------------------------------------------------- task adapters
-def task_examples(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenizerBase) -> list[Any]:
-    from .augment import Example
-
-    return [Example(*chat_example(tokenizer, ex.prompt, ex.answer), "task") for ex in examples]
-
-
-def train_task_adapter(
-    data: Sequence[TaskExample] | str | Path,
-    out: str | Path,
-    *,
-    base: str | Path | None = None,
-    model: PreTrainedModel | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    recipe: TaskRecipe | None = None,
-    seed: int = 0,
-    name: str | None = None,
-    on_step: StepCallback | None = None,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Train a task adapter on ``{"prompt", "answer"}`` examples (chat template, loss on the answer) and write
-    it atomically to ``out`` (a PEFT folder + ``lag_adapter.json`` with ``"kind": "task"``). ``out`` may be
-    missing, empty or an adapter this package wrote (``force=True``: anything but the data file's folder)."""
-    from .train import seed_everything
-
-    recipe = recipe or TaskRecipe()
-    source = str(data) if isinstance(data, (str, Path)) else None
-    records = read_task_examples(data) if isinstance(data, (str, Path)) else list(data)
-    if not records:
-        raise DataError("no task examples")
-    out = check_output(out, ours=lambda p: read_adapter_meta(p) is not None, what="adapter",
-                       inputs=[data] if source is not None else (), force=force)
-    name = validate_id(name or out.name, field="name")
-    if (model is None) != (tokenizer is None):
-        raise ConfigError("pass both model and tokenizer, or neither", field="model")
-    if model is None:
-        from ..models import load_causal_lm
-
-        model, tokenizer = load_causal_lm(base)
-    assert tokenizer is not None
-    start = time.perf_counter()
-    seed_everything(seed)
-    examples = task_examples(records, tokenizer)
-    texts = [f"{r.prompt}\n{r.answer}" for r in records]
-    n_steps = recipe.n_steps(len(records))
-    with _disk_errors(name, out), atomic_dir(out) as tmp:
-        stats = train_lora(model, tokenizer, examples, recipe, tmp, eva_texts=texts, seed=seed, steps=n_steps,
-                           on_step=on_step)
-        digest = hashlib.sha256("\n".join(f"{r.prompt}\t{r.answer}" for r in records).encode()).hexdigest()
-        meta = {
-            "format": META_FORMAT,
-            "format_version": META_VERSION,
-            "kind": "task",
-            "name": name,
-            "source": source,
-            "data_sha256": digest,
-            "examples": len(records),
-            "seed": seed,
-            "recipe": recipe.to_dict(),
-            "base_model": _base_info(model),
-            "train": {k: v for k, v in stats.items() if k != "timings"},
-            "timings": {"eva_init_s": stats["timings"].get("init_s"),
-                        "train_s": stats["timings"].get("train_s"), "save_s": stats["timings"].get("save_s"),
-                        "total_s": round(time.perf_counter() - start, 3)},
-            "versions": _versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_json(tmp / META_FILE, meta)
-    return meta
-
-
 __all__ = [
     "META_FILE",
     "BuildError",
@@ -610,7 +543,6 @@ __all__ = [
     "document_seed",
     "is_finished",
     "read_adapter_meta",
-    "train_task_adapter",
 ]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
