@@ -10,6 +10,7 @@ inside the block.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,12 @@ from .pipeline import (
 #: CondensePlusContextChatEngine.from_defaults keyword arguments build_chat_engine passes on
 CHAT_KWARGS = ("chat_history", "memory", "system_prompt", "context_prompt", "context_refine_prompt",
                "condense_prompt", "skip_condense", "node_postprocessors", "verbose")
-_NO_CONTEXT = [NodeWithScore(node=TextNode(text=""), score=None)]  # the synthesizer still answers
+_TURN_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lag_chat_turn_mode", default=None)
+
+
+def _no_context() -> list[NodeWithScore]:
+    """One empty context node: the synthesizer still answers (with no nodes it returns "Empty Response")."""
+    return [NodeWithScore(node=TextNode(text=""), score=None)]
 
 
 class _Synthesizer:
@@ -61,6 +67,9 @@ class LAGChatEngine(CondensePlusContextChatEngine):
 
     def mode_now(self) -> str:
         """This turn's pipeline mode: a retrieval mode set by ``llm.routing_override``, else the engine's."""
+        turn = _TURN_MODE.get()
+        if turn is not None:  # decided when the turn began
+            return turn
         override = self._parts.llm.override_mode()
         if override in RETRIEVAL_MODES and override != self.mode:
             if isinstance(self._retriever, NoRetriever):
@@ -75,15 +84,19 @@ class LAGChatEngine(CondensePlusContextChatEngine):
         mode = self.mode_now()
         before = {"mode": "none"} if mode in ("prag", "prag+lag") else (
             mode_routing(mode, [], None, self._parts.lag_routing) if mode in ("rag", "rag+lag") else {})
-        with self._parts.llm.routing_override(**before):
-            yield
+        token = _TURN_MODE.set(mode)
+        try:
+            with self._parts.llm.routing_override(**before):
+                yield
+        finally:
+            _TURN_MODE.reset(token)
 
     def _answer_with(self, synthesizer: Any, nodes: list[NodeWithScore]) -> _Synthesizer:
         mode = self.mode_now()
         if mode in ("prag", "prag+lag"):
             settings = self._parts.llm.current_override()
             settings.update(mode_routing(mode, nodes, self._parts.doc_to_adapter, self._parts.lag_routing))
-        return _Synthesizer(synthesizer, nodes if mode in ("rag", "rag+lag") else _NO_CONTEXT)
+        return _Synthesizer(synthesizer, nodes if mode in ("rag", "rag+lag") else _no_context())
 
     def _run_c3(self, message: str, chat_history: Any = None, streaming: bool = False) -> Any:
         synthesizer, source, nodes = super()._run_c3(message, chat_history, streaming=streaming)

@@ -171,3 +171,18 @@ def test_chat_engine_in_every_pipeline_mode(world, config, mode):
     else:
         assert routed == [] and first.metadata is None or "lag" not in (first.metadata or {})
     assert chat.chat_history[-1].content == text.strip() or chat.chat_history[-1].content == text
+
+
+def test_routing_override_switches_a_chat_turn_to_prag(world, config):
+    from llama_index_lag.chat import build_chat_engine
+
+    chat = build_chat_engine(config.model_copy(update={"mode": "rag"}), embed_model=world["embed"],
+                             similarity_top_k=1, skip_condense=True)
+    with routing_events() as events, routing_events(prompts=True) as prompts:
+        with chat._parts.llm.routing_override(mode="prag"):
+            pinned = chat.chat(QUESTION)
+        plain = chat.chat(QUESTION)  # after the block: the engine's own rag again
+    assert [e.summary.fixed for e in events] == [{"knowledge": ["person-veltrano-oskimar"]}]
+    assert pinned.metadata["lag"]["fixed"] == {"knowledge": ["person-veltrano-oskimar"]}
+    assert "glassblower" not in prompts[0] and "glassblower" in prompts[1]
+    assert plain.source_nodes and (plain.metadata or {}).get("lag") is None
