@@ -16,6 +16,7 @@ passed explicitly or defaults to the offline MiniLM; LlamaIndex ``Settings`` are
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -280,8 +281,14 @@ def _manifest(
         "num_documents": len(records),
         "num_nodes": len(nodes),
         "doc_ids": [r.id for r in records],
+        "doc_sha256": {r.id: document_digest(r) for r in records},  # what `lag sync` compares
         "files": {name: {"sha256": sha256_file(folder / name)} for name in CHECKED_FILES},
     }
+
+
+def document_digest(rec: DocumentRecord) -> str:
+    """SHA-256 of what the index embeds of a document (title and text)."""
+    return hashlib.sha256(json.dumps([rec.title, rec.text]).encode("utf-8")).hexdigest()
 
 
 def build_index(

@@ -84,6 +84,12 @@ def test_sync_equals_a_fresh_build_and_rebuilds_only_what_changed(setup, tmp_pat
     again = sync_documents(folder, **kw)
     assert again.up_to_date and again.build is None
     assert AdapterLibrary.load(work / "lib").revision == synced.revision  # nothing rewritten
+    stale = read_directory(folder)  # an index of other texts under the same ids: re-embedded, adapters kept
+    build_index([r.__class__(r.id, r.text + " Extra.", r.title) for r in stale], work / "index",
+                embed_model=setup["embed"], show_progress=False)
+    fixed = sync_documents(folder, **kw)
+    assert fixed.up_to_date and fixed.build is None
+    assert read_index_manifest(work / "index")["doc_sha256"] == mb["doc_sha256"]
 
 
 def test_cli_sync(setup, tmp_path, capsys):

@@ -88,7 +88,7 @@ def sync_documents(
     """Update ``library_dir`` and ``index_dir`` to ``documents`` (records, llama-index documents, a JSONL or
     a folder), rebuilding only the adapters of added and changed documents (see the module docstring).
     A missing library or index is built. ``dry_run``: only report what would change."""
-    from ..indexing import DEFAULT_CHUNK_OVERLAP, build_index, read_index_manifest
+    from ..indexing import DEFAULT_CHUNK_OVERLAP, build_index, document_digest, read_index_manifest
     from ..library import AdapterLibrary
     from ..library.integrity import MANIFEST
     from ..models import resolve_model_dir
@@ -106,7 +106,7 @@ def sync_documents(
     report = plan_sync(docs, library, folder)
     index_dir = Path(index_dir)
     index_current = (index_dir / "lag_index.json").is_file() and \
-        sorted(read_index_manifest(index_dir)["doc_ids"]) == sorted(d.id for d in docs)
+        read_index_manifest(index_dir).get("doc_sha256") == {d.id: document_digest(d) for d in docs}
     if dry_run or (report.up_to_date and index_current):
         report.seconds = time.perf_counter() - start
         return report
