@@ -18,7 +18,8 @@ Hierarchy::
     ├── BuildError              building an adapter failed (disk, folder, worker); re-running resumes
     ├── UnsafeOutputError       an output path holds data that a write would destroy
     ├── DiskFullError           no space left for a write (says how much was needed and free)
-    └── MissingDependencyError  an optional package is not installed (also an ImportError)
+    ├── MissingDependencyError  an optional package is not installed (also an ImportError)
+    └── QueueFullError          the batch engine's queue is full: the request was not taken (retry later)
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ class MissingDependencyError(LAGError, ImportError):
     """An optional package is missing; the message says the exact install command."""
 
 
+class QueueFullError(LAGError):
+    """The batch engine's queue is full: the request was not accepted (retry later)."""
+
+
+
 __all__ = [
     "LAGError",
     "AdapterError",
@@ -149,4 +155,5 @@ __all__ = [
     "UnsafeOutputError",
     "DiskFullError",
     "MissingDependencyError",
+    "QueueFullError",
 ]

@@ -35,6 +35,7 @@ class Generated:
     prompt_lengths: list[int]  # per row: real (unpadded) prompt tokens
     trace: RoutingTrace | None = None  # the routing of the call (prefill, then one entry per row per step)
     routing_seconds: float | None = None  # time spent inside the routing, when traced
+    finish_reason: str | None = None  # one row: "stop" | "length" | "cancelled", when the generator knows
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -38,6 +38,7 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.types import Thread
 
+from .batching import BatchEngine
 from .config import DEFAULT_PRESET, LAGConfig
 from .data import check_text
 from .errors import ConfigError, DataError, PromptTooLongError
@@ -55,7 +56,7 @@ from .modes import RETRIEVAL_MODES
 from .observe import emit_routing, instrument
 from .pipeline_config import LAGPipelineConfig
 from .router import LAGRouter, attach_lag
-from .trace import RoutingSummary, collect_routing, record_routing  # noqa: F401  (collect_routing: re-export)
+from .trace import RoutingSummary, collect_routing, record_call, record_routing  # noqa: F401  (collect_routing: re-export)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class LAGLLM(CustomLLM):
     _config: LAGConfig = PrivateAttr()
     _custom_messages: bool = PrivateAttr(default=False)  # messages_to_prompt given: no chat template
     _custom_completion: bool = PrivateAttr(default=False)  # completion_to_prompt given
+    _engine: Any = PrivateAttr(default=None)  # a BatchEngine (enable_batching): generations run batched
 
     def __init__(
         self,
@@ -172,6 +174,25 @@ class LAGLLM(CustomLLM):
         view._model, view._tokenizer, view._router, view._config = (self._model, self._tokenizer,
                                                                     self._router, new_config)
         return view
+
+    def enable_batching(self, max_batch: int = 8, **engine_kw: Any) -> BatchEngine:
+        """Run this LLM's generations (and those of views made from it afterwards) in one
+        :class:`~llama_index_lag.batching.BatchEngine`: concurrent calls are decoded together, each with its
+        own routing. ``engine_kw``: ``max_queue``, ``on_step``, ``on_finish``. Returns the engine."""
+        self.disable_batching()
+        self._engine = BatchEngine(self._model, self._tokenizer, self._router, max_batch=max_batch,
+                                   **engine_kw)
+        return self._engine
+
+    def disable_batching(self) -> None:
+        """Stop the batch engine (its requests end as cancelled); generations run alone again."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    @property
+    def batch_engine(self) -> BatchEngine | None:
+        return self._engine
 
     @contextlib.contextmanager
     def routing_override(self, **changes: Any) -> Iterator[dict[str, Any]]:
@@ -361,12 +382,20 @@ class LAGLLM(CustomLLM):
         focus_mask = inputs.pop("focus", None)
         config = self._call_config(routing)
         traced = self._router is not None and self.routing_summary and config.mode != "none"
-        out = routed_generate(self._model, inputs["input_ids"], inputs.get("attention_mask"),
-                              router=self._router, config=config, focus=focus_mask,
-                              trace="summary" if traced else None, seed=opts.get("seed"), streamer=streamer,
-                              **gen_kw)
-        new_tokens = out.new[0]
-        text = cut_at_stop(self._tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kw)
+        trace = "summary" if traced else None
+        if self._engine is not None and self._engine.supports(gen_kw):  # in the running batch
+            out = self._engine.generate(inputs["input_ids"], inputs.get("attention_mask"), config=config,
+                                        focus=focus_mask, trace=trace, seed=opts.get("seed"),
+                                        streamer=streamer, **gen_kw)
+        else:
+            out = routed_generate(self._model, inputs["input_ids"], inputs.get("attention_mask"),
+                                  router=self._router, config=config, focus=focus_mask, trace=trace,
+                                  seed=opts.get("seed"), streamer=streamer, **gen_kw)
+        new_tokens = out.new[0][:out.lengths[0]]
+        raw = self._tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text = cut_at_stop(raw, gen_kw)
+        finish = out.finish_reason or ("length" if len(raw) == len(text) and new_tokens.numel()
+                                       >= gen_kw["max_new_tokens"] else "stop")
         trace, seconds = out.trace, out.seconds
         summary = None
         if trace is not None and out.routing_seconds is not None:
@@ -381,7 +410,10 @@ class LAGLLM(CustomLLM):
             ).as_dict()
             emit_routing(summary)
         record_routing(summary)
-        return text, summary, int(inputs["input_ids"].shape[1])
+        n_prompt = int(inputs["input_ids"].shape[1])
+        record_call({"prompt_tokens": n_prompt, "completion_tokens": int(new_tokens.numel()),
+                     "finish_reason": finish, "lag": summary})
+        return text, summary, n_prompt
 
     @staticmethod
     def _split_kwargs(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

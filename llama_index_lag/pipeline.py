@@ -261,7 +261,14 @@ def check_coverage(index: Any, libraries: Any) -> Coverage:
                     adapters_without_documents=sorted(a for d, a in known.items() if d not in set(docs)))
 
 
+_CHECKED: set[tuple[int, tuple[str, ...]]] = set()  # (index, libraries) already checked: warn once
+
+
 def _warn_uncovered(index: Any, libraries: Any) -> None:
+    key = (id(index), tuple(str(lib.path) for lib in libraries))
+    if key in _CHECKED:
+        return
+    _CHECKED.add(key)
     try:
         cov = check_coverage(index, libraries)
     except ConfigError:

@@ -57,6 +57,12 @@ class RoutingTrace:
             if self.keep_tokens:
                 self._tokens[key].append(kept.to(torch.int32))
 
+    def add_counts(self, kind: str, module: str, counts: torch.Tensor) -> None:
+        """Add [N] selection counts at one module (e.g. this request's row of a :class:`RowTrace`)."""
+        with self._lock:
+            key = (kind, module)
+            self._counts[key] = self._counts[key] + counts if key in self._counts else counts.clone()
+
     # ---- queries --------------------------------------------------------------------------------
     @property
     def kinds(self) -> list[str]:
@@ -132,6 +138,35 @@ class RoutingTrace:
             self._counts.clear()
             self._tokens.clear()
             self._candidates.clear()
+
+
+class RowTrace:
+    """Per-row selection counts of batch rows routed together (``LAGRouter.rows``): one ``bincount`` per
+    module call for all rows; :meth:`flush` adds each row's counts to that request's :class:`RoutingTrace`."""
+
+    def __init__(self, names: dict[str, list[str]], rows: int) -> None:
+        self.names = names
+        self.rows = rows
+        self._counts: dict[tuple[str, str], torch.Tensor] = {}  # (kind, module) -> [G, N]
+
+    def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None = None,
+               candidates: torch.Tensor | None = None) -> None:
+        """chosen [G * S] (row-major: S tokens per row), mask [G, S] bool or None; candidates unused."""
+        n = len(self.names[kind])
+        flat = torch.arange(self.rows)[:, None] * n + chosen.reshape(self.rows, -1).cpu()  # [G, S]
+        if mask is not None:
+            flat = flat[mask.reshape(self.rows, -1).cpu()]
+        counts = torch.bincount(flat.reshape(-1), minlength=self.rows * n).view(self.rows, n)
+        key = (kind, module)
+        self._counts[key] = self._counts[key] + counts if key in self._counts else counts
+
+    def flush(self, traces: list[RoutingTrace | None]) -> None:
+        """Add row i's counts to ``traces[i]`` (None: not recorded) and start afresh."""
+        for (kind, module), counts in self._counts.items():
+            for row, trace in enumerate(traces):
+                if trace is not None:
+                    trace.add_counts(kind, module, counts[row])
+        self._counts.clear()
 
 
 # ---- the routing summary of LLM calls: one schema ----------------------------------------------------
@@ -230,3 +265,27 @@ def record_routing(summary: dict[str, Any] | None) -> None:
     if summary is not None:
         for sink in _COLLECT.get():
             sink.append(summary)
+
+
+# ---- what each LLM call of a request did (tokens, finish reason, routing): lag serve's usage ------------
+_CALLS: contextvars.ContextVar[tuple[list[dict[str, Any]], ...]] = contextvars.ContextVar("lag_calls",
+                                                                                          default=())
+
+
+@contextlib.contextmanager
+def collect_calls() -> Iterator[list[dict[str, Any]]]:
+    """Collect one record per LAGLLM call made inside the block (``prompt_tokens``, ``completion_tokens``,
+    ``finish_reason``, ``lag``: its routing summary or None); nests and crosses threads as
+    :func:`collect_routing`."""
+    sink: list[dict[str, Any]] = []
+    token = _CALLS.set((*_CALLS.get(), sink))
+    try:
+        yield sink
+    finally:
+        _CALLS.reset(token)
+
+
+def record_call(record: dict[str, Any]) -> None:
+    """Called by LAGLLM after each generation."""
+    for sink in _CALLS.get():
+        sink.append(record)

@@ -1,5 +1,5 @@
-"""``lag bench routing`` / ``scale`` / ``dispatch`` / ``reliability``: benchmarks that print a table and write
-JSON."""
+"""``lag bench routing`` / ``scale`` / ``dispatch`` / ``reliability`` / ``serve``: benchmarks that print a
+table and write JSON."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0, help="random seed")
     f.set_defaults(func=_reliability)
 
+    v = bench.add_parser("serve", help="load on lag serve (1-16 clients, mixed modes) vs in-process LAGLLM")
+    v.add_argument("--out", default="bench-serve.json", help="JSON results file")
+    v.add_argument("--n", type=int, default=1000, help="adapters in the knowledge library (default 1000)")
+    v.add_argument("--clients", type=_ints, default=(1, 4, 8, 16), help="concurrency levels, e.g. 1,4,8,16")
+    v.add_argument("--max-tokens", dest="max_tokens", type=int, default=32, help="max_tokens per request")
+    v.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="the server's --max-batch")
+    v.add_argument("--work", default=None, help="folder for the library and index (default: the user cache)")
+    v.add_argument("--no-baseline", dest="no_baseline", action="store_true",
+                   help="skip the in-process LAGLLM baseline")
+    v.set_defaults(func=_serve)
+
 
 def _routing(args: argparse.Namespace) -> int:
     from ..bench.routing import run
@@ -90,3 +101,11 @@ def _reliability(args: argparse.Namespace) -> int:
 
     payload = run(args.out, trials=args.trials, seconds=args.seconds, work=args.work, seed=args.seed)
     return 0 if all(r["survived"] == r["trials"] for r in payload["rows"]) else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..bench.serve import run
+
+    payload = run(args.out, n=args.n, clients=args.clients, max_tokens=args.max_tokens,
+                  max_batch=args.max_batch, work=args.work, baseline=not args.no_baseline)
+    return 0 if all(t["met"] for t in payload["targets"].values()) else 1

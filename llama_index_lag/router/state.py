@@ -55,3 +55,28 @@ class ForwardState:
     # kind (model-wide pre-pass) or (kind, module) -> ([B, M] shortlisted adapters, [B, M] log mass shares)
     shortlists: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     centres: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [B, n] request means (prompt)
+
+    @staticmethod
+    def stack(states: list[ForwardState]) -> ForwardState:
+        """One state for the rows of several single-sequence requests decoded together (row i = states[i]):
+        their sequence-level choices concatenated along the batch. The states must share one routing (the
+        same keys); a key some lack is left out (recomputed from the decode tokens, as for a lone request
+        that never saw its prompt)."""
+        def common(name: str) -> list[Any]:
+            keys = [set(getattr(s, name)) for s in states]
+            return [k for k in getattr(states[0], name) if all(k in ks for ks in keys)]
+
+        return ForwardState(
+            winners={k: torch.cat([s.winners[k] for s in states]) for k in common("winners")},
+            shortlists={k: (torch.cat([s.shortlists[k][0] for s in states]),
+                            torch.cat([s.shortlists[k][1] for s in states])) for k in common("shortlists")},
+            centres={k: torch.cat([s.centres[k] for s in states]) for k in common("centres")})
+
+
+@dataclass
+class RowGroup:
+    """The rows of a batch that share one routing (``LAGRouter.rows``), routed together."""
+
+    rows: torch.Tensor  # [G] long: the batch rows of this group
+    state: RequestState  # their settings and recorders
+    forward: ForwardState  # their sequence-level choices, row by row (ForwardState.stack)

@@ -30,7 +30,7 @@ from ..routing.engine import PoolTensors, add_fused, apply_fixed, in_place_ok, r
 from ..trace import RoutingTrace
 from .pool import APPROXIMATE, Pool, effort, route_spec
 from .sequence import SequenceRouting
-from .state import ForwardState, RequestState
+from .state import ForwardState, RequestState, RowGroup
 
 _ids = itertools.count()
 
@@ -52,27 +52,10 @@ class LAGLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         router: LAGRouter = self._router
-        state = router.state()
-        cfg = state.config
-        if cfg.mode == "none":
-            return out
-        if state.fused_k is not None and router._decode_in_place(self, x, out, state.fused_k, cfg):
-            return out
-        if state.fused_shortlist and router._decode_shortlist_in_place(self, x, out, cfg):
-            return out
-        start = time.perf_counter() if state.timings else 0.0
-        delta = None
-        for kind, tensors in self.pools.items():
-            d = router._route(self.module_name, kind, tensors, x, state)
-            if d is not None:
-                delta = d if delta is None else delta + d
-        if delta is not None:
-            out = out + delta.view(*out.shape[:-1], -1).to(out.dtype)
-        if state.timings:
-            elapsed = time.perf_counter() - start
-            for timer in state.timings:
-                timer[0] += elapsed
-        return out
+        groups = router._rows.get()
+        if groups is not None:  # a batch of requests with their own routings (LAGRouter.rows)
+            return router._route_rows(self, x, out, groups)
+        return router._apply(self, x, out, router.state())
 
 
 class LAGRouter(SequenceRouting):
@@ -85,6 +68,8 @@ class LAGRouter(SequenceRouting):
         self._forward: contextvars.ContextVar[ForwardState] = contextvars.ContextVar(f"lag_fwd_{next(_ids)}")
         self._focus: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             f"lag_focus_{next(_ids)}", default=None)
+        self._rows: contextvars.ContextVar[Sequence[RowGroup] | None] = contextvars.ContextVar(
+            f"lag_rows_{next(_ids)}", default=None)
         self._default = RequestState(config)
         kinds = sorted({lib.kind for lib in libraries})
         self.pools = {kind: Pool(kind, [lib for lib in libraries if lib.kind == kind], config.arrow_backend)
@@ -225,6 +210,51 @@ class LAGRouter(SequenceRouting):
     def state(self) -> RequestState:
         return self._state.get(self._default)
 
+    # ---- batches of requests (continuous batching) -----------------------------------------------
+    def request_state(self, config: LAGConfig, traces: Sequence[Any] = (),
+                      timings: Sequence[list[float]] = ()) -> RequestState:
+        """The settings of one request routed with ``config`` and recorded by ``traces`` / ``timings``."""
+        return RequestState(config, tuple(traces), tuple(timings), self._resolve_fixed(config))
+
+    def run_request(self, state: RequestState, focus: torch.Tensor | None,
+                    fn: Any) -> tuple[Any, ForwardState | None]:
+        """Run ``fn()`` (a prompt's forward) as one request with ``state`` and ``focus``, in a fresh context;
+        returns its result and the request's sequence-level choices (for :meth:`rows` in later steps)."""
+        def run() -> tuple[Any, ForwardState | None]:
+            self._state.set(state)
+            self._focus.set(None if focus is None else focus.bool())
+            self._rows.set(None)
+            self._forward.set(ForwardState(focus=self._focus.get()))
+            result = fn()
+            return result, self._forward.get(None)
+
+        return contextvars.copy_context().run(run)
+
+    @contextlib.contextmanager
+    def rows(self, groups: Sequence[RowGroup]) -> Iterator[None]:
+        """Route the forwards inside the block row group by row group: each group's rows with its own
+        settings and sequence-level choices; rows in no group get no adapter. One pass per distinct routing
+        of the batch, not per row."""
+        token = self._rows.set(tuple(groups))
+        try:
+            yield
+        finally:
+            self._rows.reset(token)
+
+    def _route_rows(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
+                    groups: Sequence[RowGroup]) -> torch.Tensor:
+        for group in groups:
+            rows = group.rows.to(x.device)
+            xs, outs = x.index_select(0, rows), out.index_select(0, rows)  # [G, S, n], [G, S, m]
+            state_token, forward_token = self._state.set(group.state), self._forward.set(group.forward)
+            try:
+                routed = self._apply(layer, xs, outs, group.state)
+            finally:
+                self._forward.reset(forward_token)
+                self._state.reset(state_token)
+            out.index_copy_(0, rows, routed.to(out.dtype))
+        return out
+
     def check_config(self, config: LAGConfig) -> None:
         """Raise :class:`ConfigError` / :class:`LibraryError` if ``config`` names a library kind or adapter
         that is not attached (so a request fails before it generates)."""
@@ -275,6 +305,30 @@ class LAGRouter(SequenceRouting):
                                                   and cfg.sequence_scope == "model")
         if start == 0 and two_level and cfg.mode in ("arrow", "spectr", "lag"):
             self._choose_for_sequences(fwd, kwargs)
+
+    def _apply(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
+               state: RequestState) -> torch.Tensor:
+        """``out`` (the base layer's output for ``x``) plus the adapters ``state`` routes ``x`` to."""
+        cfg = state.config
+        if cfg.mode == "none":
+            return out
+        if state.fused_k is not None and self._decode_in_place(layer, x, out, state.fused_k, cfg):
+            return out
+        if state.fused_shortlist and self._decode_shortlist_in_place(layer, x, out, cfg):
+            return out
+        start = time.perf_counter() if state.timings else 0.0
+        delta = None
+        for kind, tensors in layer.pools.items():
+            d = self._route(layer.module_name, kind, tensors, x, state)
+            if d is not None:
+                delta = d if delta is None else delta + d
+        if delta is not None:
+            out = out + delta.view(*out.shape[:-1], -1).to(out.dtype)
+        if state.timings:
+            elapsed = time.perf_counter() - start
+            for timer in state.timings:
+                timer[0] += elapsed
+        return out
 
     @staticmethod
     def _decode_in_place(layer: LAGLinear, x: torch.Tensor, out: torch.Tensor, k: int,

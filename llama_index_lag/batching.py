@@ -1,0 +1,619 @@
+"""Continuous (iteration-level) batching: concurrent requests decoded together, one model forward per step,
+each row routed with its own settings.
+
+A request is prefilled alone (its prompt's forward also makes its sequence-level routing choices: request
+centres, shortlists, sequence winners), then joins the running batch: its KV cache is left-padded to the
+batch's length and stacked under the others. Each step runs one forward over every running row (per-row
+attention mask and position ids over the shared cache); rows that finish (eos, a stop string,
+``max_new_tokens``, cancelled) leave between steps and fully padded cache columns are trimmed. Rows that share
+one routing are routed as one group (``LAGRouter.rows``): one routing pass per distinct setting of the batch.
+Greedy rows give the tokens they give alone (``routed_generate``).
+
+:class:`BatchEngine` runs the loop in one thread; ``LAGLLM.enable_batching()`` sends its generations through
+it (``lag serve`` does), so query / chat engines in any pipeline mode share the batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import inspect
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import LAGConfig
+from .errors import ConfigError, LAGError, QueueFullError
+from .generation import Generated, eos_ids
+from .router import LAGRouter
+from .router.state import ForwardState, RowGroup
+from .trace import RoutingTrace, RowTrace
+
+logger = logging.getLogger(__name__)
+
+# model.generate options the engine implements (others: generate alone, e.g. beams, repetition_penalty)
+SUPPORTED_GENERATE = frozenset(
+    {
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_strings",
+        "tokenizer",
+        "pad_token_id",
+        "eos_token_id",
+    }
+)
+_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("lag_cancel", default=None)
+_END = object()
+
+
+@contextlib.contextmanager
+def cancel_scope(event: threading.Event | None = None) -> Iterator[threading.Event]:
+    """An event (``event`` or a new one) that, once set, cancels the batched generations started inside the
+    block (this thread / task and the threads it starts with a copy of its context): their rows leave the
+    batch at the next step."""
+    event = event or threading.Event()
+    token = _CANCEL.set(event)
+    try:
+        yield event
+    finally:
+        _CANCEL.reset(token)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row picks its tokens (temperature 0: greedy)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_generate_kwargs(
+        cls, gen_kw: Mapping[str, Any], eos: set[int], seed: int | None = None
+    ) -> SamplingParams | None:
+        """The sampling of ``model.generate(**gen_kw)``; None when it uses an option the engine lacks."""
+        if set(gen_kw) - SUPPORTED_GENERATE:
+            return None
+        ids = gen_kw.get("eos_token_id")
+        if ids is not None:
+            eos = {int(i) for i in (ids if isinstance(ids, (list, tuple, set)) else [ids])}
+        sample = bool(gen_kw.get("do_sample"))
+        return cls(
+            max_new_tokens=int(gen_kw.get("max_new_tokens", 64)),
+            temperature=float(gen_kw.get("temperature") or 1.0) if sample else 0.0,
+            top_p=float(gen_kw.get("top_p") or 1.0) if sample else 1.0,
+            top_k=gen_kw.get("top_k") if sample else None,
+            seed=seed,
+            stop=tuple(gen_kw.get("stop_strings") or ()),
+            eos=frozenset(eos),
+        )
+
+
+@dataclass
+class Finished:
+    """What one request produced."""
+
+    tokens: list[int]  # generated ids (the eos that ended it included)
+    finish_reason: str  # "stop" (eos or a stop string), "length" (max_new_tokens / context), "cancelled"
+    prompt_tokens: int
+    seconds: float  # from submission to the last token
+    first_token_seconds: float | None  # from submission to the first token
+    trace: RoutingTrace | None  # the routing of the prompt and of every generated token
+    routing_seconds: float  # time in routing (a batched step's time shared equally by its rows)
+
+
+class Ticket:
+    """Handle of one submitted request: its tokens as they come, its result, cancellation."""
+
+    def __init__(self, request_id: int, cancel: threading.Event | None = None) -> None:
+        self.id = request_id
+        self._tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancel = cancel or threading.Event()
+        self._result: Finished | None = None
+        self._error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the row leaves the batch at the next step (result: ``"cancelled"``)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def tokens(self) -> Iterator[int]:
+        """The generated token ids, as they are generated (blocks)."""
+        while True:
+            item = self._tokens.get()
+            if item is _END:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Finished:
+        """Wait for the end of the request; raises what failed it."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def _end(self, result: Finished | None = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._tokens.put(_END)
+        self._done.set()
+
+
+@dataclass(eq=False)
+class _Row:
+    ticket: Ticket
+    ids: torch.Tensor  # [S] prompt ids
+    focus: torch.Tensor | None  # [S] bool: the request's own tokens
+    config: LAGConfig | None  # None: no router
+    key: str  # rows with the same key share one routing
+    params: SamplingParams
+    trace: RoutingTrace | None
+    submitted: float
+    generated: list[int] = field(default_factory=list)
+    forward: ForwardState | None = None
+    generator: torch.Generator | None = None
+    position: int = 0  # real tokens so far (the position id of the next one)
+    first_token: float | None = None
+    routing: float = 0.0
+
+
+class BatchEngine:
+    """Decode concurrent requests together on one model (see the module docstring).
+
+    ``max_batch``: rows decoded together at most; ``max_queue``: requests waiting at most (more:
+    :class:`QueueFullError`); ``on_step(batch_size, queued)`` / ``on_finish(Finished)``: metrics hooks."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        router: LAGRouter | None = None,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 256,
+        on_step: Callable[[int, int], None] | None = None,
+        on_finish: Callable[[Finished], None] | None = None,
+    ) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}", field="max_batch")
+        self.model, self.tokenizer, self.router = model, tokenizer, router
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.on_step, self.on_finish = on_step, on_finish
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x: cache
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._eos = eos_ids(model, tokenizer)
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._wake = threading.Condition()
+        self._ids = itertools.count(1)
+        self._rows: list[_Row] = []
+        self._cache: Any = None  # the batch's KV cache: [B, H, T, D] per layer, rows left-padded
+        self._mask: torch.Tensor | None = None  # [B, T] 1 for real positions
+        self._groups: list[RowGroup] = []
+        self._group_meta: list[tuple[list[_Row], RowTrace | None, list[float]]] = []
+        self._regroup_needed = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lag-batch-engine", daemon=True)
+        self._thread.start()
+
+    # ---- submitting ---------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @staticmethod
+    def supports(gen_kw: Mapping[str, Any], trace: str | None = None) -> bool:
+        """Whether ``generate(**gen_kw)`` can run in the batch (per-token traces and other generate options
+        run alone)."""
+        return trace != "tokens" and not set(gen_kw) - SUPPORTED_GENERATE
+
+    def submit(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        config: LAGConfig | None = None,
+        focus: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        trace: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Ticket:
+        """Queue one prompt (``input_ids`` [S]); ``config``: its routing (None: the router's current one in
+        the calling context, as ``routed_generate``); ``trace``: record its routing (``Finished.trace``)."""
+        if self._closed:
+            raise LAGError("the batch engine is closed")
+        ids = input_ids.reshape(-1).to(torch.long).cpu()
+        if ids.numel() == 0:
+            raise ConfigError("the prompt has no tokens", field="prompt")
+        params = params or SamplingParams(eos=frozenset(self._eos))
+        if ids.numel() + params.max_new_tokens > self.context_window:
+            raise ConfigError(
+                f"prompt of {ids.numel()} tokens + max_new_tokens={params.max_new_tokens} exceeds "
+                f"the context window ({self.context_window})",
+                field="max_new_tokens",
+            )
+        routed = self.router is not None
+        if routed:
+            config = config or self.router.state().config
+            self.router.check_config(config)
+        key = json.dumps(config.to_dict(), sort_keys=True, default=str) if config is not None else ""
+        ticket = Ticket(next(self._ids), cancel if cancel is not None else _CANCEL.get())
+        row = _Row(
+            ticket,
+            ids,
+            None if focus is None else focus.reshape(-1).bool().cpu(),
+            config if routed else None,
+            key,
+            params,
+            RoutingTrace({k: p.names for k, p in self.router.pools.items()}, keep_tokens=False)
+            if routed and trace
+            else None,
+            time.perf_counter(),
+        )
+        if params.temperature > 0:
+            row.generator = torch.Generator()
+            row.generator.manual_seed(params.seed if params.seed is not None else int(torch.seed()))
+        with self._wake:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._pending)} requests are waiting (max_queue={self.max_queue})"
+                )
+            self._pending.append(row)
+            self._wake.notify()
+        return ticket
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        config: LAGConfig | None = None,
+        focus: torch.Tensor | None = None,
+        trace: str | None = None,
+        seed: int | None = None,
+        eos: set[int] | None = None,
+        streamer: Any = None,
+        **gen_kw: Any,
+    ) -> Generated:
+        """``routed_generate`` for one prompt ([1, S]), run in the batch; blocks until it ends. ``streamer``
+        gets the tokens as they come (transformers' streamer protocol)."""
+        if input_ids.shape[0] != 1:
+            raise ConfigError("the batch engine takes one prompt per call", field="input_ids")
+        params = SamplingParams.from_generate_kwargs(gen_kw, eos if eos is not None else self._eos, seed)
+        if params is None or not self.supports(gen_kw, trace):
+            raise ConfigError(
+                f"generate options the batch engine lacks: {sorted(set(gen_kw) - SUPPORTED_GENERATE)}",
+                field="generate_kwargs",
+            )
+        keep = (
+            attention_mask[0].bool()
+            if attention_mask is not None
+            else torch.ones(input_ids.shape[1], dtype=torch.bool)
+        )
+        ids = input_ids[0][keep]
+        ticket = self.submit(
+            ids,
+            config=config,
+            focus=None if focus is None else focus[0][keep],
+            params=params,
+            trace=trace is not None,
+        )
+        if streamer is not None:
+            streamer.put(ids[None])  # the prompt (streamers skip it)
+        try:
+            for token in ticket.tokens():
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+        finally:
+            if streamer is not None:
+                streamer.end()
+        done = ticket.result()
+        new = torch.tensor([done.tokens], dtype=torch.long).reshape(1, -1)
+        return Generated(
+            new=new,
+            lengths=[len(done.tokens)],
+            seconds=done.seconds,
+            prompt_lengths=[len(ids)],
+            trace=done.trace,
+            routing_seconds=done.routing_seconds if trace is not None else None,
+            finish_reason=done.finish_reason,
+        )
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; waiting and running requests end as cancelled."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._rows:
+                    self._wake.wait()
+                if self._closed:
+                    break
+            try:
+                self._admit()
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, the engine goes on
+                logger.exception("batched decode step failed")
+                self._fail_all(exc)
+        for row in [*self._rows, *self._pending]:
+            row.ticket._end(self._finished(row, "cancelled"))
+        self._rows, self._cache, self._mask = [], None, None
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch:
+            with self._wake:
+                if not self._pending:
+                    return
+                row = self._pending.popleft()
+            if row.ticket.cancelled:
+                row.ticket._end(self._finished(row, "cancelled"))
+                continue
+            try:
+                logits, cache = self._prefill(row)
+                token = self._sample([row], logits)[0]
+            except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                logger.warning("request %d failed in its prompt's forward: %s", row.ticket.id, exc)
+                row.ticket._end(error=exc)
+                continue
+            row.position = int(row.ids.numel())
+            if not self._emit(row, token):
+                self._join(row, cache)
+
+    def _prefill(self, row: _Row) -> tuple[torch.Tensor, Any]:
+        """The prompt's forward alone (batch of one): its logits [1, V], KV cache and routing state."""
+        ids = row.ids[None].to(self.model.device)  # [1, S]
+
+        def forward() -> Any:
+            return self.model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self._last_only
+            )
+
+        if self.router is None:
+            out = forward()
+        else:
+            timer = [0.0]
+            state = self.router.request_state(
+                row.config, (row.trace,) if row.trace else (), (timer,) if row.trace else ()
+            )
+            focus = None if row.focus is None else row.focus[None]  # [1, S]
+            out, row.forward = self.router.run_request(state, focus, forward)
+            row.routing += timer[0]
+        cache = _cache_of(out)
+        if not hasattr(cache, "layers"):
+            raise ConfigError(
+                f"{type(cache).__name__}: the batch engine needs transformers' DynamicCache",
+                field="past_key_values",
+            )
+        return out.logits[:, -1].float(), cache
+
+    def _join(self, row: _Row, cache: Any) -> None:
+        """Stack the row's KV cache under the batch's, both left-padded to the longer one."""
+        length = int(row.ids.numel())
+        ones = torch.ones(1, length, dtype=torch.long)
+        if self._cache is None:
+            self._cache, self._mask = cache, ones
+        else:
+            T = self._mask.shape[1]
+            width = max(T, length)
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat(
+                    [_pad_left(mine.keys, width - T), _pad_left(theirs.keys, width - length)]
+                )
+                mine.values = torch.cat(
+                    [_pad_left(mine.values, width - T), _pad_left(theirs.values, width - length)]
+                )
+            self._mask = torch.cat(
+                [
+                    torch.nn.functional.pad(self._mask, (width - T, 0)),
+                    torch.nn.functional.pad(ones, (width - length, 0)),
+                ]
+            )
+        self._rows.append(row)
+        self._regroup_needed = True
+
+    def _step(self) -> None:
+        """One forward over every running row, one token each."""
+        cancelled = [r for r in self._rows if r.ticket.cancelled]
+        if cancelled:
+            self._flush_groups()
+            for row in cancelled:
+                row.ticket._end(self._finished(row, "cancelled"))
+            self._leave([r for r in self._rows if r not in cancelled])
+        if not self._rows:
+            return
+        if self._regroup_needed:
+            self._regroup()
+        B = len(self._rows)
+        if self.on_step is not None:
+            self.on_step(B, len(self._pending))
+        device = self.model.device
+        ids = torch.tensor([[r.generated[-1]] for r in self._rows], device=device)  # [B, 1]
+        positions = torch.tensor([[r.position] for r in self._rows], device=device)  # [B, 1]
+        self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)  # [B, T + 1]
+        routed = self.router.rows(self._groups) if self.router is not None else contextlib.nullcontext()
+        with routed:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self._mask.to(device),
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: self._cache},
+            )
+        self._cache = _cache_of(out)
+        tokens = self._sample(self._rows, out.logits[:, -1].float())
+        ended = []
+        for row, token in zip(self._rows, tokens):
+            row.position += 1
+            if self._emit(row, token, flush_first=True):
+                ended.append(row)
+        if ended:
+            self._leave([r for r in self._rows if r not in ended])
+
+    def _leave(self, keep: list[_Row]) -> None:
+        """Keep only ``keep`` in the batch (cache rows selected, fully padded columns trimmed)."""
+        if len(keep) == len(self._rows):
+            return
+        self._flush_groups()
+        index = torch.tensor([self._rows.index(r) for r in keep], dtype=torch.long)
+        self._rows = keep
+        self._regroup_needed = True
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        self._mask = self._mask[index]
+        first = int(torch.nonzero(self._mask.sum(0))[0])
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index.to(layer.keys.device), :, first:]
+            layer.values = layer.values[index.to(layer.values.device), :, first:]
+
+    def _regroup(self) -> None:
+        """One routing group per distinct routing among the running rows (rows with none: no group)."""
+        self._flush_groups()
+        by_key: dict[str, list[int]] = collections.defaultdict(list)
+        for i, row in enumerate(self._rows):
+            if row.config is not None and row.config.mode != "none":
+                by_key[row.key].append(i)
+        self._groups, self._group_meta = [], []
+        names = {k: p.names for k, p in self.router.pools.items()} if self.router is not None else {}
+        for index in by_key.values():
+            members = [self._rows[i] for i in index]
+            traced = any(m.trace is not None for m in members)
+            recorder = RowTrace(names, len(members)) if traced else None
+            timer = [0.0]
+            state = self.router.request_state(
+                members[0].config, (recorder,) if recorder else (), (timer,) if traced else ()
+            )
+            forward = ForwardState.stack([m.forward or ForwardState() for m in members])
+            self._groups.append(RowGroup(torch.tensor(index, dtype=torch.long), state, forward))
+            self._group_meta.append((members, recorder, timer))
+        self._regroup_needed = False
+
+    def _flush_groups(self) -> None:
+        """Hand the groups' recorded counts and routing time to their rows."""
+        for members, recorder, timer in self._group_meta:
+            if recorder is not None:
+                recorder.flush([m.trace for m in members])
+            for m in members:
+                m.routing += timer[0] / len(members)
+            timer[0] = 0.0
+
+    # ---- tokens -------------------------------------------------------------------------------
+    @staticmethod
+    def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """One token per row from logits [B, V]: argmax for greedy rows, each sampled row with its own
+        generator (temperature, top-k, top-p)."""
+        tokens = logits.argmax(dim=-1)  # [B]
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.temperature <= 0:
+                continue
+            scores = logits[i] / p.temperature
+            if p.top_k:
+                kth = scores.topk(min(int(p.top_k), scores.numel())).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if p.top_p < 1.0:
+                ordered, order = scores.sort(descending=True)
+                cumulative = ordered.softmax(-1).cumsum(-1)
+                drop = cumulative - ordered.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+                scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            tokens[i] = torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0]
+        return tokens.tolist()
+
+    def _emit(self, row: _Row, token: int, flush_first: bool = False) -> bool:
+        """Hand ``token`` to the row's ticket; True (and the row ended) when it finished the request."""
+        row.generated.append(int(token))
+        if row.first_token is None:
+            row.first_token = time.perf_counter()
+        row.ticket._tokens.put(int(token))
+        p = row.params
+        reason = None
+        if token in p.eos or self._hit_stop(row):
+            reason = "stop"
+        elif len(row.generated) >= p.max_new_tokens or row.position + 1 >= self.context_window:
+            reason = "length"
+        if reason is None:
+            return False
+        if flush_first:
+            self._flush_groups()
+        row.ticket._end(self._finished(row, reason))
+        return True
+
+    def _hit_stop(self, row: _Row) -> bool:
+        stops = row.params.stop
+        if not stops:
+            return False
+        tail = self.tokenizer.decode(row.generated[-(max(map(len, stops)) + 4) :], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    def _finished(self, row: _Row, reason: str) -> Finished:
+        done = Finished(
+            tokens=list(row.generated),
+            finish_reason=reason,
+            prompt_tokens=int(row.ids.numel()),
+            seconds=time.perf_counter() - row.submitted,
+            first_token_seconds=None if row.first_token is None else row.first_token - row.submitted,
+            trace=row.trace,
+            routing_seconds=row.routing,
+        )
+        if self.on_finish is not None:
+            try:
+                self.on_finish(done)
+            except Exception:  # noqa: BLE001 - metrics never fail a request
+                logger.exception("on_finish hook failed")
+        return done
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for row in self._rows:
+            if not row.ticket.done():
+                row.ticket._end(error=exc)
+        self._rows, self._cache, self._mask = [], None, None
+        self._groups, self._group_meta = [], []
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B, H, n + T, D] (zeros before)."""
+    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+
+
+__all__ = ["BatchEngine", "Finished", "QueueFullError", "SamplingParams", "Ticket", "cancel_scope"]
