@@ -9,12 +9,16 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .modes import ROUTING_MODES as MODES
+from .modes import SCORE_CALIBRATIONS
 from .routing.dispatch import STRATEGIES
 
 Mode = Literal["none", "arrow", "spectr", "lag", "fixed"]  # = modes.ROUTING_MODES (a test checks)
 GRANULARITIES = ("token", "sequence")
 SEQUENCE_SCORES = ("mass", "vote")
-CALIBRATIONS = ("none", "request")
+# "none" and "request" (request-centred tokens) route through the engine's plain paths; the others through
+# routing.engine.route_calibrated (routing/calibration.py has their math).
+CALIBRATIONS = ("none", "request", *SCORE_CALIBRATIONS)
+REFERENCES = ("library", "request")
 # Named LAG routings (BENCHMARKS.md, "Routing quality", has the measurements behind the choice).
 PRESETS: dict[str, dict[str, Any]] = {  # keys: modes.LAG_METHODS
     "two-level": {"calibration": "request", "shortlist": 2, "shortlist_weight": 0.25},
@@ -56,6 +60,18 @@ class LAGConfig:
         what is particular to it; the winner is still applied to the token itself. Measured on the
         benchmark: the gold document's adapter becomes the most selected for ~90 % of questions instead of a
         few "hub" adapters.
+        Score calibrations against hub adapters (top-1 per token, exact Arrow; BENCHMARKS.md compares them;
+        none beats ``request`` + ``shortlist`` there): each adapter's Arrow and SpectR scores (divided by
+        ``||x||``) are rescaled by statistics of a data-free reference set (``calibration_reference``):
+        ``centre`` (score - mean), ``zscore`` ((score - mean) / std), ``csls`` (2 score - mean of its top-10
+        reference scores); the reference is ``library`` (every other adapter's right singular vectors;
+        computed at compile time and stored in the library) or ``request`` (the request's prompt tokens).
+        ``isoftmax`` (inverted softmax over the request's tokens, inverse temperature ``calibration_beta``)
+        and ``sinkhorn`` (3 rounds of row / column normalisation of ``exp(beta score)`` over adapters and the
+        request's tokens) always use the request. ``subspace`` scores tokens and prototypes without the top
+        ``subspace_dims`` eigenvectors of the library's mean input projector (its shared input subspace,
+        stored), and applies the winner's original ``B* A* x``. These need at least 3 adapters in every
+        routed library (:class:`ConfigError` otherwise).
     shortlist:
         two-level routing: ``M`` adapters per sequence by score mass over the prompt
         (``sequence_score='mass'``, one adapter-free forward, as ``granularity='sequence'``; clamped to N),
@@ -92,7 +108,11 @@ class LAGConfig:
     sequence_score: Literal["mass", "vote"] = "mass"
     sequence_scope: Literal["model", "module"] = "model"
     dynamic_k: float | None = None
-    calibration: Literal["none", "request"] = "none"
+    calibration: Literal["none", "request", "centre", "zscore", "csls", "subspace", "isoftmax",
+                         "sinkhorn"] = "none"
+    calibration_reference: Literal["library", "request"] = "library"
+    calibration_beta: float = 30.0
+    subspace_dims: int = 4
     shortlist: int | None = None
     shortlist_weight: float = 1.0
     arrow_backend: Literal["auto", "exact", "faiss"] = "auto"
@@ -122,6 +142,7 @@ class LAGConfig:
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}",
                               field="calibration")
+        self._check_calibration()
         if self.shortlist is not None:
             if not isinstance(self.shortlist, int) or isinstance(self.shortlist, bool) or self.shortlist <= 0:
                 raise ConfigError(f"shortlist must be a positive integer or None, got {self.shortlist!r}",
@@ -152,6 +173,28 @@ class LAGConfig:
             object.__setattr__(self, "fixed", _normalise_fixed(self.fixed))
         if self.libraries is not None:
             object.__setattr__(self, "libraries", tuple(self.libraries))
+
+    def _check_calibration(self) -> None:
+        if self.calibration_reference not in REFERENCES:
+            raise ConfigError(f"calibration_reference must be one of {REFERENCES}, got "
+                              f"{self.calibration_reference!r}", field="calibration_reference")
+        if self.calibration_reference == "request" and self.calibration not in ("centre", "zscore", "csls"):
+            raise ConfigError("calibration_reference='request' applies to the centre / zscore / csls "
+                              "calibrations", field="calibration_reference")
+        beta = self.calibration_beta
+        if (not isinstance(beta, (int, float)) or isinstance(beta, bool)
+                or not 0 < beta < float("inf")):
+            raise ConfigError(f"calibration_beta must be a finite number > 0, got {beta!r}",
+                              field="calibration_beta")
+        dims = self.subspace_dims
+        if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
+            raise ConfigError(f"subspace_dims must be a positive integer, got {dims!r}",
+                              field="subspace_dims")
+        if self.calibration in SCORE_CALIBRATIONS:
+            if self.granularity != "token" or self.shortlist is not None or self.dynamic_k is not None:
+                raise ConfigError(f"calibration {self.calibration!r} routes each token on its own: it does "
+                                  "not combine with granularity='sequence', shortlist or dynamic_k",
+                                  field="calibration")
 
     def replace(self, **changes: Any) -> LAGConfig:
         """A copy with ``changes`` applied (validated; an unknown field is a :class:`ConfigError`)."""

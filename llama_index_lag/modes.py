@@ -27,8 +27,11 @@
   ``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates
   whose Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
   ``lag-dyn0.9``, ``lag-k5-dyn0.5``; ``-req`` (``calibration="request"``), ``-sl<M>`` (``shortlist=M``),
-  ``-w<weight>`` (``shortlist_weight``), e.g. ``lag-req-sl2``. ``--sweep-k 1,2,5,N`` adds ``lag-k<k>`` modes
-  (the paper's Fig. 3).
+  ``-w<weight>`` (``shortlist_weight``), e.g. ``lag-req-sl2``; ``-cal<name>`` (a score calibration,
+  ``calibration=name``: centre, zscore, csls, subspace, isoftmax, sinkhorn) with ``-refreq``
+  (``calibration_reference="request"``), ``-m<dims>`` (``subspace_dims``), ``-b<beta>``
+  (``calibration_beta``), e.g. ``lag-calzscore-refreq``, ``lag-calsubspace-m4``. ``--sweep-k 1,2,5,N`` adds
+  ``lag-k<k>`` modes (the paper's Fig. 3).
 
   Here ``lag`` / ``rag+lag`` are the paper's per-token method, so tables stay comparable with the paper; the
   pipeline's default LAG (``LAGConfig.preset("two-level")``) is ``lag-req-sl2-w0.25``.
@@ -55,6 +58,8 @@ ROUTED_BASES = ("arrow", "spectr", "lag", "rag+lag", "prag+lag")
 LAG_BASES = ("lag", "rag+lag", "prag+lag")
 RETRIEVAL_BASES = RETRIEVAL_MODES
 ALIASES = {"seq-lag": "lag-seq-mass", "seq-spectr": "spectr-seq-mass"}
+# LAGConfig.calibration's score calibrations (besides none / request; config.CALIBRATIONS, a test checks)
+SCORE_CALIBRATIONS = ("centre", "zscore", "csls", "subspace", "isoftmax", "sinkhorn")
 
 
 # ---- evaluated modes (``lag eval``, ``measure_recall``) ----------------------------------------------
@@ -109,8 +114,10 @@ def mode_help() -> str:
     return (f"modes: {', '.join(BASE_MODES)}; variants of {', '.join(ROUTED_BASES)} with suffixes -k<int> "
             "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, "
             "lag-based), -req (request-centred scoring), -sl<M> (two-level: a shortlist of M per sequence), "
-            "-w<weight> (the token's weight against the shortlist prior), e.g. lag-seq-mass, "
-            "spectr-seq-mass, lag-dyn0.9, lag-k5, lag-req, lag-req-sl2, lag-req-sl2-w0.5")
+            "-w<weight> (the token's weight against the shortlist prior), -cal<calibration> (score "
+            f"calibration: {', '.join(SCORE_CALIBRATIONS)}) with -refreq (request reference), -m<dims> "
+            "(subspace), -b<beta> (isoftmax / sinkhorn), e.g. lag-seq-mass, spectr-seq-mass, lag-dyn0.9, "
+            "lag-k5, lag-req, lag-req-sl2, lag-req-sl2-w0.5, lag-calzscore, lag-calsubspace-m4")
 
 
 def parse_mode(name: str, k: int = 20) -> ModeSpec:
@@ -142,7 +149,19 @@ def parse_mode(name: str, k: int = 20) -> ModeSpec:
             what, value = "k", {"k": int(part[1:])}
             i += 1
         elif part == "req":
-            what, value = "req", {"calibration": "request"}
+            what, value = "cal", {"calibration": "request"}
+            i += 1
+        elif part.startswith("cal") and part[3:] in SCORE_CALIBRATIONS:
+            what, value = "cal", {"calibration": part[3:]}
+            i += 1
+        elif part == "refreq":
+            what, value = "ref", {"calibration_reference": "request"}
+            i += 1
+        elif re.fullmatch(r"m\d+", part):
+            what, value = "m", {"subspace_dims": int(part[1:])}
+            i += 1
+        elif re.fullmatch(r"b\d+(?:\.\d*)?", part):
+            what, value = "b", {"calibration_beta": float(part[1:])}
             i += 1
         elif re.fullmatch(r"sl\d+", part):
             what, value = "sl", {"shortlist": int(part[2:])}
@@ -185,6 +204,7 @@ __all__ = [
     "RETRIEVAL_MODES",
     "ROUTED_BASES",
     "ROUTING_MODES",
+    "SCORE_CALIBRATIONS",
     "ModeSpec",
     "mode_help",
     "parse_mode",

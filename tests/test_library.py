@@ -90,7 +90,7 @@ def test_aligned_factors_reproduce_peft_deltas_with_mixed_ranks_and_scalings(tmp
 def test_manifest_and_packed_tensors(tmp_path, llama, dirs):
     lib = _compile(dirs, llama, tmp_path / "lib", dtype="bfloat16")
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
-    assert (manifest["format_version"] == 2 and manifest["kind"] == "knowledge"
+    assert (manifest["format_version"] == 3 and manifest["kind"] == "knowledge"
             and manifest["dtype"] == "bfloat16")
     assert manifest["base_model"]["fingerprint"]["architecture"] == "LlamaForCausalLM"
     assert manifest["base_model"]["fingerprint"]["hidden_size"] == 64

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import get_args
+from typing import get_args, get_type_hints
 
 import pytest
 
@@ -16,6 +16,9 @@ from llama_index_lag.eval import harness
 
 def test_every_layer_uses_the_one_table():
     assert config.MODES is modes.ROUTING_MODES and get_args(config.Mode) == modes.ROUTING_MODES
+    hints = get_type_hints(config.LAGConfig)
+    assert (get_args(hints["calibration"]) == config.CALIBRATIONS
+            == ("none", "request", *modes.SCORE_CALIBRATIONS))
     assert pipeline.MODES is modes.PIPELINE_MODES and get_args(pipeline_config.Mode) == modes.PIPELINE_MODES
     assert (pipeline.RETRIEVAL_MODES is modes.RETRIEVAL_MODES
             and set(modes.RETRIEVAL_MODES) < set(modes.PIPELINE_MODES))
@@ -58,3 +61,15 @@ def test_routing_settings_round_trip_and_read_the_earlier_format():
     assert config.LAGConfig.from_dict(old) == config.LAGConfig(mode="lag")
     with pytest.raises(ConfigError, match="extra"):
         config.LAGConfig.from_dict({"mode": "lag", "extra": {"x": 1}})
+
+
+def test_calibration_suffixes():
+    spec = harness.parse_mode("lag-calzscore-refreq-k5")
+    assert spec.routing == {"mode": "lag", "k": 5, "calibration": "zscore",
+                            "calibration_reference": "request"}
+    assert harness.parse_mode("spectr-calsubspace-m2").routing["subspace_dims"] == 2
+    assert harness.parse_mode("lag-calisoftmax-b10").routing["calibration_beta"] == 10.0
+    with pytest.raises(ConfigError, match="repeats"):
+        modes.parse_mode("lag-req-calcsls")
+    with pytest.raises(ConfigError, match="calibration_reference"):
+        harness.parse_mode("lag-calsinkhorn-refreq")

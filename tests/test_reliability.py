@@ -451,7 +451,7 @@ def test_a_format_1_library_still_loads_and_verifies_its_values(tmp_path, model,
     lib = AdapterLibrary.load(tmp_path / "lib")
     assert lib.verify()["checksums"] is False
     lib.add(dirs[3:5], progress=False)  # a write upgrades it
-    assert lib.manifest["format_version"] == 2 and AdapterLibrary.load(tmp_path / "lib").verify()["checksums"]
+    assert lib.manifest["format_version"] == 3 and AdapterLibrary.load(tmp_path / "lib").verify()["checksums"]
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])

@@ -491,3 +491,65 @@ def test_smollm2_oracle_adapter_recalls_held_back_facts(tmp_path):
                          routing_accuracy=False)
     assert res["none"]["correct"] == 0
     assert res["oracle"]["correct"] >= 2, res["oracle"]["answers"]
+
+
+# ------------------------------------------------------------------------------------------ contrastive EVA
+def _inputs_by_hand(model, tok, texts, module):
+    """``module``'s input tokens [T, n] over ``texts`` (one text at a time), centred (numpy)."""
+    rows = []
+    hook = model.get_submodule(module).register_forward_pre_hook(lambda m, a: rows.append(a[0][0].double()))
+    with torch.no_grad():
+        for text in texts:
+            model(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]))
+    hook.remove()
+    X = torch.cat(rows).numpy()
+    return X - X.mean(axis=0)
+
+
+def test_contrastive_eva_starts_on_the_documents_own_directions(tmp_path, tiny):
+    import numpy as np
+
+    from llama_index_lag.training.contrast import library_covariance, load_covariance
+    from llama_index_lag.training.train import contrastive_components
+
+    model, tok = tiny
+    recipe = FAST.replace(init="eva-contrastive", eva_contrast=0.7)
+    module = "model.layers.1.mlp.down_proj"
+    path = library_covariance(DOCS, tmp_path, model, tok, recipe, lambda d: chunk_document(d, tok, recipe))
+    mean = load_covariance(path)
+    inputs = [_inputs_by_hand(model, tok, [f"{d.title}\n\n{d.text}"], module) for d in DOCS]
+    by_hand = np.mean([X.T @ X / X.shape[0] for X in inputs], axis=0)
+    assert np.allclose(mean[module].numpy(), by_hand, atol=1e-5)
+    gate, up = mean["model.layers.0.mlp.gate_proj"], mean["model.layers.0.mlp.up_proj"]
+    assert gate is up  # one input, one matrix
+    # the components: top eigenvectors of cov(X) - 0.7 C_mean
+    X, w = inputs[0], 3.0  # one document's tokens
+    got = contrastive_components(torch.from_numpy(X), mean[module], w, 4).double().numpy()  # [4, n]
+    _, vectors = np.linalg.eigh(X.T @ X / X.shape[0] - w * mean[module].double().numpy())
+    assert np.linalg.svd(got @ vectors[:, ::-1][:, :4], compute_uv=False).min() > 0.999
+    _, plain_vectors = np.linalg.eigh(X.T @ X / X.shape[0])  # plain EVA's directions differ
+    assert np.linalg.svd(got @ plain_vectors[:, ::-1][:, :4], compute_uv=False).min() < 0.8
+    # end to end: cached once per build, recorded in each adapter, and not plain EVA
+    report = _build(DOCS, tmp_path / "c", tiny, recipe=recipe)
+    files = list((tmp_path / "c").glob(".lag-contrast-*.safetensors"))
+    assert len(files) == 1 and report.metadata["ship-vela"]["contrast"] == files[0].name
+    plain = _build(DOCS[2:], tmp_path / "p", tiny)
+    a, b = _weights(tmp_path / "c" / "ship-vela"), _weights(plain.out / "ship-vela")
+    key = next(k for k in a if "down_proj.lora_A" in k)
+    assert not torch.allclose(a[key], b[key])
+    stamp = files[0].stat().st_mtime_ns
+    again = _build(DOCS, tmp_path / "c", tiny, recipe=recipe, overwrite=True)
+    assert again.built == [d.id for d in DOCS] and files[0].stat().st_mtime_ns == stamp
+    assert torch.equal(_weights(tmp_path / "c" / "ship-vela")[key], a[key])  # deterministic
+
+
+def test_contrastive_eva_bad_input(tmp_path, tiny):
+    from llama_index_lag.training.train import train_lora
+
+    with pytest.raises(ConfigError, match="knowledge adapters only"):
+        TaskRecipe(init="eva-contrastive")
+    with pytest.raises(ConfigError, match="eva_contrast"):
+        KnowledgeRecipe(init="eva-contrastive", eva_contrast=-1)
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="mean covariance"):
+        train_lora(model, tok, [], FAST.replace(init="eva-contrastive"), tmp_path / "x")

@@ -21,7 +21,11 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, help="LoRA alpha")
     g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--batch-size", type=int, help="examples per step")
-    g.add_argument("--init", choices=["eva", "eva-peft", "default"], help="LoRA initialisation")
+    g.add_argument("--init", choices=["eva", "eva-peft", "eva-contrastive", "default"],
+                   help="LoRA initialisation (eva-contrastive: the document's principal directions minus the "
+                   "library's; knowledge adapters only)")
+    g.add_argument("--eva-contrast", type=float,
+                   help="eva-contrastive: weight of the library's mean covariance (default 1)")
     g.add_argument("--targets", help="comma-separated target modules, e.g. gate_proj,up_proj,down_proj")
     g.add_argument("--bf16", choices=["auto", "on", "off"], default=None,
                    help="bfloat16 autocast while training (auto: on CPUs with AMX)")
@@ -39,7 +43,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ConfigError("the recipe must be a JSON object", path=args.recipe)
         fields.update(data)
-    for name in ("steps", "rank", "alpha", "lr", "batch_size", "init"):
+    for name in ("steps", "rank", "alpha", "lr", "batch_size", "init", "eva_contrast"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value

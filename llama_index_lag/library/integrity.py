@@ -25,13 +25,16 @@ import torch
 from ..dtypes import parse_torch_dtype
 from ..errors import AdapterError, DataError, LibraryFormatError
 from ..ids import id_key, validate_id  # the id rules shared with documents
+from .stats import verify_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import AdapterLibrary
 
 FORMAT = "llama-index-lag/adapter-library"
-FORMAT_VERSION = 2  # 2: per-chunk checksums of the packed file; 1 (none) still loads
-READABLE_VERSIONS = (1, 2)
+# 2: per-chunk checksums of the packed file; 3: stored routing statistics (routing_stats.safetensors).
+# Every earlier version still loads.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CHECKSUM = "crc32"
 KINDS = ("task", "knowledge")
 INDEX_SAMPLE = 256  # prototypes per module compared with what the Arrow index holds
@@ -208,6 +211,7 @@ def verify(lib: AdapterLibrary) -> dict[str, Any]:
                                          module=module, field=key, path=file)
     if lib.arrow_meta_exists():
         report["arrow_index"] = _verify_index(lib)
+    report["routing_stats"] = verify_stats(lib.path, lib.manifest)
     return report
 
 

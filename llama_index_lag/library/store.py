@@ -61,6 +61,7 @@ from .integrity import (  # noqa: F401  (FORMAT, FORMAT_VERSION, dtype_name: re-
 )
 from .integrity import verify as verify_library
 from .packed import PackedFormatError, PackedReader, tensor_names
+from .stats import ReferenceStats, open_stats, read_stats
 from .writer import (  # noqa: F401  (re-exported)
     ARROW_INDEX_MIN,
     DERIVED_FIELDS,
@@ -97,11 +98,12 @@ class AdapterLibrary:
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], reader: PackedReader | None = None,
-                 pinned: PinnedArrow | None = None) -> None:
+                 pinned: PinnedArrow | None = None, stats: PackedReader | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self._handle: PackedReader | None = reader  # this revision's packed file, mapped at load
         self._pinned = pinned  # this revision's Arrow index files, opened at load
+        self._stats = stats  # this revision's routing statistics, mapped at load
         self._tensors: dict[str, ModuleTensors] = {}
         self._arrow: dict[str, Any] | None = None
         self._index = {entry["name"]: i for i, entry in enumerate(manifest["adapters"])}
@@ -199,6 +201,24 @@ class AdapterLibrary:
             raise LibraryFormatError(f"packed tensor: {exc} (stale or corrupt library)", module=module,
                                      field=key, path=self.path / TENSORS) from None
 
+    def has_routing_stats(self) -> bool:
+        """Whether the library stores its data-free routing statistics (libraries written before format 3
+        do not: the router computes them when a calibration needs them)."""
+        return self.manifest.get("routing_stats") is not None
+
+    def routing_stats(self, module: str) -> ReferenceStats:
+        """The stored data-free routing statistics of ``module`` (:class:`~.stats.ReferenceStats`, memory-
+        mapped), for the score calibrations of ``LAGConfig.calibration``."""
+        if not self.has_routing_stats():
+            raise LibraryFormatError("this library stores no routing statistics (compiled before format 3)",
+                                     path=self.path, field="routing_stats")
+        if module not in self.manifest["modules"]:
+            raise LibraryError("module not in this library", module=module, path=self.path)
+        if self._stats is None:
+            self._stats = open_stats(self.manifest, self.path, None)
+        assert self._stats is not None
+        return read_stats(self._stats, module, len(self), self.path)
+
     def check_mapped(self) -> None:
         """Raise :class:`LibraryFormatError` if the mapped packed file was truncated since it was opened.
 
@@ -279,6 +299,7 @@ class AdapterLibrary:
             manifest = parse_manifest(raw, path / MANIFEST)
             try:
                 reader = PackedReader(Path(TENSORS), dir_fd=dir_fd)
+                stats = open_stats(manifest, path, dir_fd)
                 pinned = PinnedArrow.open(dir_fd, path)
                 if pinned is None and _replaced(path, dir_fd):
                     raise _Replaced  # its index may have been deleted with the old folder
@@ -290,7 +311,7 @@ class AdapterLibrary:
                 raise LibraryFormatError(f"cannot open packed tensors: {exc}", path=path / TENSORS) from None
         finally:
             os.close(dir_fd)
-        lib = cls(path, manifest, reader, pinned)
+        lib = cls(path, manifest, reader, pinned, stats)
         lib._check_tensor_file()
         lib._check_pinned_index()
         return lib
@@ -545,13 +566,14 @@ class AdapterLibrary:
             self._pinned.close()
         self.manifest = new.manifest
         self._index = new._index
-        self._handle, self._pinned = new._handle, new._pinned
-        new._handle, new._pinned = None, None
+        self._handle, self._pinned, self._stats = new._handle, new._pinned, new._stats
+        new._handle, new._pinned, new._stats = None, None, None
 
     def close(self) -> None:
         """Drop memory maps (tensors already handed out stay valid; a later use maps the file again if the
         library on disk is still this revision)."""
         self._handle = None
+        self._stats = None
         self._tensors = {}
         self._arrow = None
 
@@ -589,6 +611,7 @@ class AdapterLibrary:
             "dtype": self.manifest["dtype"],
             "size_bytes": size,
             "arrow_index": self.arrow_index_type() or False,
+            "routing_stats": self.has_routing_stats(),
             "base_model": self.fingerprint,
         }
 

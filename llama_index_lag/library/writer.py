@@ -58,6 +58,7 @@ from .integrity import (
 )
 from .packed import PackedWriter, tensor_names
 from .peft_io import AdapterHeader, factor_arrays, read_header
+from .stats import write_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import AdapterLibrary
@@ -166,7 +167,8 @@ def library_lock(out: Path) -> contextlib.AbstractContextManager[None]:
 
 
 #: Manifest fields :func:`write_library` derives from the rows it writes; the rest is the library's header.
-DERIVED_FIELDS = ("adapters", "modules", "r_max", "revision", "created_by", "checksums", "format_version")
+DERIVED_FIELDS = ("adapters", "modules", "r_max", "revision", "created_by", "checksums", "format_version",
+                  "routing_stats")
 
 
 def manifest_header(kind: str, dtype: str | torch.dtype, spec: BaseModelSpec) -> dict[str, Any]:
@@ -238,6 +240,11 @@ def write_library(out: Path, base: dict[str, Any], rows: list[Row], *, old: Adap
                 row.entry["sha256"] = hashes[str(i)]
         manifest["checksums"] = {"algorithm": CHECKSUM, "blocks": blocks}
         _write_arrow_index(partial, manifest, rows, old, arrow_index, library_cls)
+        fresh = library_cls(partial, manifest)
+        try:  # computed from the written tensors: compile, add and remove keep them consistent
+            manifest["routing_stats"] = write_stats(partial, fresh, manifest["revision"])
+        finally:
+            fresh.close()
         atomic_write_json(partial / MANIFEST, manifest)
         (partial / "progress.json").unlink()
         if old is not None:

@@ -3,13 +3,17 @@ their approximate Arrow search."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import LAGConfig
 from ..errors import IncompatibleLibraryError
+from ..library.stats import reference_stats
 from ..library.store import AdapterLibrary
 from ..routing.engine import PoolTensors, RouteSpec
 
@@ -77,6 +81,7 @@ class Pool:
                 parts.append((torch.zeros(N, n), torch.zeros(N, r, n), torch.zeros(N, m, r),
                               torch.zeros(N, dtype=torch.bool)))
         index = None
+        stats = self._stats_source(module) if len(parts) == 1 else None
         if len(parts) == 1:
             proto, A, B, valid = parts[0]
             if self.indexed:  # the index serves Arrow: prototypes stay memory-mapped, not resident
@@ -94,4 +99,21 @@ class Pool:
         if device is not None and device.type != "cpu":
             proto, A, B = proto.to(device), A.to(device), B.to(device)
             valid = valid.to(device) if valid is not None else None
-        return PoolTensors(proto, A, B, valid, index)
+        if stats is None:  # several libraries (statistics are relative to one reference set), or an old one
+            stats = functools.partial(self._computed_stats, module, A, proto, valid)
+        return PoolTensors(proto, A, B, valid, index, stats)
+
+    def _stats_source(self, module: str) -> Callable[[], Any] | None:
+        lib = self.libraries[0]
+        return functools.partial(lib.routing_stats, module) if lib.has_routing_stats() else None
+
+    def _computed_stats(self, module: str, A: torch.Tensor, proto: torch.Tensor,
+                        valid: torch.Tensor | None) -> Any:
+        if module == self.modules[0]:
+            why = (f"{len(self.libraries)} {self.kind} libraries attached together"
+                   if len(self.libraries) > 1 else
+                   f"{self.libraries[0].path} was compiled before libraries stored them (recompile it to "
+                   "store them)")
+            logger.info("computing the routing statistics of the %s adapters for their calibration: %s",
+                        self.kind, why)
+        return reference_stats(A.cpu(), proto.cpu(), None if valid is None else valid.cpu())

@@ -55,6 +55,9 @@ class ForwardState:
     # kind (model-wide pre-pass) or (kind, module) -> ([B, M] shortlisted adapters, [B, M] log mass shares)
     shortlists: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     centres: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [B, n] request means (prompt)
+    # (kind, module) -> the request-reference calibration of the prompt (routing.calibration.Calibrated of
+    # [B, N] affines)
+    calibrations: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @staticmethod
     def stack(states: list[ForwardState]) -> ForwardState:
@@ -70,7 +73,21 @@ class ForwardState:
             winners={k: torch.cat([s.winners[k] for s in states]) for k in common("winners")},
             shortlists={k: (torch.cat([s.shortlists[k][0] for s in states]),
                             torch.cat([s.shortlists[k][1] for s in states])) for k in common("shortlists")},
-            centres={k: torch.cat([s.centres[k] for s in states]) for k in common("centres")})
+            centres={k: torch.cat([s.centres[k] for s in states]) for k in common("centres")},
+            calibrations={k: _cat_calibrations([s.calibrations[k] for s in states])
+                          for k in common("calibrations")})
+
+
+def _cat_calibrations(parts: list[Any]) -> Any:
+    """Request calibrations of single rows -> one of the rows stacked (each stage's [1, N] affines)."""
+    from ..routing.calibration import Affine, Calibrated
+
+    def stage(i: int) -> Affine | None:
+        if parts[0][i] is None:
+            return None
+        return Affine(torch.cat([p[i].scale for p in parts]), torch.cat([p[i].shift for p in parts]))
+
+    return Calibrated(stage(0), stage(1))
 
 
 @dataclass

@@ -22,11 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LAGConfig
+from ..config import SCORE_CALIBRATIONS, LAGConfig
 from ..errors import ConfigError, IncompatibleLibraryError, LibraryError
 from ..library.base import BaseModelSpec, fingerprint_diff, linear_shape
+from ..library.stats import SHARED_DIMS
 from ..library.store import AdapterLibrary
-from ..routing.engine import PoolTensors, add_fused, apply_fixed, in_place_ok, route_tokens
+from ..routing.calibration import Calibrated, request_affine
+from ..routing.dispatch import project_all
+from ..routing.engine import (
+    PoolTensors,
+    add_fused,
+    apply_fixed,
+    in_place_ok,
+    route_calibrated,
+    route_tokens,
+)
 from ..trace import RoutingTrace
 from .pool import APPROXIMATE, Pool, effort, route_spec
 from .sequence import SequenceRouting
@@ -257,10 +267,14 @@ class LAGRouter(SequenceRouting):
 
     def check_config(self, config: LAGConfig) -> None:
         """Raise :class:`ConfigError` / :class:`LibraryError` if ``config`` names a library kind or adapter
-        that is not attached (so a request fails before it generates)."""
+        that is not attached, or asks for a calibration a routed library is too small for (so a request fails
+        before it generates)."""
         self._resolve_fixed(config)
 
     def _resolve_fixed(self, config: LAGConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The rows and weights of ``config.fixed`` per kind (every setting of a request passes here: the
+        calibration's library sizes are checked too)."""
+        self._check_calibration(config)
         out = {}
         for kind, weights in (config.fixed or {}).items():
             if kind not in self.pools:
@@ -368,6 +382,11 @@ class LAGRouter(SequenceRouting):
                 return None
             if cfg.granularity == "sequence":
                 return self._route_sequence(module, kind, t, x, flat, state)
+        if cfg.calibration in SCORE_CALIBRATIONS and cfg.mode in ("arrow", "spectr", "lag"):
+            out = self._route_calibrated(module, kind, t, x, flat, cfg)
+            if state.traces:
+                state.record(kind, module, out.chosen, self._token_mask(x))
+            return out.delta
         score_x = self._centred(module, x, flat) if cfg.calibration == "request" else None
         if cfg.shortlist is not None and x.dim() == 3:
             out = self._route_shortlist(module, kind, t, x, flat, score_x, cfg)
@@ -376,6 +395,64 @@ class LAGRouter(SequenceRouting):
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)
         return out.delta
+
+    def _route_calibrated(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
+                          cfg: LAGConfig) -> Any:
+        """Per-token routing on calibrated scores (``cfg.calibration`` other than none / request)."""
+        spec = route_spec(cfg, t)
+        how = cfg.calibration
+        if how == "subspace":
+            return route_calibrated(flat, t, spec, Calibrated(None, None),
+                                    shared=t.shared_prototypes(cfg.subspace_dims))
+        if how in ("centre", "zscore", "csls") and cfg.calibration_reference == "library":
+            return route_calibrated(flat, t, spec, t.library_calibration(how))
+        cal = self._request_calibration(module, kind, t, x, flat, cfg)  # [B, N] affines of the prompt
+        per_row = x.shape[1] if x.dim() == 3 else 1
+        per_token = Calibrated(*(None if a is None else a.rows(per_row) for a in cal))
+        return route_calibrated(flat, t, spec, per_token)
+
+    def _request_calibration(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,
+                             flat: torch.Tensor, cfg: LAGConfig) -> Calibrated:
+        """The request-reference affines of this module: from the scores of the prompt's real tokens over
+        every adapter, taken in the prompt's forward and kept for the tokens generated after it."""
+        fwd = self._current_forward()
+        x3 = x if x.dim() == 3 else flat[None]
+        cal = fwd.calibrations.get((kind, module))
+        if cal is not None and cal.spectr.scale.shape[0] == x3.shape[0]:
+            return cal
+        mask = self._token_mask(x3)
+        mask = mask if mask is not None else torch.ones(x3.shape[:2], dtype=torch.bool, device=x.device)
+        xf = x3.reshape(-1, x3.shape[-1]).float()  # [B S, n]
+        inv = 1.0 / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        shape = (*x3.shape[:2], t.n_adapters)
+        arrow = ((xf @ t.protos.float().T).abs() * inv).view(shape)  # [B, S, N]
+        spectr = (project_all(xf, t.A).float().norm(dim=-1) * inv).view(shape)  # [B, S, N]
+        how, beta = cfg.calibration, cfg.calibration_beta
+        cal = Calibrated(request_affine(arrow, mask, how, beta), request_affine(spectr, mask, how, beta))
+        fwd.calibrations[(kind, module)] = cal
+        return cal
+
+    def _check_calibration(self, config: LAGConfig) -> None:
+        """A score calibration needs at least MIN_CALIBRATION_ADAPTERS adapters in every routed library."""
+        if config.calibration not in SCORE_CALIBRATIONS or config.mode not in ("arrow", "spectr", "lag"):
+            return
+        if config.calibration == "subspace" and config.subspace_dims > SHARED_DIMS:
+            raise ConfigError(f"subspace_dims must be at most {SHARED_DIMS} (the shared directions a library "
+                              f"stores), got {config.subspace_dims}", field="subspace_dims")
+        for kind, pool in self.pools.items():
+            routed = ((config.libraries is None or kind in config.libraries)
+                      and kind not in (config.fixed or {}))
+            if routed and len(pool.names) < MIN_CALIBRATION_ADAPTERS:
+                raise ConfigError(
+                    f"calibration {config.calibration!r} needs at least {MIN_CALIBRATION_ADAPTERS} adapters "
+                    f"in every routed library; the attached {kind} adapters are {len(pool.names)} "
+                    f"({', '.join(pool.names)}): route the other kinds only (libraries=...) or fix its "
+                    "adapters (fixed=...)",
+                    field="calibration", path=pool.libraries[0].path)
+
+
+#: a calibrated library needs a reference of other adapters for each one (and a spread to normalise by)
+MIN_CALIBRATION_ADAPTERS = 3
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -5,16 +5,21 @@ Shapes: T tokens, N adapters, n in-features, m out-features, r rank, B sequences
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from . import kernels
+from .calibration import Affine, Calibrated, library_affine, project_out, projected_prototypes
 from .dispatch import expand_pairs, gather_rows, project_all, project_pairs
 from .scores import arrow_scores, arrow_topk, arrow_weights, lag_rerank, spectr_select
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..library.stats import ReferenceStats
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,41 @@ class PoolTensors:
     B: torch.Tensor  # [N, m, r] B* (may be memory-mapped)
     valid: torch.Tensor | None = None  # [N] bool: adapters that adapt this module (None: all)
     index: Any = None  # approximate Arrow (FaissArrow): .search(x, k, effort) -> (top [T, k], rows [T, k])
+    # () -> the library's data-free routing statistics (library.stats.ReferenceStats: stored, or computed by
+    # the caller); only calibrated routings call it
+    stats_source: Callable[[], ReferenceStats] | None = None
 
     @property
     def n_adapters(self) -> int:
         return self.A.shape[0]
+
+    @cached_property
+    def stats(self) -> ReferenceStats:
+        """The data-free routing statistics of these adapters (read once from ``stats_source``)."""
+        if self.stats_source is None:
+            raise ValueError("these library tensors carry no routing statistics")
+        return self.stats_source()
+
+    @cached_property
+    def _calibrations(self) -> dict[Any, Any]:
+        return {}
+
+    def library_calibration(self, how: str) -> Calibrated:
+        """The affines of a library-reference calibration (``centre`` / ``zscore`` / ``csls``), cached."""
+        if how not in self._calibrations:
+            device = self.protos.device
+            cal = library_affine(self.stats, how)
+            self._calibrations[how] = Calibrated(*(Affine(a.scale.to(device), a.shift.to(device))
+                                                   for a in cal))
+        return self._calibrations[how]
+
+    def shared_prototypes(self, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [dims, n], the prototypes with U projected out and renormalised [N, n]), cached per dims."""
+        key = ("subspace", dims)
+        if key not in self._calibrations:
+            U = self.stats.shared[:dims].to(self.protos.device)
+            self._calibrations[key] = (U, projected_prototypes(self.protos, U))
+        return self._calibrations[key]
 
     @cached_property
     def bits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -141,6 +177,40 @@ def route_tokens(x: torch.Tensor, t: PoolTensors, spec: RouteSpec | str, *,
         w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=x.dtype, device=x.device)
         return Routed(expand_pairs(mean, t.B, idx, w), idx[:, 0])
     raise ValueError(f"route_tokens cannot route mode {spec.mode!r}")
+
+
+def route_calibrated(x: torch.Tensor, t: PoolTensors, spec: RouteSpec, cal: Calibrated, *,
+                     shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> Routed:
+    """Top-1 per-token routing of x [T, n] on calibrated scores (``LAGConfig.calibration``, see
+    :mod:`.calibration`): Arrow scores ``|a*_i . x| / ||x||`` and SpectR scores ``||A*_i x|| / ||x||`` each
+    pass through their stage's affine (per adapter [N] or per token [T, N]) before the top-k / argmax.
+    ``shared``: (U [M, n], projected prototypes [N, n]): tokens and prototypes are scored without the
+    directions U. The winner's own B* A* x is applied to x. Arrow is exact here (no approximate index)."""
+    xs = x.float() if shared is None else project_out(x, shared[0])  # [T, n]
+    protos = t.protos if shared is None else shared[1]
+    inv = 1.0 / xs.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [T, 1]
+    invalid = None if t.valid is None else ~t.valid
+    if spec.mode == "spectr":
+        scores = project_all(xs, t.A).float().norm(dim=-1) * inv  # [T, N]
+        scores = scores if cal.spectr is None else cal.spectr.at(scores)
+        if invalid is not None:
+            scores = scores.masked_fill(invalid, float("-inf"))
+        winner = scores.argmax(dim=-1)  # [T]
+    else:
+        scores = (xs @ protos.float().T).abs() * inv  # [T, N]
+        scores = scores if cal.arrow is None else cal.arrow.at(scores)
+        if invalid is not None:
+            scores = scores.masked_fill(invalid, float("-inf"))
+        k = 1 if spec.mode == "arrow" else min(spec.k, t.n_adapters)
+        top, cand = scores.topk(k, dim=-1)  # [T, k]
+        if k == 1:
+            winner = cand[:, 0]
+        else:
+            norms = project_pairs(xs, t.A, cand, spec.strategy).float().norm(dim=-1) * inv  # [T, k]
+            norms = norms if cal.spectr is None else cal.spectr.at(norms, cand)
+            norms = norms.masked_fill(top == float("-inf"), float("-inf"))
+            winner = cand.gather(1, norms.argmax(dim=-1, keepdim=True)).squeeze(1)
+    return Routed(_winner_delta(x, t, winner, spec.strategy), winner)
 
 
 # ---- the one-token decode fast paths, and the functions that decide where they apply --------------------

@@ -129,13 +129,20 @@ def build_knowledge_adapter(
     seed: int = 0,
     generate: TextGenerator | Callable[..., list[str]] | None = None,
     on_step: StepCallback | None = None,
+    contrast: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate, train and atomically write the knowledge adapter of ``doc`` into ``out_dir``; return its
     metadata (also written as ``lag_adapter.json``). ``generate`` defaults to greedy generation with
-    ``model``."""
+    ``model``. ``contrast``: the library covariance file of ``init="eva-contrastive"``
+    (:func:`~llama_index_lag.training.contrast.library_covariance`)."""
+    from .contrast import load_covariance
     from .train import seed_everything
 
     recipe = recipe or KnowledgeRecipe()
+    if recipe.init == "eva-contrastive" and contrast is None:
+        raise ConfigError("init 'eva-contrastive' needs the library's mean covariance file (contrast=...); "
+                          "build_knowledge_adapters computes it", field="init")
+    covariance = load_covariance(contrast) if recipe.init == "eva-contrastive" and contrast else None
     doc_seed = document_seed(seed, doc.id)
     start = time.perf_counter()
     cpu_start = time.process_time()
@@ -155,7 +162,7 @@ def build_knowledge_adapter(
     out_dir = Path(out_dir)
     with _disk_errors(doc.id, out_dir), atomic_dir(out_dir) as tmp:
         stats = train_lora(model, tokenizer, examples, recipe, tmp, eva_texts=eva_texts(aug), seed=doc_seed,
-                           steps=recipe.n_steps(len(aug.chunks)), on_step=on_step)
+                           steps=recipe.n_steps(len(aug.chunks)), on_step=on_step, contrast=covariance)
         counts = _count(e.kind for e in examples)
         meta = {
             "format": META_FORMAT,
@@ -167,6 +174,7 @@ def build_knowledge_adapter(
             "seed": seed,
             "adapter_seed": doc_seed,
             "recipe": recipe.to_dict(),
+            **({"contrast": Path(contrast).name} if covariance is not None else {}),
             "base_model": _base_info(model),
             "augmentation": {**aug.stats, "examples": counts},
             "train": {k: v for k, v in stats.items() if k != "timings"},
@@ -369,6 +377,7 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         check_tok = tokenizer if tokenizer is not None else _load_tokenizer(base)
         for doc in todo:  # refuse too-long documents before spending any time
             chunk_document(doc, check_tok, recipe)
+        contrast = _contrast(docs, out, base, model, check_tok, recipe)
         bar = tqdm(total=len(docs), initial=len(report.skipped), desc="adapters", unit="adapter",
                    disable=not progress, dynamic_ncols=True)
         try:
@@ -387,10 +396,11 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
                     bar.set_description(f"adapters ({doc.id})")
                     meta = build_knowledge_adapter(doc, model, tokenizer, out / adapter_name(doc.id),
                                                    recipe=recipe, seed=seed, generate=generate,
-                                                   on_step=on_step)
+                                                   on_step=on_step, contrast=contrast)
                     finished(doc.id, meta)
             else:
-                _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished)
+                _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished,
+                                contrast)
         except KeyboardInterrupt:
             left = len(docs) - len(report.built) - len(report.skipped)
             logger.warning("interrupted: %d adapters built in this run%s, %d already finished, %d not built "
@@ -412,6 +422,22 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         report.library = lib.path
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _contrast(docs: list[DocumentRecord], out: Path, base: str | Path | None, model: Any, tokenizer: Any,
+              recipe: KnowledgeRecipe) -> Path | None:
+    """Contrastive EVA: the library covariance file of all ``docs`` (every document of the library, not only
+    those to build; computed once, cached in ``out``), else None."""
+    if recipe.init != "eva-contrastive":
+        return None
+    from .contrast import library_covariance
+
+    if model is None:  # parallel workers load their own models; the covariance is computed here once
+        from ..models import load_causal_lm
+
+        model, _ = load_causal_lm(base)
+    return library_covariance(docs, out, model, tokenizer, recipe,
+                              lambda doc: chunk_document(doc, tokenizer, recipe))
 
 
 def _load_tokenizer(base: str | Path | None) -> Any:
@@ -491,14 +517,15 @@ def _worker_init(base: str | None, threads: int, parent: int, out: str) -> None:
     _WORKER["model"], _WORKER["tokenizer"] = load_causal_lm(base)
 
 
-def _worker_build(doc: DocumentRecord, out_dir: str, recipe: KnowledgeRecipe, seed: int) -> dict[str, Any]:
+def _worker_build(doc: DocumentRecord, out_dir: str, recipe: KnowledgeRecipe, seed: int,
+                  contrast: str | None = None) -> dict[str, Any]:
     return build_knowledge_adapter(doc, _WORKER["model"], _WORKER["tokenizer"], out_dir, recipe=recipe,
-                                   seed=seed)
+                                   seed=seed, contrast=contrast)
 
 
 def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | None, recipe: KnowledgeRecipe,
                     seed: int, workers: int, total_threads: int,
-                    finished: Callable[[str, dict[str, Any]], None]) -> None:
+                    finished: Callable[[str, dict[str, Any]], None], contrast: Path | None = None) -> None:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -509,8 +536,8 @@ def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | No
                                initializer=_worker_init, initargs=(base_str, threads, os.getpid(), str(out)))
     clean = False
     try:
-        pending = {pool.submit(_worker_build, doc, str(out / adapter_name(doc.id)), recipe, seed): doc.id
-                   for doc in todo}
+        pending = {pool.submit(_worker_build, doc, str(out / adapter_name(doc.id)), recipe, seed,
+                               None if contrast is None else str(contrast)): doc.id for doc in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:

@@ -25,7 +25,7 @@ RAG_TEMPLATE = (
 #: How LlamaIndex renders a node for the LLM (``title: T`` metadata, blank line, text).
 CONTEXT_TEMPLATE = "title: {title}\n\n{text}"
 
-INITS = ("eva", "eva-peft", "default")
+INITS = ("eva", "eva-peft", "eva-contrastive", "default")
 QA_TARGETS = ("sentence", "short", "both")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -48,7 +48,7 @@ class _Recipe:
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = MLP_TARGETS
-    init: Literal["eva", "eva-peft", "default"] = "eva"
+    init: Literal["eva", "eva-peft", "eva-contrastive", "default"] = "eva"
     lr: float = 1e-3
     steps: int = 32
     batch_size: int = 4
@@ -143,9 +143,13 @@ class KnowledgeRecipe(_Recipe):
     max_steps: int = 1024
     rewrite_max_new_tokens: int = 200
     qa_max_new_tokens: int = 40
+    #: ``init="eva-contrastive"``: lora_A starts on the top eigenvectors of the document's input covariance
+    #: minus this times the library's mean covariance (training/contrast.py)
+    eva_contrast: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_positive(self, ("eva_contrast",), allow_zero=("eva_contrast",))
         _check_positive(self, ("chunk_tokens", "max_document_tokens", "rewrite_max_new_tokens",
                                "qa_max_new_tokens", "max_steps"))
         if not isinstance(self.n_rewrites, int) or isinstance(self.n_rewrites, bool) or self.n_rewrites < 0:
@@ -189,6 +193,9 @@ class TaskRecipe(_Recipe):
         else:
             super().__post_init__()
         _check_positive(self, ("epochs", "max_steps"))
+        if self.init == "eva-contrastive":
+            raise ConfigError("init 'eva-contrastive' contrasts a document with its library: knowledge "
+                              "adapters only", field="init")
 
     def n_steps(self, n_examples: int) -> int:
         if self.steps:

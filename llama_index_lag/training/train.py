@@ -166,10 +166,13 @@ def _lora_layers(peft_model: Any) -> dict[str, Any]:
 
 
 def exact_eva_state_dict(peft_model: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                         rank: int, *, max_length: int, seed: int,
-                         batch_size: int = 8) -> dict[str, torch.Tensor]:
+                         rank: int, *, max_length: int, seed: int, batch_size: int = 8,
+                         contrast: dict[str, torch.Tensor] | None = None,
+                         contrast_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """{module: [rank, in_features]}: the top ``rank`` principal directions (centred SVD) of each LoRA
-    module's input activations over the tokens of ``texts`` (one no-grad forward pass, adapters disabled)."""
+    module's input activations over the tokens of ``texts`` (one no-grad forward pass, adapters disabled).
+    ``contrast`` ({module: [n, n]}): the top eigenvectors of their covariance minus ``contrast_weight`` x
+    this matrix instead (contrastive EVA)."""
     import torch
 
     layers = _lora_layers(peft_model)
@@ -218,6 +221,9 @@ def exact_eva_state_dict(peft_model: Any, tokenizer: PreTrainedTokenizerBase, te
         for name in dict.fromkeys(leader[n] for n in layers):
             X = torch.cat(acts.pop(name)).double()
             X = X - X.mean(dim=0, keepdim=True)
+            if contrast is not None:
+                comps[name] = contrastive_components(X, contrast[name], contrast_weight, rank)
+                continue
             q = min(rank + 8, *X.shape)
             _, _, V = torch.svd_lowrank(X, q=q, niter=6)
             c = V[:, :rank].T
@@ -229,6 +235,16 @@ def exact_eva_state_dict(peft_model: Any, tokenizer: PreTrainedTokenizerBase, te
     finally:
         torch.random.set_rng_state(state)
     return {f"base_model.model.{name}": comps[leader[name]].clone() for name in layers}
+
+
+def contrastive_components(X: torch.Tensor, mean_cov: torch.Tensor, weight: float, rank: int) -> torch.Tensor:
+    """Contrastive EVA (training/contrast.py): [rank, n] the top eigenvectors of ``cov(X) - weight *
+    mean_cov`` for centred tokens X [T, n]."""
+    import torch
+
+    C = X.T @ X / max(X.shape[0], 1) - weight * mean_cov.to(X.dtype)  # [n, n]
+    _, vectors = torch.linalg.eigh(C.float())  # ascending
+    return vectors.flip(1)[:, :rank].T.contiguous()
 
 
 def _eva_peft(peft_model: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -247,7 +263,7 @@ def lora_config(recipe: _Recipe) -> Any:
     from peft import EvaConfig, LoraConfig
 
     kwargs: dict[str, Any] = {}
-    if recipe.init in ("eva", "eva-peft"):
+    if recipe.init in ("eva", "eva-peft", "eva-contrastive"):
         kwargs["init_lora_weights"] = "eva"
         kwargs["eva_config"] = EvaConfig(rho=recipe.eva_rho, tau=recipe.eva_tau, use_label_mask=False)
     return LoraConfig(r=recipe.rank, lora_alpha=float(recipe.alpha),
@@ -285,12 +301,17 @@ def train_lora(
     seed: int = 0,
     steps: int | None = None,
     on_step: StepCallback | None = None,
+    contrast: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA on ``examples`` and save it as a PEFT folder in ``out_dir``; return stats.
 
     ``model`` is wrapped for the duration and restored afterwards (also on errors). Deterministic for a
-    given ``seed`` and torch thread count. ``eva_texts`` default to the examples' full texts.
+    given ``seed`` and torch thread count. ``eva_texts`` default to the examples' full texts. ``contrast``:
+    the library's mean input covariance per module, for ``init="eva-contrastive"`` (training/contrast.py).
     """
+    if recipe.init == "eva-contrastive" and contrast is None:
+        raise ConfigError("init 'eva-contrastive' needs the library's mean covariance (contrast=...); "
+                          "build_knowledge_adapters computes it", field="init")
     if hasattr(model, "peft_config"):
         raise ModelError("the base model already carries PEFT adapters; pass the bare model")
     _check_targets(model, recipe.target_modules)
@@ -309,9 +330,9 @@ def train_lora(
     try:
         t0 = time.perf_counter()
         eva_source = list(eva_texts) if eva_texts else [e.prompt + e.completion for e in examples]
-        eva = recipe.init in ("eva", "eva-peft")
+        eva = recipe.init in ("eva", "eva-peft", "eva-contrastive")
         peft_model = _peft_wrap(model, recipe, low_cpu_mem_usage=True) if eva else _peft_wrap(model, recipe)
-        _init_lora_weights(peft_model, tokenizer, recipe, eva_source, seed)
+        _init_lora_weights(peft_model, tokenizer, recipe, eva_source, seed, contrast)
         timings["init_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -330,14 +351,17 @@ def train_lora(
 
 
 def _init_lora_weights(peft_model: Any, tokenizer: PreTrainedTokenizerBase, recipe: _Recipe,
-                       eva_source: Sequence[str], seed: int) -> None:
+                       eva_source: Sequence[str], seed: int, contrast: dict[str, Any] | None = None) -> None:
     """Initialise the freshly wrapped LoRA factors as ``recipe.init`` says (see the module docstring);
     ``default`` keeps PEFT's own initialisation."""
-    if recipe.init == "eva":
+    if recipe.init in ("eva", "eva-contrastive"):
         from peft import initialize_lora_eva_weights
 
+        weight = float(getattr(recipe, "eva_contrast", 1.0))
         sd = exact_eva_state_dict(peft_model, tokenizer, eva_source, recipe.rank,
-                                  max_length=recipe.max_length, seed=seed)
+                                  max_length=recipe.max_length, seed=seed,
+                                  contrast=contrast if recipe.init == "eva-contrastive" else None,
+                                  contrast_weight=weight)
         initialize_lora_eva_weights(peft_model, eva_state_dict=sd, show_progress_bar=False)
     elif recipe.init == "eva-peft":
         _eva_peft(peft_model, tokenizer, eva_source, recipe.max_length)
