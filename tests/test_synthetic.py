@@ -57,6 +57,7 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
         "questions.jsonl",
         "tasks/fact_check.jsonl",
         "tasks/short_answer.jsonl",
+        "tasks/slot_filling.jsonl",
     ]
     assert one == two
 
@@ -78,6 +79,7 @@ def test_counts_and_kinds(bench):
     for doc_id, qs in per_doc.items():
         assert 3 <= sum(q.task == "qa" for q in qs) <= 5, doc_id
         assert sum(q.task == "fact" for q in qs) == 2, doc_id
+        assert sum(q.task == "slot" for q in qs) == 1, doc_id
 
 
 def test_ids_are_valid_and_unique(big):
@@ -117,7 +119,7 @@ def test_documents_are_short(big):
 def test_every_qa_answer_is_in_its_document(big):
     texts = {d.id: d.text for d in big.documents}
     for q in big.questions:
-        if q.task != "qa":
+        if q.task not in ("qa", "slot"):
             continue
         assert q.answers, q.id
         assert _contains(texts[q.doc_id], q.answers[0]), (q.id, q.answers[0])
@@ -125,6 +127,17 @@ def test_every_qa_answer_is_in_its_document(big):
         assert len({normalize_answer(a) for a in q.answers}) == len(q.answers), (
             q.answers
         )  # no duplicate aliases
+
+
+def test_slot_questions_name_a_relation_their_document_states(big):
+    from llama_index_lag.eval.synthetic.slots import RELATIONS
+
+    titles = {d.id: d.title for d in big.documents}
+    slots = [q for q in big.questions if q.task == "slot"]
+    assert len(slots) == len(big.documents)
+    for q in slots:
+        subject, relation = q.question.split(" | ")
+        assert subject == titles[q.doc_id] and relation in RELATIONS.values(), q.question
 
 
 def test_every_question_names_its_entity(big):
@@ -231,6 +244,9 @@ def test_task_sets_shape():
     assert all(e.prompt.startswith("True or false: ") for e in fact)
     assert all(1 <= len(e.answer.split()) <= 3 and e.prompt.endswith("?") for e in short)
     assert len({e.prompt for e in fact}) == len(fact) and len({e.prompt for e in short}) == len(short)
+    slots = tasks["slot_filling"]
+    assert len(slots) >= 80 and all(re.fullmatch(r"[^|]+ \| [^|]+", e.prompt) for e in slots)
+    assert len({e.prompt for e in slots}) == len(slots)
     assert S.make_task_sets() == tasks
 
 
@@ -287,6 +303,10 @@ def test_question_counts_follow_parameters():
     for qs in _by_doc(b).values():
         assert sum(q.task == "qa" for q in qs) == 1
         assert sum(q.task == "fact" for q in qs) == 3
+    none = S.make_benchmark(20, 5, slots_per_doc=0)
+    assert not any(q.task == "slot" for q in none.questions)
+    # slot questions come from their own random stream: the qa / fact questions do not depend on them
+    assert [q for q in none.questions] == [q for q in S.make_benchmark(20, 5).questions if q.task != "slot"]
 
 
 # ---- demo ------------------------------------------------------------------------------------------------
@@ -325,8 +345,8 @@ def test_written_formats(tmp_path, bench):
     qs = _read_jsonl(paths["questions"])
     assert all(list(d) == ["id", "title", "text"] for d in docs)
     assert all(list(q) == ["id", "question", "answers", "doc_id", "task"] for q in qs)
-    assert all(isinstance(q["answers"], list) and q["task"] in ("qa", "fact") for q in qs)
-    for name in ("fact_check", "short_answer"):
+    assert all(isinstance(q["answers"], list) and q["task"] in ("qa", "fact", "slot") for q in qs)
+    for name in ("fact_check", "short_answer", "slot_filling"):
         assert all(list(e) == ["prompt", "answer"] for e in _read_jsonl(paths[name]))
     meta = json.loads(paths["benchmark"].read_text())
     assert meta["seed"] == 0 and meta["generator_version"] == S.GENERATOR_VERSION

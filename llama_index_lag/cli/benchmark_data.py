@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--fact-checks-per-doc", type=int, default=2, metavar="K", help="true/false claims per document"
     )
+    p.add_argument("--slots-per-doc", type=int, default=1, metavar="K",
+                   help="slot-filling questions ('<entity> | <relation>') per document")
     p.set_defaults(func=_run)
 
 
@@ -47,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
             DEFAULT_SEED if args.seed is None else args.seed,
             questions_per_doc=tuple(args.questions_per_doc),
             fact_checks_per_doc=args.fact_checks_per_doc,
+            slots_per_doc=args.slots_per_doc,
         )
     paths = write_benchmark(bench, args.out)
     counts = bench.counts()

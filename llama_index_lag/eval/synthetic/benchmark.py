@@ -14,7 +14,8 @@ from .compose import compose
 from .entities import ID_PREFIX, PARTNER_SHARED
 from .facts import Probe
 from .names import NameMaker, reserved_words
-from .records import KINDS, TASK_FACT, TASK_QA, Benchmark, Confuser, Entity
+from .records import KINDS, TASK_FACT, TASK_QA, TASK_SLOT, Benchmark, Confuser, Entity
+from .slots import RELATIONS, slot_question
 from .tasks import make_task_sets
 from .world import World, WorldEntity
 
@@ -124,6 +125,20 @@ def _fill_fact_checks(
         questions[pos] = QuestionRecord(q.id, f"True or false: {claim}", (answer,), q.doc_id, TASK_FACT)
 
 
+def _slot_questions(ents: list[WorldEntity], doc_probes: list[list[Probe]], seed: int,
+                    per_doc: int) -> list[QuestionRecord]:
+    """``per_doc`` slot-filling questions per document (``"<title> | <relation>"``), on facts its document
+    states. Their own random stream: the QA and fact questions of a seed are those of generator version 1."""
+    rng = random.Random(f"slot-filling:{seed}")
+    out: list[QuestionRecord] = []
+    for e, probes in zip(ents, doc_probes):
+        usable = [p for p in probes if p.slot in RELATIONS]
+        for j, p in enumerate(rng.sample(usable, min(per_doc, len(usable))), 1):
+            question = slot_question(e.title, RELATIONS[p.slot])
+            out.append(QuestionRecord(f"{e.doc_id}.s{j}", question, p.answers, e.doc_id, TASK_SLOT))
+    return out
+
+
 def _confusers(ents: list[WorldEntity], texts: dict[str, str]) -> list[Confuser]:
     """Look-alike pairs (the attributes they share that both texts state) and mentions of other entities."""
     confusers: list[Confuser] = []
@@ -148,12 +163,14 @@ def make_benchmark(
     *,
     questions_per_doc: tuple[int, int] = (3, 5),
     fact_checks_per_doc: int = 2,
+    slots_per_doc: int = 1,
 ) -> Benchmark:
     """Generate a benchmark of ``n_docs`` fictional entities (one document each) from ``seed``.
 
     Each document gets ``questions_per_doc`` = (min, max) QA questions (at most one per fact) and
     ``fact_checks_per_doc`` true/false claims (preferably on facts the QA questions do not ask about); over
-    the benchmark, ``ceil(F/2)`` claims are true and ``floor(F/2)`` false. Deterministic in its arguments.
+    the benchmark, ``ceil(F/2)`` claims are true and ``floor(F/2)`` false; and ``slots_per_doc``
+    slot-filling questions (``"<entity> | <relation>"`` -> value). Deterministic in its arguments.
     """
     per_doc = _check_params(n_docs, seed, questions_per_doc, fact_checks_per_doc)
     tasks = make_task_sets()
@@ -175,6 +192,10 @@ def make_benchmark(
 
     questions, pending = _questions(ents, doc_probes, rng, per_doc, fact_checks_per_doc)
     _fill_fact_checks(questions, pending, _value_pools(doc_probes), rng)
+    if not _is_int(slots_per_doc) or slots_per_doc < 0:
+        raise ConfigError(f"slots_per_doc must be an integer >= 0, got {slots_per_doc!r}",
+                          field="slots_per_doc")
+    questions += _slot_questions(ents, doc_probes, seed, slots_per_doc)
     return Benchmark(
         name=f"synthetic-{n_docs}-seed{seed}",
         seed=seed,

@@ -7,12 +7,14 @@ from typing import Any
 
 from ...data import DocumentRecord, QuestionRecord, TaskExample
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: slot-filling questions and task set (qa / fact questions unchanged)
 """Bump when the output of :func:`make_benchmark` / :func:`make_demo` changes for the same arguments."""
 
 TASK_QA = "qa"
 TASK_FACT = "fact"
-TASK_FILES = {"fact_check": "tasks/fact_check.jsonl", "short_answer": "tasks/short_answer.jsonl"}
+TASK_SLOT = "slot"
+TASK_FILES = {"fact_check": "tasks/fact_check.jsonl", "short_answer": "tasks/short_answer.jsonl",
+              "slot_filling": "tasks/slot_filling.jsonl"}
 
 KINDS = ("person", "town", "organisation", "device", "ship", "festival")
 

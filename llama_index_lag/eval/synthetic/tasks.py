@@ -9,7 +9,7 @@ from ...data import TaskExample
 
 # (swap group, claim template with {} for the value, question, answer). False claims put in the answer of
 # another fact of the same group.
-_CAPITALS = (
+CAPITALS = (
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
     ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Russia", "Moscow"),
     ("China", "Beijing"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
@@ -19,7 +19,7 @@ _CAPITALS = (
 )  # fmt: skip
 _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("capital", f"The capital of {country} is {{}}.", f"What is the capital of {country}?", city)
-    for country, city in _CAPITALS
+    for country, city in CAPITALS
 ) + (
     ("planet", "{} is the largest planet in the Solar System.",
      "Which planet is the largest in the Solar System?", "Jupiter"),
@@ -198,13 +198,17 @@ _ARITHMETIC = (
 
 
 def make_task_sets() -> dict[str, list[TaskExample]]:
-    """The two task-adapter training sets (fixed; independent of any benchmark seed).
+    """The task-adapter training sets (fixed; independent of any benchmark seed).
 
     ``fact_check``: one true and one false claim per common-knowledge fact ("True or false: ...",
     answers "true"/"false"; the false one swaps in the answer of another fact of the same group).
     ``short_answer``: the facts as questions with 1-3 word answers, plus simple arithmetic, word forms and
     general knowledge, to teach a terse answer style.
+    ``slot_filling``: ``"<subject> | <relation>"`` -> the object, for common-knowledge triples
+    (:data:`.slots.COMMON_SLOTS`).
     """
+    from .slots import COMMON_SLOTS, slot_question
+
     rng = random.Random(20250707)
     fact: list[TaskExample] = []
     by_group: dict[str, list[str]] = {}
@@ -225,4 +229,6 @@ def make_task_sets() -> dict[str, list[TaskExample]]:
         else:
             short.append(TaskExample(f"What is {x} times {y}?", str(x * y)))
     rng.shuffle(short)
-    return {"fact_check": fact, "short_answer": short}
+    slot = [TaskExample(slot_question(s, r), o) for s, r, o in COMMON_SLOTS]
+    random.Random(20261207).shuffle(slot)
+    return {"fact_check": fact, "short_answer": short, "slot_filling": slot}
