@@ -240,16 +240,16 @@ def _interrupt_once_at(monkeypatch, start_row: int) -> list[int]:
     returns the list of chunk starts it processes."""
     calls: list[int] = []
     pending = [start_row]
-    real = writer._fill_chunk
+    real = writer._process_chunk
 
-    def flaky(writer, start, chunk, modules, old, weights):
+    def flaky(writer, start, chunk, modules, old, aligned=None):
         calls.append(start)
         if start in pending:
             pending.remove(start)
             raise KeyboardInterrupt
-        return real(writer, start, chunk, modules, old, weights)
+        return real(writer, start, chunk, modules, old, aligned)
 
-    monkeypatch.setattr(writer, "_fill_chunk", flaky)
+    monkeypatch.setattr(writer, "_process_chunk", flaky)
     return calls
 
 

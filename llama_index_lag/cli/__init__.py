@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="the sub-command")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "__main__":  # `python -m llama_index_lag.cli` runs it; it registers nothing
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         register = getattr(module, "register", None)
         if register is not None:

@@ -1,5 +1,5 @@
-"""``lag bench routing`` / ``scale`` / ``dispatch`` / ``reliability`` / ``serve``: benchmarks that print a
-table and write JSON."""
+"""``lag bench routing`` / ``scale`` / ``dispatch`` / ``reliability`` / ``serve`` / ``build``: benchmarks that
+print a table and write JSON."""
 
 from __future__ import annotations
 
@@ -68,6 +68,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the in-process LAGLLM baseline")
     v.set_defaults(func=_serve)
 
+    b = bench.add_parser("build",
+                         help="adapters/hour of adapter builds: local 1 / 2 workers, Ray 1 / 2 actors")
+    b.add_argument("--out", default="bench-build.json", help="JSON results file")
+    b.add_argument("--docs", type=int, default=4,
+                   help="documents of the bundled benchmark to build (default 4)")
+    b.add_argument("--configs", default="local-1,local-2,ray-1,ray-2",
+                   help="comma-separated configurations (default: all four)")
+    b.add_argument("--steps", type=int, default=None,
+                   help="training steps per adapter (default: the recipe's)")
+    b.add_argument("--tiny", action="store_true",
+                   help="a tiny random model and short recipe: checks the harness, measures nothing")
+    b.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed)")
+    b.set_defaults(func=_build)
+
 
 def _routing(args: argparse.Namespace) -> int:
     from ..bench.routing import run
@@ -108,4 +122,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     payload = run(args.out, n=args.n, clients=args.clients, max_tokens=args.max_tokens,
                   max_batch=args.max_batch, work=args.work, baseline=not args.no_baseline)
+    return 0 if all(t["met"] for t in payload["targets"].values()) else 1
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..bench.build import run
+
+    payload = run(args.out, docs=args.docs, configs=tuple(c for c in args.configs.split(",") if c),
+                  tiny=args.tiny, work=args.work, steps=args.steps)
     return 0 if all(t["met"] for t in payload["targets"].values()) else 1

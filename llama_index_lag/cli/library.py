@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accept adapter_model.bin (pickle) files; only for adapters you trust")
     p.add_argument("--force", action="store_true",
                    help="replace --out even if it is not a library (never when it holds an input adapter)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
+                   help="align the adapters as tasks on a Ray cluster (auto: this machine's cluster, else a "
+                   "local one; or HOST:PORT); the adapter folders must be paths every node sees. Needs "
+                   "pip install \"llama-index-lag[ray]\"")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("inspect", help="show a library's adapters, modules, ranks, size and dtype")
@@ -64,6 +68,10 @@ def _compile(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if args.add:
+        if args.ray:
+            print("lag compile: --ray compiles a new library; --add aligns only the new adapters, locally",
+                  file=sys.stderr)
+            return 2
         lib = AdapterLibrary.load(args.out)
         if lib.kind != args.kind:
             print(f"lag compile: --kind {args.kind} but {args.out} is a {lib.kind} library", file=sys.stderr)
@@ -77,7 +85,7 @@ def _compile(args: argparse.Namespace) -> int:
         wanted = {"auto": None, "none": False}.get(args.arrow_index, args.arrow_index)
         lib = AdapterLibrary.compile(args.adapters, kind=args.kind, base_model=resolve_model_dir(args.base),
                                      out=args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                     arrow_index=wanted, force=args.force)
+                                     arrow_index=wanted, force=args.force, ray_address=args.ray)
     seconds = time.perf_counter() - start
     print(f"{lib.path}: {len(lib)} {lib.kind} adapters, {len(lib.modules)} modules, r_max {lib.r_max}, "
           f"{lib.manifest['dtype']} ({len(args.adapters) / max(seconds, 1e-9):.1f} adapters/s)")

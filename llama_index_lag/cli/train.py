@@ -72,10 +72,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--compile", metavar="LIB_DIR", default=None,
                    help="then compile all the documents' adapters into a knowledge library here")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel worker processes (each loads its own model; threads are split)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes (each loads its own model; threads are split; default 1); "
+                   "with --ray: Ray workers (default: as many as the cluster's CPUs / GPUs hold)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="rebuild adapters that are already finished")
+    ray = p.add_argument_group("Ray (pip install \"llama-index-lag[ray]\")")
+    ray.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
+                     help="build on a Ray cluster: auto = this machine's cluster (ray start), else a local "
+                     "one; or HOST:PORT. --out (and --compile) must be paths every node sees")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
+                     help="CPUs per Ray worker, also its torch threads (default 1)")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=0.0,
+                     help="GPUs per Ray worker; > 0 trains on the worker's GPU (default 0)")
+    ray.add_argument("--retries", type=int, default=2,
+                     help="with --ray: attempts after a worker died or a document failed, before the "
+                     "document is reported as failed (default 2)")
     p.add_argument("--no-generate", action="store_true",
                    help="skip model-written rewrites and QA pairs (deterministic augmentations only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -143,14 +155,23 @@ def _build(args: argparse.Namespace) -> int:
         docs = documents_from(args, args.out, args.compile)
         report = build_knowledge_adapters(docs, args.out, base=args.base, recipe=recipe, seed=args.seed,
                                           workers=args.workers, compile_to=args.compile,
-                                          progress=not args.quiet, overwrite=args.overwrite, force=args.force)
+                                          progress=not args.quiet, overwrite=args.overwrite, force=args.force,
+                                          ray_address=args.ray, ray_cpus_per_worker=args.ray_cpus_per_worker,
+                                          ray_gpus_per_worker=args.ray_gpus_per_worker, retries=args.retries)
     times = [m["timings"]["total_s"] for d, m in report.metadata.items() if d in report.built]
     mean = f", {sum(times) / len(times):.1f} s per adapter" if times else ""
-    print(f"{report.out}: built {len(report.built)}, already finished {len(report.skipped)}{mean} "
-          f"({report.seconds:.0f} s)")
+    rate = f", {report.adapters_per_hour:.0f} adapters/hour" if report.adapters_per_hour else ""
+    print(f"{report.out}: built {len(report.built)}, already finished {len(report.skipped)}, failed "
+          f"{len(report.failed)}{mean}{rate} ({report.seconds:.0f} s)")
+    for worker, w in report.workers.items():
+        per = w["busy_s"] / max(w["adapters"], 1)
+        print(f"  worker {worker}: {w['adapters']} adapters, {per:.1f} s each, up after {w['start_s']:.1f} s "
+              f"(model {w['load_s']:.1f} s), scheduling and transfer {w['overhead_s']:.2f} s")
+    for doc_id, reason in report.failed.items():
+        print(f"  failed: {doc_id}: {reason}")
     if report.library is not None:
         print(f"knowledge library: {report.library} ({len(report.metadata)} adapters)")
-    return 0
+    return 1 if report.failed else 0
 
 
 def _sync(args: argparse.Namespace) -> int:

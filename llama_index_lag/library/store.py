@@ -13,20 +13,18 @@ resumes from the last finished chunk of adapters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
-from .._fs import replace_dir
+from .._ray import ray_cluster, require_ray
 from ..errors import (
     ConfigError,
     IncompatibleAdapterError,
@@ -34,17 +32,10 @@ from ..errors import (
     LibraryFormatError,
 )
 from .arrow_index import (
-    ARROW_DIR,
-    DEFAULT_TYPE,
-    FaissArrow,
     PinnedArrow,
-    UidTable,
-    build_module_index,
-    check_index_type,
-    load_module_indexes,
-    save_arrow_index,
 )
 from .base import BaseModelSpec
+from .indexed import ArrowIndexed
 from .integrity import (  # noqa: F401  (FORMAT, FORMAT_VERSION, dtype_name: re-exported)
     DTYPES,
     FORMAT,
@@ -91,7 +82,7 @@ class ModuleTensors:
     proto: torch.Tensor  # [N, n]     Arrow prototypes A*_i[0]
 
 
-class AdapterLibrary:
+class AdapterLibrary(ArrowIndexed):
     """A compiled library of spectrally aligned LoRA adapters of one kind (task or knowledge).
 
     Create with :meth:`compile`, open with :meth:`load`; update with :meth:`add` / :meth:`remove`.
@@ -332,9 +323,13 @@ class AdapterLibrary:
         chunk_size: int | None = None,
         arrow_index: bool | str | None = None,
         force: bool = False,
+        ray_address: str | None = None,
     ) -> AdapterLibrary:
         """Validate PEFT LoRA folders against ``base_model`` (a model, config or model folder), align them
         and write a library to ``out`` (atomically; an interrupted compile resumes when re-run).
+        ``ray_address`` (``"auto"`` or ``HOST:PORT``, ``pip install "llama-index-lag[ray]"``): the adapters
+        are read and aligned as tasks on that Ray cluster (each worker reads the adapter folders: paths every
+        node sees) and this process writes the library, byte for byte what a local compile writes.
 
         ``out`` may be missing, empty, or an existing library (replaced); anything else is refused with an
         :class:`UnsafeOutputError` (``force=True`` replaces it), and so is an ``out`` equal to, inside or
@@ -342,15 +337,22 @@ class AdapterLibrary:
         ``hnsw``), ``"hnsw"`` or ``"ivf"``; None = only for >= 4096 adapters."""
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}", field="kind")
+        if ray_address is not None:
+            require_ray()  # before any work
         torch_dtype = parse_dtype(dtype)  # a bad dtype fails first, before the output is looked at
         out = check_library_output(out, adapter_dirs, force)
         spec = BaseModelSpec.resolve(base_model)
         rows = new_rows(adapter_dirs, names, spec, allow_pickle, taken=set())
         manifest = manifest_header(kind, torch_dtype, spec)
-        with library_lock(out):
+        with library_lock(out), contextlib.ExitStack() as stack:
             check_library_output(out, adapter_dirs, force)  # again, now that no other writer runs
+            aligner = None
+            if ray_address is not None:
+                from .ray_compile import RayAligner
+
+                aligner = RayAligner(stack.enter_context(ray_cluster(ray_address)), torch_dtype)
             return write_library(out, manifest, rows, old=None, progress=progress, chunk_size=chunk_size,
-                                 library_cls=cls, arrow_index=arrow_index)
+                                 library_cls=cls, arrow_index=arrow_index, aligner=aligner)
 
     @classmethod
     def from_aligned(
@@ -471,85 +473,6 @@ class AdapterLibrary:
     @property
     def revision(self) -> str | None:
         return self.manifest.get("revision")
-
-    def uids(self) -> np.ndarray:
-        """[N] stable adapter ids (row order)."""
-        return np.array([int(e.get("uid", i)) for i, e in enumerate(self.adapters)], dtype=np.int64)
-
-    def uid_to_row(self) -> Any:
-        """uid -> library row (array-like lookup of uid arrays; uids are sparse after removals)."""
-        return UidTable(self.uids())
-
-    def arrow_meta_exists(self) -> bool:
-        return self._pinned is not None
-
-    def has_arrow_index(self) -> bool:
-        """True when the library has an approximate Arrow index built for this exact revision."""
-        meta = self._pinned.meta if self._pinned is not None else None
-        return bool(meta) and meta.get("revision") == self.revision and meta.get("modules") == self.modules
-
-    def arrow_indexes(self) -> dict[str, Any]:
-        """FAISS index per module, memory-mapped (raises LibraryFormatError when missing or stale)."""
-        if self._arrow is None:
-            self._arrow = load_module_indexes(self._pinned, self.path, self.modules, str(self.revision))
-        return self._arrow
-
-    def arrow_search(self, module: str, effort: int | None = None) -> FaissArrow:
-        """Approximate Arrow for ``module``; ``effort``: HNSW efSearch / IVF nprobe (None: the default)."""
-        index = self.arrow_indexes()[module]
-        meta = self._pinned.meta if self._pinned is not None else {}
-        return FaissArrow(index, self.uid_to_row(), effort, removed=meta.get("removed", ()))
-
-    def arrow_index_type(self) -> str | None:
-        """``hnsw`` / ``ivf`` of the current index, None without one."""
-        return self._pinned.meta["type"] if self.has_arrow_index() and self._pinned is not None else None
-
-    def _check_pinned_index(self) -> None:
-        """Cheap checks of the Arrow index files opened with this revision: sizes as written, and no live
-        adapter among the tombstones (``removed``)."""
-        if not self.has_arrow_index() or self._pinned is None:
-            return
-        meta, where = self._pinned.meta, self.path / ARROW_DIR
-        removed = meta.get("removed", [])
-        if not isinstance(removed, list) or not all(isinstance(u, int) for u in removed):
-            raise LibraryFormatError("meta.json 'removed' must list adapter uids", path=where,
-                                     field="removed")
-        live = set(removed) & set(self.uids().tolist())
-        if live:
-            raise LibraryFormatError(f"meta.json lists {len(live)} adapters of the library as removed "
-                                     f"(uid {min(live)}...)", path=where, field="removed")
-        files = meta.get("files")
-        if files is not None:
-            sizes = self._pinned.sizes()
-            for position, (entry, size) in enumerate(zip(files, sizes)):
-                if not isinstance(entry, list) or entry[0] != size:
-                    raise LibraryFormatError(f"index file is {size} bytes, meta.json says {entry}",
-                                             module=self.modules[position], path=where / f"{position}.faiss")
-
-    def build_arrow_index(self, nlist: int | None = None, kind: str | None = None) -> AdapterLibrary:
-        """(Re)build the approximate Arrow index for the current revision, atomically. Returns self.
-
-        ``kind``: ``hnsw`` / ``ivf`` (None: the type of the existing index, else ``hnsw``); ``nlist``: IVF
-        lists (None: ~4 sqrt(N))."""
-        meta = self._pinned.meta if self._pinned is not None else None
-        kind = check_index_type(kind or (meta["type"] if meta else DEFAULT_TYPE))
-        with library_lock(self.path):
-            if self._current() is not self:
-                raise LibraryError("the library changed since it was loaded; load it again to index the "
-                                   "current revision", path=self.path)
-            uids = self.uids()
-            indexes = (build_module_index(self.tensors(m).proto.float().numpy(), uids, kind, nlist)
-                       for m in self.modules)  # one at a time
-            staging = self.path / f".staging-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
-            try:
-                with disk_full(self.path, "the approximate Arrow index", "the library is unchanged"):
-                    save_arrow_index(staging, self.modules, indexes, str(self.revision))
-                replace_dir(staging / ARROW_DIR, self.path / ARROW_DIR)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            self._adopt(AdapterLibrary.load(self.path))
-        return self
 
     def is_current(self) -> bool:
         """Whether the library on disk is still this object's revision (a sync or add replaced it if not)."""

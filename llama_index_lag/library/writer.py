@@ -201,9 +201,11 @@ def _full_manifest(header: dict[str, Any], rows: list[Row], modules: dict[str, d
 
 def write_library(out: Path, base: dict[str, Any], rows: list[Row], *, old: AdapterLibrary | None,
                   progress: bool, chunk_size: int | None, library_cls: type[AdapterLibrary],
-                  arrow_index: bool | str | None = None) -> AdapterLibrary:
+                  arrow_index: bool | str | None = None, aligner: Any = None) -> AdapterLibrary:
     """Write ``rows`` into a partial folder (resuming a matching one), then swap it in with one rename and
     open it as ``library_cls``. ``base``: the manifest header (:func:`manifest_header`, :func:`header_of`).
+    ``aligner`` (``library.ray_compile.RayAligner``): new adapters are aligned as tasks on a Ray cluster; the
+    bytes written are the same.
 
     ``chunk_size``: rows per batch (None: two batches per worker, 8 to 64 rows: batched alignment amortises
     per-call costs, several batches keep the workers busy)."""
@@ -233,7 +235,7 @@ def write_library(out: Path, base: dict[str, Any], rows: list[Row], *, old: Adap
         writer = PackedWriter(partial / TENSORS, shapes, len(rows), r_max, dtype,
                               create=done == 0, metadata={"revision": manifest["revision"]})
         _write_chunks(writer, partial, digest, rows, modules, old, (done, hashes, blocks),
-                      chunk_size=chunk_size, progress=progress, desc=f"compile {out.name}")
+                      chunk_size=chunk_size, progress=progress, desc=f"compile {out.name}", aligner=aligner)
         writer.close()
         for i, row in enumerate(rows):
             if row.header is not None:
@@ -294,7 +296,7 @@ def _plan_digest(manifest: dict[str, Any], old: AdapterLibrary | None, rows: lis
 
 def _write_chunks(writer: PackedWriter, partial: Path, digest: str, rows: list[Row], modules: dict[str, Any],
                   old: AdapterLibrary | None, resume: tuple[int, dict[str, str], list[list[int]]], *,
-                  chunk_size: int, progress: bool, desc: str) -> None:
+                  chunk_size: int, progress: bool, desc: str, aligner: Any = None) -> None:
     """Write rows ``done:`` chunk by chunk, updating ``hashes`` ({row: sha256}) and ``blocks`` (chunk
     checksums) of ``resume = (done, hashes, blocks)`` in place.
 
@@ -302,17 +304,30 @@ def _write_chunks(writer: PackedWriter, partial: Path, digest: str, rows: list[R
     and pwrite release the GIL); chunks are committed in order by another thread, which makes them durable
     before recording them as done. On an error the writer is closed unsynced; a bad adapter (a
     :class:`LAGError`) also drops the partial build, anything else (Ctrl-C, a crash) keeps it so that
-    re-running the same command resumes (a full disk drops it: see :func:`disk_full`)."""
+    re-running the same command resumes (a full disk drops it: see :func:`disk_full`). ``aligner``
+    (``RayAligner``): chunks are aligned on a Ray cluster, ``aligner.ahead`` of them ahead of the writer."""
     done, hashes, blocks = resume
+    starts = list(range(done, len(rows), chunk_size))
+    remote: dict[int, Any] = {}
+
+    def aligned(i: int) -> Any:  # start the alignments of chunks i.. (up to aligner.ahead) on the cluster
+        if aligner is None:
+            return None
+        for j in range(i, min(i + aligner.ahead, len(starts))):
+            if starts[j] not in remote:
+                remote[starts[j]] = aligner.submit(starts[j], rows[starts[j]:starts[j] + chunk_size], modules)
+        return remote.pop(starts[i])
+
     bar = tqdm(total=len(rows), initial=done, desc=desc, unit="adapter", disable=not progress)
     try:
         with ThreadPoolExecutor(WORKERS) as workers, ThreadPoolExecutor(1) as syncer:
             in_flight: collections.deque = collections.deque()
             commits = []
-            for start in range(done, len(rows), chunk_size):
+            for i, start in enumerate(starts):
                 chunk = rows[start:start + chunk_size]
+                wait = aligned(i)
                 in_flight.append((start, start + len(chunk), workers.submit(
-                    _process_chunk, writer, start, chunk, modules, old)))
+                    _write_chunk, writer, start, chunk, modules, old, wait)))
                 while len(in_flight) > WORKERS or (in_flight and start + chunk_size >= len(rows)):
                     first, end, job = in_flight.popleft()
                     chunk_hashes, crc = job.result()  # the first failing chunk in row order raises
@@ -418,11 +433,35 @@ def _commit(writer: PackedWriter, partial: Path, digest: str, done: int, hashes:
                                                   "blocks": blocks})
 
 
+def _write_chunk(writer: PackedWriter, start: int, chunk: list[Row], modules: dict[str, Any],
+                 old: AdapterLibrary | None, wait: Any) -> tuple[dict[str, str], int]:
+    """:func:`_process_chunk` with the alignment computed here (``wait`` None) or on the cluster."""
+    return _process_chunk(writer, start, chunk, modules, old, None if wait is None else wait())
+
+
 def _process_chunk(writer: PackedWriter, start: int, chunk: list[Row], modules: dict[str, Any],
-                   old: AdapterLibrary | None) -> tuple[dict[str, str], int]:
-    """Read the chunk's new adapters once (sha256 and factors from the same bytes; NaN / Inf are checked
-    batched, in :func:`_align_batch`), write rows ``start:start+len(chunk)``; return ({row: sha256}, the
+                   old: AdapterLibrary | None, aligned: Aligned | None = None) -> tuple[dict[str, str], int]:
+    """Write rows ``start:start+len(chunk)``: the new adapters aligned by :func:`align_chunk` (here, or
+    ``aligned`` when another process did it), kept and generated ones copied; return ({row: sha256}, the
     crc32 of the rows written)."""
+    hashes, runs = aligned if aligned is not None else align_chunk(start, chunk, modules, writer.dtype)
+    _copy_rows(writer, start, chunk, modules, old)
+    for module, rows, a_star, b_star, overflow in runs:
+        index = torch.tensor(rows)
+        writer.write_rows(module, index, a_star, b_star, a_star[:, 0])
+        if overflow:
+            _check_cast(writer, module, index, [chunk[r - start] for r in rows])
+    return hashes, writer.checksum(start, start + len(chunk))
+
+
+#: what :func:`align_chunk` returns: ({row: sha256}, [(module, rows, A* [K, r, n], B* [K, m, r], overflow)])
+Aligned = tuple[dict[str, str], list[tuple[str, list[int], torch.Tensor, torch.Tensor, bool]]]
+
+
+def align_chunk(start: int, chunk: list[Row], modules: dict[str, Any], dtype: torch.dtype) -> Aligned:
+    """Read the chunk's new adapters once (sha256 and factors from the same bytes; NaN / Inf are checked
+    batched, in :func:`_align_batch`) and align them for a library of ``dtype``: a pure function of the
+    files (a Ray task of a compile on a cluster, see ``library/ray_compile.py``)."""
     factors, hashes = [], {}
     for i, row in enumerate(chunk):
         if row.header is None:
@@ -436,25 +475,31 @@ def _process_chunk(writer: PackedWriter, start: int, chunk: list[Row], modules: 
                                      path=path) from None
         hashes[str(start + i)] = hashlib.sha256(data).hexdigest()
         factors.append(factor_arrays(row.header, data))
-    _fill_chunk(writer, start, chunk, modules, old, factors)
-    return hashes, writer.checksum(start, start + len(chunk))
-
-
-def _fill_chunk(writer: PackedWriter, start: int, chunk: list[Row], modules: dict[str, Any],
-                old: AdapterLibrary | None,
-                factors: list[dict[str, tuple[np.ndarray, np.ndarray]] | None]) -> None:
-    """Align new adapters and copy kept ones, for rows ``start:start+len(chunk)``.
-
-    New adapters are aligned in batches of up to ``ALIGN_BATCH`` (module, adapter) pairs of one shape and
-    rank, across modules (SmolLM2's 30 gate_proj and 30 up_proj modules are one shape) rather than one
-    module's adapters at a time: fewer calls of the ~20 tensor ops, each on a batch that stays in cache. No
-    padding: a factor does not depend on its batch-mates (adding adapters to a library gives the bytes of a
-    fresh compile)."""
+    # New adapters are aligned in batches of up to ``ALIGN_BATCH`` (module, adapter) pairs of one shape and
+    # rank, across modules (SmolLM2's 30 gate_proj and 30 up_proj modules are one shape) rather than one
+    # module's adapters at a time: fewer calls of the ~20 tensor ops, each on a batch that stays in cache. No
+    # padding: a factor does not depend on its batch-mates (adding adapters to a library gives the bytes of a
+    # fresh compile).
     new = [(start + i, row, f) for i, (row, f) in enumerate(zip(chunk, factors)) if f is not None]
+    groups: dict[tuple[int, ...], list[tuple[str, int, Row, np.ndarray, np.ndarray]]] = {}
+    for module in modules:
+        for idx, row, f in new:
+            if module in f:
+                a, b = f[module]
+                groups.setdefault((*a.shape, b.shape[0]), []).append((module, idx, row, a, b))
+    runs = []
+    for pairs in groups.values():
+        for first in range(0, len(pairs), ALIGN_BATCH):
+            runs += _align_batch(pairs[first:first + ALIGN_BATCH], dtype)
+    return hashes, runs
+
+
+def _copy_rows(writer: PackedWriter, start: int, chunk: list[Row], modules: dict[str, Any],
+               old: AdapterLibrary | None) -> None:
+    """Write the chunk's adapters kept from the old library and those generated already aligned."""
     kept = [(start + i, row.old_index) for i, row in enumerate(chunk) if row.old_index is not None]
     made = torch.tensor([start + i for i, row in enumerate(chunk) if row.generate is not None],
                         dtype=torch.long)
-    groups: dict[tuple[int, ...], list[tuple[str, int, Row, np.ndarray, np.ndarray]]] = {}
     for module in modules:
         if made.numel():
             a_star, b_star = chunk[0].generate(module, made)
@@ -464,18 +509,13 @@ def _fill_chunk(writer: PackedWriter, start: int, chunk: list[Row], modules: dic
             rows = torch.tensor([idx for idx, _ in kept])
             old_idx = torch.tensor([o for _, o in kept])
             writer.write_rows(module, rows, src.A[old_idx], src.B[old_idx], src.proto[old_idx])
-        for idx, row, f in new:
-            if module in f:
-                a, b = f[module]
-                groups.setdefault((*a.shape, b.shape[0]), []).append((module, idx, row, a, b))
-    for pairs in groups.values():
-        for first in range(0, len(pairs), ALIGN_BATCH):
-            _align_batch(writer, pairs[first:first + ALIGN_BATCH])
 
 
-def _align_batch(writer: PackedWriter, pairs: list[tuple[str, int, Row, np.ndarray, np.ndarray]]) -> None:
-    """Check, align and write (module, row, adapter, lora_A, lora_B) pairs of one shape and rank, module
-    by module in row order (as :func:`_fill_chunk` lists them)."""
+def _align_batch(pairs: list[tuple[str, int, Row, np.ndarray, np.ndarray]], dtype: torch.dtype
+                 ) -> list[tuple[str, list[int], torch.Tensor, torch.Tensor, bool]]:
+    """Check and align (module, row, adapter, lora_A, lora_B) pairs of one shape and rank; the result
+    module by module in row order (as :func:`align_chunk` lists them), with whether a singular value may
+    overflow the library dtype (then the written rows are checked)."""
     A = _stack([a for *_, a, _ in pairs])  # [K, r, n]
     B = _stack([b for *_, b in pairs])  # [K, m, r]
     _check_finite(A, B, pairs)
@@ -483,15 +523,14 @@ def _align_batch(writer: PackedWriter, pairs: list[tuple[str, int, Row, np.ndarr
     a_star, b_star, s = spectral_align(A, B, scaling, dtype=torch.float32)
     # |B*_ij| <= s_j (B* = U S, U orthonormal): only a singular value past the dtype's range can overflow
     # the cast; then the written rows are read back to name the adapter.
-    overflow = bool((s > torch.finfo(writer.dtype).max / 2).any())
-    first = 0
+    overflow = bool((s > torch.finfo(dtype).max / 2).any())
+    runs, first = [], 0
     for module, run in itertools.groupby(pairs, key=lambda pair: pair[0]):  # one run of pairs per module
         end = first + len(list(run))
-        rows = torch.tensor([idx for _, idx, *_ in pairs[first:end]])
-        writer.write_rows(module, rows, a_star[first:end], b_star[first:end], a_star[first:end, 0])
-        if overflow:
-            _check_cast(writer, module, rows, [row for _, _, row, *_ in pairs[first:end]])
+        rows = [idx for _, idx, *_ in pairs[first:end]]
+        runs.append((module, rows, a_star[first:end], b_star[first:end], overflow))
         first = end
+    return runs
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 import zlib
@@ -36,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._env import __version__
-from .._fs import atomic_dir, atomic_write_json, file_lock, free_bytes
+from .._fs import atomic_dir, atomic_write_json, free_bytes
 from ..data import (
     DocumentRecord,
     adapter_name,
@@ -44,7 +42,7 @@ from ..data import (
     id_key,
     validate_document_id,
 )
-from ..errors import BuildError, ConfigError, DataError, LAGError, UnsafeOutputError
+from ..errors import BuildError, ConfigError, DataError, UnsafeOutputError
 from ..ingest import load_documents
 from .augment import (
     HFGenerator,
@@ -55,6 +53,7 @@ from .augment import (
     eva_texts,
     knowledge_examples,
 )
+from .local_workers import build_lock, build_parallel
 from .recipe import KnowledgeRecipe
 from .train import StepCallback, train_lora
 
@@ -231,13 +230,21 @@ class BuildReport:
     built: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # rebuilt: their document changed since
+    failed: dict[str, str] = field(default_factory=dict)  # doc id -> why (Ray builds; local builds raise)
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     library: Path | None = None
     seconds: float = 0.0
+    #: per worker (Ray builds): adapters, busy_s (building), load_s (model), overhead_s (scheduling, transfer)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def adapter_dirs(self) -> list[Path]:
         return [self.out / adapter_name(doc_id) for doc_id in self.metadata]
+
+    @property
+    def adapters_per_hour(self) -> float | None:
+        """Adapters built in this run per hour of its wall time."""
+        return 3600.0 * len(self.built) / self.seconds if self.built and self.seconds > 0 else None
 
 
 def _check_documents(documents: Sequence[DocumentRecord]) -> None:
@@ -274,7 +281,7 @@ def build_knowledge_adapters(
     tokenizer: PreTrainedTokenizerBase | None = None,
     recipe: KnowledgeRecipe | None = None,
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
     compile_to: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -282,6 +289,10 @@ def build_knowledge_adapters(
     on_adapter: Callable[[str, dict[str, Any]], None] | None = None,
     on_step: StepCallback | None = None,
     force: bool = False,
+    ray_address: str | None = None,
+    ray_cpus_per_worker: float = 1.0,
+    ray_gpus_per_worker: float = 0.0,
+    retries: int = 2,
 ) -> BuildReport:
     """Build the knowledge adapter of every document into ``out/<adapter_name(doc id)>`` (skipping finished
     ones built from the same text unless ``overwrite``; an adapter whose document changed is rebuilt), then
@@ -297,6 +308,14 @@ def build_knowledge_adapters(
     ``on_adapter(doc_id, meta)`` is called in this process after each finished adapter (raise from it to stop
     the build).
 
+    ``ray_address`` (``"auto"``: this machine's Ray cluster, else a local one; or ``HOST:PORT``) builds on Ray
+    instead (:mod:`.ray_build`, ``pip install "llama-index-lag[ray]"``): ``workers`` actors (None: as many
+    as the cluster's resources hold) of ``ray_cpus_per_worker`` CPUs (their torch threads) and
+    ``ray_gpus_per_worker`` GPUs each load the model once; ``out`` must be a path every worker sees. A worker
+    that dies is restarted and its document retried, a document that fails is retried ``retries`` times,
+    then listed in ``report.failed`` while the others finish; ``compile_to`` then compiles the finished
+    adapters on the cluster too.
+
     Nothing that is not ours is replaced: an existing adapter folder that is not a finished adapter (and
     not empty), or a ``compile_to`` that is a user's folder, equal to ``out`` or inside it, is refused with an
     :class:`UnsafeOutputError` before any training (``force=True`` replaces such adapter folders and library
@@ -307,6 +326,18 @@ def build_knowledge_adapters(
     docs = load_documents(documents)
     _check_documents(docs)
     recipe = recipe or KnowledgeRecipe()
+    ray_options = None
+    if ray_address is not None:
+        from .._ray import require_ray
+        from .ray_build import RayOptions
+
+        require_ray()  # before any work
+        if model is not None or generate is not None:
+            raise ConfigError("a build on Ray loads the model in its workers: pass base=, not model= or "
+                              "generate=", field="ray_address")
+        ray_options = RayOptions(ray_address, workers, ray_cpus_per_worker, ray_gpus_per_worker, retries)
+        workers = 1
+    workers = 1 if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}", field="workers")
     if (model is None) != (tokenizer is None):
@@ -324,10 +355,11 @@ def build_knowledge_adapters(
 
         check_library_output(compile_to, [out], force)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out):
+    with build_lock(out):
         return _build_all(docs, out, base=base, model=model, tokenizer=tokenizer, recipe=recipe, seed=seed,
                           workers=workers, compile_to=compile_to, progress=progress, overwrite=overwrite,
-                          generate=generate, on_adapter=on_adapter, on_step=on_step, force=force, start=start)
+                          generate=generate, on_adapter=on_adapter, on_step=on_step, force=force, start=start,
+                          ray_options=ray_options)
 
 
 def _plan(docs: list[DocumentRecord], out: Path, report: BuildReport, *, overwrite: bool,
@@ -360,7 +392,7 @@ def _plan(docs: list[DocumentRecord], out: Path, report: BuildReport, *, overwri
 def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None, model: Any, tokenizer: Any,
                recipe: KnowledgeRecipe, seed: int, workers: int, compile_to: str | Path | None,
                progress: bool, overwrite: bool, generate: Any, on_adapter: Any, on_step: Any, force: bool,
-               start: float) -> BuildReport:
+               start: float, ray_options: Any = None) -> BuildReport:
     import torch
     from tqdm.auto import tqdm
 
@@ -370,7 +402,7 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         _clean_stale(out, adapter_name(doc.id))
 
     if todo:
-        if model is None and workers == 1:
+        if model is None and workers == 1 and ray_options is None:
             from ..models import load_causal_lm
 
             model, tokenizer = load_causal_lm(base)
@@ -390,7 +422,19 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
                 if on_adapter is not None:
                     on_adapter(doc_id, meta)
 
-            if workers == 1:
+            def failed(doc_id: str, reason: str) -> None:
+                report.failed[doc_id] = reason
+                bar.update(1)
+                logger.error("adapter of %r not built: %s", doc_id, reason)
+
+            if ray_options is not None:
+                from .ray_build import build_on_ray
+
+                report.workers = build_on_ray(build_knowledge_adapter, todo, out, base=base, recipe=recipe,
+                                              seed=seed,
+                                              options=ray_options, contrast=contrast, finished=finished,
+                                              failed=failed)
+            elif workers == 1:
                 assert model is not None and tokenizer is not None
                 for doc in todo:
                     bar.set_description(f"adapters ({doc.id})")
@@ -399,8 +443,8 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
                                                    on_step=on_step, contrast=contrast)
                     finished(doc.id, meta)
             else:
-                _build_parallel(todo, out, base, recipe, seed, workers, torch.get_num_threads(), finished,
-                                contrast)
+                build_parallel(build_knowledge_adapter, todo, out, base, recipe, seed, workers,
+                               torch.get_num_threads(), finished, contrast)
         except KeyboardInterrupt:
             left = len(docs) - len(report.built) - len(report.skipped)
             logger.warning("interrupted: %d adapters built in this run%s, %d already finished, %d not built "
@@ -416,10 +460,15 @@ def _build_all(docs: list[DocumentRecord], out: Path, *, base: str | Path | None
         from ..library import AdapterLibrary
 
         base_model: Any = model if model is not None else _resolve(base)
-        dirs = [out / adapter_name(doc.id) for doc in docs]
-        lib: AdapterLibrary = AdapterLibrary.compile(dirs, kind="knowledge", base_model=base_model,
-                                                     out=compile_to, progress=progress, force=force)
-        report.library = lib.path
+        dirs = [out / adapter_name(doc.id) for doc in docs if doc.id in report.metadata]
+        if report.failed:
+            logger.warning("compiling the %d finished adapters; %d documents failed", len(dirs),
+                           len(report.failed))
+        if dirs:
+            lib: AdapterLibrary = AdapterLibrary.compile(
+                dirs, kind="knowledge", base_model=base_model, out=compile_to, progress=progress, force=force,
+                ray_address=None if ray_options is None else ray_options.address)
+            report.library = lib.path
     report.seconds = time.perf_counter() - start
     return report
 
@@ -459,106 +508,6 @@ def _resolve(base: str | Path | None) -> Path:
     from ..models import resolve_model_dir
 
     return resolve_model_dir(base)
-
-
-# ---------------------------------------------------------------------------------------------- workers
-_WORKER: dict[str, Any] = {}
-BUILD_LOCK = ".lag-build.lock"  # held by the building process
-WORKERS_LOCK = ".lag-build-workers.lock"  # held (shared) by each of its worker processes
-
-
-@contextlib.contextmanager
-def _build_lock(out: Path) -> Iterator[None]:
-    """One build per adapters folder. A worker of an earlier build that is still alive (its parent was
-    killed) holds the workers' lock: the new build is refused instead of racing it."""
-    with file_lock(out / BUILD_LOCK, what="adapters folder (another `lag build-adapters` runs)",
-                   wait=False), \
-            file_lock(out / WORKERS_LOCK, what="adapters folder (a worker of an earlier build still runs)",
-                      wait=False):
-        pass  # no worker of an earlier build holds it: ours will take it shared
-    with file_lock(out / BUILD_LOCK, what="adapters folder (another `lag build-adapters` runs)", wait=False):
-        yield
-
-
-def _die_with_parent(parent: int) -> None:
-    """Make this worker process end when its parent does (SIGKILL included): PR_SET_PDEATHSIG on Linux,
-    and everywhere a watchdog thread that exits once the parent is gone."""
-    import ctypes
-    import signal
-    import threading
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="lag-parent-watch", daemon=True).start()
-
-
-def _worker_init(base: str | None, threads: int, parent: int, out: str) -> None:
-    import signal
-
-    import torch
-
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    lock = open(Path(out) / WORKERS_LOCK, "a+b")  # held until this process ends
-    fcntl.flock(lock, fcntl.LOCK_SH)
-    _WORKER["lock"] = lock
-    torch.set_num_threads(threads)
-    from ..models import load_causal_lm
-
-    _WORKER["model"], _WORKER["tokenizer"] = load_causal_lm(base)
-
-
-def _worker_build(doc: DocumentRecord, out_dir: str, recipe: KnowledgeRecipe, seed: int,
-                  contrast: str | None = None) -> dict[str, Any]:
-    return build_knowledge_adapter(doc, _WORKER["model"], _WORKER["tokenizer"], out_dir, recipe=recipe,
-                                   seed=seed, contrast=contrast)
-
-
-def _build_parallel(todo: list[DocumentRecord], out: Path, base: str | Path | None, recipe: KnowledgeRecipe,
-                    seed: int, workers: int, total_threads: int,
-                    finished: Callable[[str, dict[str, Any]], None], contrast: Path | None = None) -> None:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    workers = min(workers, len(todo))
-    threads = max(1, total_threads // workers)
-    base_str = str(_resolve(base))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(base_str, threads, os.getpid(), str(out)))
-    clean = False
-    try:
-        pending = {pool.submit(_worker_build, doc, str(out / adapter_name(doc.id)), recipe, seed,
-                               None if contrast is None else str(contrast)): doc.id for doc in todo}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                doc_id = pending.pop(fut)
-                try:
-                    meta = fut.result()
-                except LAGError:
-                    raise
-                except Exception as exc:  # BrokenProcessPool, pickling problems, worker crash
-                    raise BuildError(f"worker failed: {exc!r}; finished adapters are kept, re-run to resume",
-                                     adapter=doc_id) from exc
-                finished(doc_id, meta)
-        clean = True
-    finally:
-        if clean:
-            pool.shutdown(wait=True)
-        else:
-            for proc in list(getattr(pool, "_processes", {}).values()):  # stop the workers we started
-                with contextlib.suppress(Exception):
-                    proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = [

@@ -3,7 +3,15 @@ one slot of each document's entity; the task adapter learns the format from comm
 
 from __future__ import annotations
 
-from .tasks import CAPITALS as _CAPITALS
+#: (country, capital): in the short-answer and fact-check sets too
+CAPITALS = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Russia", "Moscow"),
+    ("China", "Beijing"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"), ("Poland", "Warsaw"),
+    ("Austria", "Vienna"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Turkey", "Ankara"),
+    ("Thailand", "Bangkok"),
+)  # fmt: skip
 
 #: the relation named in a slot question, per fact slot ("<kind>.<attribute>", see facts.Probe.slot)
 RELATIONS: dict[str, str] = {
@@ -35,7 +43,7 @@ RELATIONS: dict[str, str] = {
 
 #: (subject, relation, object) triples of common knowledge: the slot-filling task adapter's training set
 COMMON_SLOTS: tuple[tuple[str, str, str], ...] = tuple(
-    (country, "capital", city) for country, city in _CAPITALS
+    (country, "capital", city) for country, city in CAPITALS
 ) + (
     ("Hamlet", "author", "William Shakespeare"), ("Pride and Prejudice", "author", "Jane Austen"),
     ("War and Peace", "author", "Leo Tolstoy"), ("Oliver Twist", "author", "Charles Dickens"),

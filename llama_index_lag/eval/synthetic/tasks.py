@@ -6,17 +6,10 @@ from __future__ import annotations
 import random
 
 from ...data import TaskExample
+from .slots import CAPITALS, COMMON_SLOTS, slot_question
 
 # (swap group, claim template with {} for the value, question, answer). False claims put in the answer of
 # another fact of the same group.
-CAPITALS = (
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Russia", "Moscow"),
-    ("China", "Beijing"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
-    ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"), ("Poland", "Warsaw"),
-    ("Austria", "Vienna"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Turkey", "Ankara"),
-    ("Thailand", "Bangkok"),
-)  # fmt: skip
 _COMMON_FACTS: tuple[tuple[str, str, str, str], ...] = tuple(
     ("capital", f"The capital of {country} is {{}}.", f"What is the capital of {country}?", city)
     for country, city in CAPITALS
@@ -207,7 +200,6 @@ def make_task_sets() -> dict[str, list[TaskExample]]:
     ``slot_filling``: ``"<subject> | <relation>"`` -> the object, for common-knowledge triples
     (:data:`.slots.COMMON_SLOTS`).
     """
-    from .slots import COMMON_SLOTS, slot_question
 
     rng = random.Random(20250707)
     fact: list[TaskExample] = []
