@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=None,
                    help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)}, retrieval modes only "
                    "with --index); variants add -k<int>, -seq-mass / -seq-vote, -dyn<margin>, -req, -sl<M>, "
-                   "-w<weight>, e.g. lag-k5, lag-seq-mass, lag-req-sl2-w0.25 (the pipeline's two-level LAG; "
-                   "plain lag is the paper's)")
+                   "-w<weight>, -cal<calibration> (-refreq, -m<dims>, -b<beta>), e.g. lag-k5, lag-seq-mass, "
+                   "lag-req-sl2-w0.25 (the pipeline's two-level LAG; plain lag is the paper's), "
+                   "lag-calzscore")
     p.add_argument("--k", type=int, default=20, help="Arrow candidates per token for lag modes (default 20)")
     p.add_argument("--sweep-k", default=None, metavar="LIST",
                    help="k sweep of the lag mode, e.g. 1,2,5,10,20,N (N = all knowledge adapters): "
