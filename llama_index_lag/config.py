@@ -92,9 +92,10 @@ class LAGConfig:
     dispatch:
         kernel strategy for the candidate products (``auto`` picks by a cost model).
     decode_kernel:
-        one-token forwards (KV-cached decoding): ``auto`` routes each module in one fused numba kernel
-        (scan, top-k, rerank and apply; same choices as the PyTorch ops) where it can run; ``torch`` always
-        uses the PyTorch ops.
+        ``auto``: where they can run, fused numba kernels route each module in one call: a decode step's
+        tokens (scan, top-k, rerank and apply), and a prompt's tokens after one GEMM for their Arrow scores
+        (exact ``lag``, two-level shortlists, the pre-pass's score masses); the same choices as the PyTorch
+        ops. ``torch`` always uses the PyTorch ops.
     """
 
     mode: Mode = "lag"

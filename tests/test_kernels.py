@@ -48,7 +48,7 @@ def _loop(x: torch.Tensor, t: PoolTensors, mode: str, k: int) -> tuple[int, torc
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records which fused kernel ran, so a test cannot pass on the PyTorch fallback."""
     calls: list[str] = []
-    for name in ("lag_one", "rerank_one", "add_one", "add_shortlist_one"):
+    for name in ("lag_one", "rerank_one", "add_rows", "add_shortlist_rows"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
                             lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
@@ -124,7 +124,7 @@ def test_generation_with_fused_kernels_equals_pytorch_ops(tiny_model, knowledge_
     with torch.no_grad():
         fused = tiny_model.generate(ids, **kw)
         # every decode step, every adapted module, added into the module's output in place
-        assert spy == ["add_one"] * 9 * len(lib.modules)
+        assert spy == ["add_rows"] * 9 * len(lib.modules)
         router.set(decode_kernel="torch")
         ops = tiny_model.generate(ids, **kw)
     assert len(spy) == 9 * len(lib.modules) and torch.equal(fused, ops)
@@ -144,20 +144,25 @@ def test_in_place_decoding_equals_the_general_path(tiny_model, knowledge_dirs, s
     with torch.no_grad():
         past = tiny_model(ids[:, :5], use_cache=True).past_key_values
         step = [tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits for _ in range(2)]
-        assert spy == ["add_one"] * 2 * len(lib.modules)
+        assert spy == ["add_rows"] * 2 * len(lib.modules)
         spy.clear()
-        with router.trace() as trace:
-            traced = tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits
+        with router.using(libraries=("knowledge",)):  # the same routing, through the general path
+            general = tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits
         assert spy == ["lag_one"] * len(lib.modules)
+        spy.clear()
+        with router.trace() as trace:  # a trace keeps the fast path and records its winners
+            traced = tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits
+        assert spy == ["add_rows"] * len(lib.modules)
         with router.using(mode="none"):
             bare = tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past)).logits
-    assert torch.equal(step[0], traced) and torch.equal(step[1], traced) and not torch.equal(bare, traced)
+    assert torch.equal(step[0], general) and torch.equal(step[1], general) and torch.equal(traced, general)
+    assert not torch.equal(bare, general)
     assert all(len(trace.tokens("knowledge", m)) == 1 for m in lib.modules)
     spy.clear()
     with torch.no_grad():
         tiny_model(ids[:, 4:], past_key_values=tiny_model(ids[:, :4], use_cache=True).past_key_values)
     tiny_model(ids[:, 5:], past_key_values=copy.deepcopy(past))  # autograd on
-    assert "add_one" not in spy
+    assert "add_rows" not in spy
 
 
 @pytest.mark.parametrize("cfg", [LAGConfig.preset("two-level"),
@@ -175,21 +180,26 @@ def test_two_level_in_place_decoding_equals_the_general_path(tiny_model, knowled
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         fused = tiny_model.generate(ids, **kw)
-        assert spy == ["add_shortlist_one"] * 7 * len(lib.modules)
+        assert spy == ["add_shortlist_rows"] * 8 * len(lib.modules)  # the prompt's tokens, then 7 steps
         spy.clear()
         router.set(decode_kernel="torch")
         ops = tiny_model.generate(ids, **kw)
         assert spy == [] and torch.equal(fused, ops)
         router.set(decode_kernel="auto")
         out = tiny_model(ids, use_cache=True)
+        spy.clear()
         step = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
         assert len(spy) == len(lib.modules)
-        with router.trace():
+        with router.using(decode_kernel="torch"):  # the general path: PyTorch's products
+            general = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
+        with router.trace() as trace:  # traced: still the fused kernel, winners recorded
             traced = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
         with router.using(mode="none"):
             bare = tiny_model(fused[:, 9:10], past_key_values=copy.deepcopy(out.past_key_values)).logits
-    assert len(spy) == len(lib.modules)
-    assert torch.allclose(step, traced, rtol=1e-5, atol=1e-5) and not torch.allclose(bare, traced, atol=1e-3)
+    assert len(spy) == 2 * len(lib.modules) and torch.equal(step, traced)
+    assert all(len(trace.tokens("knowledge", m)) == 1 for m in lib.modules)
+    assert torch.allclose(step, general, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bare, general, atol=1e-3)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -218,3 +228,73 @@ def test_a_forked_child_routes_with_pytorch_ops(spy: list[str]) -> None:
     os.close(read)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert report == [str(int(parent.chosen[0])), "1"]  # same winner, no kernel call in the child
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_equal_one_row_at_a_time(dtype: torch.dtype) -> None:
+    """A decode batch's R tokens in one call (rows split across threads for the shortlist kernel) give each
+    row what it gets alone, bit for bit: winners and the deltas added into the outputs."""
+    t = _library(dtype)
+    protos, A, B = t.bits
+    g = torch.Generator().manual_seed(4)
+    R, n, m, N = 5, A.shape[2], B.shape[1], A.shape[0]
+    x = torch.randn(R, n, generator=g)
+    base = torch.randn(R, m, generator=g)
+    cand = torch.randint(0, N, (R, 3), generator=g)
+    prior = torch.log_softmax(torch.randn(R, 3, generator=g), dim=-1)
+    centre = torch.randn(R, n, generator=g) * 0.1
+    together = base.clone()
+    winners = kernels.add_rows(protos, A, B, x, 7, together)
+    together_s = base.clone()
+    winners_s = kernels.add_shortlist_rows(A, B, x, centre, cand, prior, 0.5, together_s)
+    for r in range(R):
+        alone = base[r:r + 1].clone()
+        w = kernels.add_rows(protos, A, B, x[r:r + 1], 7, alone)
+        assert w[0] == winners[r] and torch.equal(alone[0], together[r])
+        alone_s = base[r:r + 1].clone()
+        ws = kernels.add_shortlist_rows(A, B, x[r:r + 1], centre[r:r + 1], cand[r:r + 1], prior[r:r + 1], 0.5,
+                                        alone_s)
+        assert ws[0] == winners_s[r] and torch.equal(alone_s[0], together_s[r])
+        assert ws[0] in cand[r].tolist()
+        # and the one-token kernel's choice (lag_one)
+        delta, one = kernels.lag_one(protos, A, B, x[r:r + 1], 7)
+        assert int(one[0]) == winners[r] and torch.allclose(base[r] + delta[0], together[r])
+    assert len(set(winners.tolist())) > 1  # the rows do route differently
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Rows [T, m] equal up to ``tol`` of each row's norm."""
+    return bool(((a - b).norm(dim=-1) <= tol * b.norm(dim=-1)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prompt_kernels_equal_the_pytorch_ops(dtype: torch.dtype, spy: list[str]) -> None:
+    """A prompt's tokens through the fused per-token kernels (after one GEMM for the Arrow scores): the same
+    winners as the PyTorch ops (lag, the two-level shortlist, the pre-pass's score masses), deltas equal
+    to float32 rounding."""
+    from llama_index_lag.routing.engine import route_shortlist, sequence_scores
+
+    t = _library(dtype, N=60)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # PyTorch rounds x to float16 for half-precision GEMMs
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 17, 96, generator=g)  # [B, S, n]
+    flat = x.reshape(-1, 96)
+    with torch.no_grad():
+        for k in (1, 4, 20):
+            fused = route_tokens(flat, t, "lag", k=k)
+            ops = route_tokens(flat, t, "lag", k=k, kernel="torch")
+            assert torch.equal(fused.chosen, ops.chosen)
+            assert _close(fused.delta, ops.delta, tol)
+        mask = torch.ones(2, 17, dtype=torch.bool)
+        mask[1, :3] = False  # left padding
+        masses = sequence_scores(x, mask, t, "lag", "mass", k=5)
+        expected = sequence_scores(x, mask, t, "lag", "mass", k=5, kernel="torch")
+        assert torch.allclose(masses, expected, atol=10 * tol)
+        cand = masses.topk(3, dim=-1).indices.repeat_interleave(17, dim=0)  # [T, 3]
+        prior = torch.log_softmax(torch.randn(cand.shape, generator=g), dim=-1)
+        centre = flat.mean(0, keepdim=True).expand_as(flat).contiguous()
+        fused = route_shortlist(flat, t, cand, prior, 0.7, centre=centre)
+        ops = route_shortlist(flat, t, cand, prior, 0.7, centre=centre, kernel="torch")
+        assert torch.equal(fused.chosen, ops.chosen)
+        assert _close(fused.delta, ops.delta, tol)
+    assert spy.count("add_shortlist_rows") == 1 and len(set(fused.chosen.tolist())) > 1

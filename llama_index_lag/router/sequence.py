@@ -14,6 +14,7 @@ from ..routing.engine import (
     PoolTensors,
     Routed,
     add_shortlist_fused,
+    decode_rows,
     in_place_ok,
     request_centre,
     route_shortlist,
@@ -79,23 +80,24 @@ class SequenceRouting:
         return focus if mask is None else focus & mask
 
     def _decode_shortlist_in_place(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
-                                   cfg: LAGConfig) -> bool:
-        """Two-level decode fast path: one token of a request whose prompt chose its shortlist (and centre),
-        one library kind at this module, the in-place kernels apply (:func:`.engine.in_place_ok`). Adds what
-        :meth:`_route_shortlist` would into ``out`` in place. False: nothing done."""
+                                   cfg: LAGConfig) -> tuple[str, torch.Tensor] | None:
+        """Two-level decode fast path: one token per row of requests whose prompts chose their shortlists
+        (and centres), one library kind at this module, the in-place kernels apply
+        (:func:`.engine.in_place_ok`). Adds what :meth:`_route_shortlist` would into ``out`` in place and
+        returns (kind, winners [R]); None: nothing done."""
         fwd = self._forward.get(None)
         if fwd is None or len(layer.pools) != 1:
-            return False
+            return None
         ((kind, t),) = layer.pools.items()
         module = layer.module_name
         lists = fwd.shortlists.get(kind) or fwd.shortlists.get((kind, module))
         centre = fwd.centres.get(module) if cfg.calibration == "request" else None
-        if (lists is None or lists[0].shape[0] != 1 or (cfg.calibration == "request" and centre is None)
+        rows = decode_rows(x)
+        if (lists is None or rows is None or lists[0].shape[0] != rows
+                or (cfg.calibration == "request" and (centre is None or centre.shape[0] != rows))
                 or not in_place_ok(x, out, t)):
-            return False
-        add_shortlist_fused(x, t, lists[0][0], lists[1][0], cfg.shortlist_weight,
-                            None if centre is None else centre[0], out)
-        return True
+            return None
+        return kind, add_shortlist_fused(x, t, lists[0], lists[1], cfg.shortlist_weight, centre, out)
 
     def _current_forward(self) -> ForwardState:
         """This request's forward state (a fresh one for module calls outside ``model(...)``)."""
@@ -128,7 +130,7 @@ class SequenceRouting:
         return (x3.float() - centre[:, None]).reshape(flat.shape)
 
     def _route_shortlist(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
-                         score_x: torch.Tensor | None, cfg: LAGConfig) -> Routed:
+                         cfg: LAGConfig) -> Routed:
         """Two-level routing: each token picks among its sequence's shortlist (chosen by the pre-pass over the
         prompt; without one, from this module's own scores of the current tokens)."""
         fwd = self._current_forward()
@@ -136,9 +138,14 @@ class SequenceRouting:
         if lists is None or lists[0].shape[0] != x.shape[0]:  # this module's own, kept for the decode steps
             lists = _shortlist(self._sequence_totals(module, kind, t, x, flat, cfg), cfg.shortlist or 1)
             fwd.shortlists[(kind, module)] = lists
-        idx, prior = (v.repeat_interleave(x.shape[1], dim=0) for v in lists)  # [T, M] per token's row
-        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, score_x=score_x,
-                               strategy=cfg.dispatch)
+        per_token = x.shape[1] if x.dim() == 3 else 1
+        idx, prior = (v.repeat_interleave(per_token, dim=0) for v in lists)  # [T, M] per token's row
+        centre = None
+        if cfg.calibration == "request":
+            self._centred(module, x, flat)  # computed on the prompt, kept for the tokens after it
+            centre = fwd.centres[module].repeat_interleave(per_token, dim=0)  # [T, n]
+        return route_shortlist(flat, t, idx, prior, cfg.shortlist_weight, centre=centre,
+                               strategy=cfg.dispatch, kernel=cfg.decode_kernel)
 
     def _route_sequence(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                         state: RequestState) -> torch.Tensor:

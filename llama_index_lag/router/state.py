@@ -22,15 +22,15 @@ class RequestState:
     timings: tuple[list[float], ...] = ()  # every open timing() accumulates routing seconds
     fixed_idx: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # k of the decode fast path (LAGRouter._decode_in_place) under these settings: exact lag (k) or Arrow
-    # top-1 (1), one adapter per token, nothing to record; None: the general path.
+    # top-1 (1), one adapter per token (its winner recorded by the traces); None: the general path.
     fused_k: int | None = field(init=False, default=None)
     # two-level routing's decode fast path (LAGRouter._decode_shortlist_in_place) applies
     fused_shortlist: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         cfg = self.config
-        plain = (not self.traces and not self.timings and not self.fixed_idx and cfg.libraries is None
-                 and cfg.granularity == "token" and cfg.dynamic_k is None and cfg.decode_kernel != "torch")
+        plain = (not self.fixed_idx and cfg.libraries is None and cfg.granularity == "token"
+                 and cfg.dynamic_k is None and cfg.decode_kernel != "torch")
         if plain and cfg.shortlist is not None:
             self.fused_shortlist = cfg.mode in ("arrow", "spectr", "lag")
         elif plain and cfg.calibration == "none" and cfg.mode == "lag":

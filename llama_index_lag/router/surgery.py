@@ -326,11 +326,20 @@ class LAGRouter(SequenceRouting):
         cfg = state.config
         if cfg.mode == "none":
             return out
-        if state.fused_k is not None and self._decode_in_place(layer, x, out, state.fused_k, cfg):
-            return out
-        if state.fused_shortlist and self._decode_shortlist_in_place(layer, x, out, cfg):
-            return out
         start = time.perf_counter() if state.timings else 0.0
+        fused = None
+        if state.fused_k is not None:
+            fused = self._decode_in_place(layer, x, out, state.fused_k, cfg)
+        elif state.fused_shortlist:
+            fused = self._decode_shortlist_in_place(layer, x, out, cfg)
+        if fused is not None:  # the deltas are in out already
+            if state.traces:
+                state.record(fused[0], layer.module_name, fused[1], self._token_mask(x))
+            if state.timings:
+                elapsed = time.perf_counter() - start
+                for timer in state.timings:
+                    timer[0] += elapsed
+            return out
         delta = None
         for kind, tensors in layer.pools.items():
             d = self._route(layer.module_name, kind, tensors, x, state)
@@ -346,18 +355,17 @@ class LAGRouter(SequenceRouting):
 
     @staticmethod
     def _decode_in_place(layer: LAGLinear, x: torch.Tensor, out: torch.Tensor, k: int,
-                         cfg: LAGConfig) -> bool:
-        """Decode fast path: one library kind at this module, the in-place kernels apply
-        (:func:`~llama_index_lag.routing.engine.in_place_ok`) and Arrow is exact. The fused kernel adds the
+                         cfg: LAGConfig) -> tuple[str, torch.Tensor] | None:
+        """Decode fast path: one token per row, one library kind at this module, the in-place kernels apply
+        (:func:`~llama_index_lag.routing.engine.in_place_ok`) and Arrow is exact. The fused kernel adds each
         winner's delta into ``out`` in place: the general path's result bit for bit, without its tensors and
-        Python (its cost: BENCHMARKS.md, decode). False: nothing done."""
+        Python (its cost: BENCHMARKS.md, decode). Returns (kind, winners [R]); None: nothing done."""
         if len(layer.pools) != 1:
-            return False
-        (t,) = layer.pools.values()
+            return None
+        ((kind, t),) = layer.pools.items()
         if not in_place_ok(x, out, t) or t.approximates(APPROXIMATE[cfg.arrow_backend], 1, effort(cfg, t)):
-            return False
-        add_fused(x, t, k, out)
-        return True
+            return None
+        return kind, add_fused(x, t, k, out)
 
     def _route(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor,
                state: RequestState) -> torch.Tensor | None:
@@ -387,10 +395,10 @@ class LAGRouter(SequenceRouting):
             if state.traces:
                 state.record(kind, module, out.chosen, self._token_mask(x))
             return out.delta
-        score_x = self._centred(module, x, flat) if cfg.calibration == "request" else None
         if cfg.shortlist is not None and x.dim() == 3:
-            out = self._route_shortlist(module, kind, t, x, flat, score_x, cfg)
+            out = self._route_shortlist(module, kind, t, x, flat, cfg)
         else:
+            score_x = self._centred(module, x, flat) if cfg.calibration == "request" else None
             out = route_tokens(flat, t, route_spec(cfg, t), score_x=score_x)
         if state.traces:
             state.record(kind, module, out.chosen, self._token_mask(x), out.candidates)

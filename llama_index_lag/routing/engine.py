@@ -158,6 +158,11 @@ def route_tokens(x: torch.Tensor, t: PoolTensors, spec: RouteSpec | str, *,
     fast = _decode_one(x, t, spec, approximate)
     if fast is not None:
         return fast
+    if spec.mode == "lag" and spec.margin is None and not approximate and _tokens_ok(x, t, spec):
+        scores = arrow_scores(x, t.protos).float().contiguous()  # [T, N] one GEMM
+        _, A, B = t.bits  # type: ignore[misc]
+        delta, winner = kernels.lag_scored_tokens(A, B, x.float().contiguous(), scores, spec.k)
+        return Routed(delta.to(x.dtype), winner)
     if spec.mode == "lag":
         top, cand = t.arrow(x, spec.k, approximate, spec.effort)  # [T, k]
         winner, proj, kept = lag_rerank(x, t.A, top, cand, t.valid, spec.strategy, spec.margin,
@@ -213,7 +218,16 @@ def route_calibrated(x: torch.Tensor, t: PoolTensors, spec: RouteSpec, cal: Cali
     return Routed(_winner_delta(x, t, winner, spec.strategy), winner)
 
 
-# ---- the one-token decode fast paths, and the functions that decide where they apply --------------------
+# ---- the fused fast paths (decode steps, prompts), and the functions that decide where they apply ---------
+def _tokens_ok(x: torch.Tensor, t: PoolTensors, spec: RouteSpec) -> bool:
+    """A prompt's tokens x [T, n] may take the fused per-token kernels (:mod:`.kernels`: after one GEMM for
+    the Arrow scores, each token's top-k, rerank and apply in one call, tokens split across cores): on the
+    CPU, no autograd, every adapter valid here, numba present, not ``kernel="torch"``."""
+    return (spec.kernel != "torch" and x.is_cpu and t.valid is None and not torch.is_grad_enabled()
+            and t.bits is not None and kernels.available())
+
+
+
 def _one_token(x: torch.Tensor, t: PoolTensors) -> bool:
     """One token on the CPU, no autograd, every adapter valid here: a decode step's fast paths may run."""
     return x.shape[0] == 1 and x.is_cpu and t.valid is None and not torch.is_grad_enabled()
@@ -270,23 +284,40 @@ def _fused(x: torch.Tensor, t: PoolTensors, k: int = 1, cand: torch.Tensor | Non
     return Routed(delta if x.dtype == torch.float32 else delta.to(x.dtype), winner)
 
 
+def decode_rows(x: torch.Tensor) -> int | None:
+    """R when x holds one token per row (a decode step): [R, 1, n], or [1, n] / [n]; else None."""
+    if x.dim() == 3 and x.shape[1] == 1:
+        return x.shape[0]
+    return 1 if x.numel() == x.shape[-1] else None
+
+
 def in_place_ok(x: torch.Tensor, out: torch.Tensor, t: PoolTensors) -> bool:
-    """Whether the in-place decode kernels (:func:`add_fused`, :func:`add_shortlist_fused`) can add one
-    token's delta into ``out``: x [.., n] and out [.., m] one contiguous float32 CPU token, no autograd,
-    CPU views of the library, every adapter valid, numba present."""
-    return (x.numel() == x.shape[-1] and x.dtype == torch.float32 and out.dtype == torch.float32
-            and x.is_contiguous() and out.is_contiguous() and _one_token(x.reshape(1, -1), t)
-            and t.bits is not None and kernels.available())
+    """Whether the in-place decode kernels (:func:`add_fused`, :func:`add_shortlist_fused`) can add the
+    deltas of a decode step's tokens into ``out``: x [R, 1, n] (or one token [.., n]) and out [R, 1, m]
+    contiguous float32 CPU tensors, no autograd, CPU views of the library, every adapter valid, numba
+    present."""
+    return (decode_rows(x) is not None and x.dtype == torch.float32 and out.dtype == torch.float32
+            and x.is_contiguous() and out.is_contiguous() and x.is_cpu and t.valid is None
+            and not torch.is_grad_enabled() and t.bits is not None and kernels.available())
 
 
 def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor, weight: float,
-                    *, score_x: torch.Tensor | None = None, strategy: str = "auto") -> Routed:
+                    *, centre: torch.Tensor | None = None, strategy: str = "auto",
+                    kernel: str = "auto") -> Routed:
     """Two-level routing, the token level: per token the candidate of its sequence's shortlist with the best
-    ``prior + weight * log ||A*_j x_s||``.
+    ``prior + weight * log ||A*_j (x - centre)||``.
 
     x [T, n] (the winners are applied to it), cand [T, M] each token's shortlist, prior [T, M] log mass
-    shares, score_x [T, n] the vectors scored (default x; e.g. request-centred tokens)."""
-    xs = x if score_x is None else score_x
+    shares, centre [T, n] subtracted before scoring (e.g. each token's request mean; None: x itself).
+    ``kernel="auto"``: on the CPU the fused kernel routes and applies every token in one call."""
+    if kernel != "torch" and x.is_cpu and t.valid is None and not torch.is_grad_enabled() and (
+            t.bits is not None and kernels.available()):
+        _, A, B = t.bits  # type: ignore[misc]
+        delta = torch.zeros(x.shape[0], B.shape[1])  # [T, m]
+        winner = kernels.add_shortlist_rows(A, B, x.float().contiguous(), centre, cand.contiguous(),
+                                            prior.contiguous(), weight, delta)
+        return Routed(delta.to(x.dtype), torch.from_numpy(winner))
+    xs = x if centre is None else x.float() - centre
     if weight == 0:
         best = prior.argmax(dim=-1, keepdim=True)  # [T, 1]
     else:
@@ -299,22 +330,26 @@ def route_shortlist(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: 
     return Routed(_winner_delta(x, t, winner, strategy), winner)
 
 
-def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> int:
-    """Decode in place: out [.., m] += B*_w A*_w x for one float32 token x [.., n] (contiguous, CPU, no
-    autograd), w chosen by exact Arrow top-k -> SpectR (k = 1: Arrow top-1). What :func:`route_tokens` adds
-    for that token, bit for bit, without allocating (where :func:`in_place_ok`, exact Arrow). Returns w."""
+def add_fused(x: torch.Tensor, t: PoolTensors, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Decode in place: out [R, 1, m] += B*_w A*_w x for the rows' tokens x [R, 1, n] (float32, contiguous,
+    CPU, no autograd), each w chosen by exact Arrow top-k -> SpectR (k = 1: Arrow top-1). What
+    :func:`route_tokens` adds for those tokens, bit for bit, without its tensors (where :func:`in_place_ok`,
+    exact Arrow). Returns the winners [R]."""
     protos, A, B = t.bits  # type: ignore[misc]
-    return kernels.add_one(protos, A, B, x, k, out)
+    R = decode_rows(x)
+    return torch.from_numpy(kernels.add_rows(protos, A, B, x.view(R, -1), k, out.view(R, -1)))
 
 
 def add_shortlist_fused(x: torch.Tensor, t: PoolTensors, cand: torch.Tensor, prior: torch.Tensor,
-                        weight: float, centre: torch.Tensor | None, out: torch.Tensor) -> int:
-    """Decode in place for two-level routing: out [.., m] += B*_w A*_w x for one float32 token x [.., n], w
-    the shortlisted candidate cand [M] with the best prior [M] + weight * log ||A*_w (x - centre)||: what
-    :func:`route_shortlist` adds for that token, without its tensors (where :func:`in_place_ok`).
-    Returns w."""
+                        weight: float, centre: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Decode in place for two-level routing: out [R, 1, m] += B*_w A*_w x for the rows' tokens x [R, 1, n],
+    each w the candidate of its row's shortlist cand [R, M] with the best prior [R, M] + weight *
+    log ||A*_w (x - centre)||, centre [R, n] or None: what :func:`route_shortlist` adds for those tokens,
+    without its tensors (where :func:`in_place_ok`). Returns the winners [R]."""
     _, A, B = t.bits  # type: ignore[misc]
-    return kernels.add_shortlist_one(A, B, x, centre, cand, prior, weight, out)
+    R = decode_rows(x)
+    return torch.from_numpy(kernels.add_shortlist_rows(A, B, x.view(R, -1), centre, cand, prior, weight,
+                                                       out.view(R, -1)))
 
 
 def apply_fixed(x: torch.Tensor, t: PoolTensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -350,12 +385,17 @@ def sequence_scores(x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, spec: R
         everyone = torch.arange(N, device=x.device).expand(flat.shape[0], N)  # [T, N]
         if mode == "spectr":
             cand, score = everyone, project_all(flat, t.A).float().norm(dim=-1)  # [T, N]
+        elif (mode == "lag" and not t.approximates(spec.approximate, flat.shape[0], spec.effort)
+              and _tokens_ok(flat, t, spec)):  # fused: each token's top-k and normalised norms in one call
+            _, A, _ = t.bits  # type: ignore[misc]
+            scores = arrow_scores(flat, t.protos).float().contiguous()  # [T, N]
+            cand, score = kernels.mass_tokens(A, flat.float().contiguous(), scores, k)  # [T, k] each
         elif mode == "lag":
             cand = t.arrow(flat, k, spec.approximate, spec.effort)[1]  # [T, k]
             score = project_pairs(flat, t.A, cand, strategy).float().norm(dim=-1)  # [T, k]
         else:  # arrow
             cand, score = everyone, arrow_scores(flat, t.protos, t.valid).float().clamp_min(0)
-        score = score / score.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        score = score / score.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # (the fused masses sum to 1)
     if t.valid is not None:
         score = score * t.valid[cand]
     score = score * mask.reshape(-1, 1).to(score.dtype)  # pads contribute nothing

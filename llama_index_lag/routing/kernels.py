@@ -182,6 +182,62 @@ if numba is not None:
         _add_delta(B, winner, proj, out)
         return winner
 
+    @njit(fastmath=True, cache=True)
+    def _rerank_serial(A: Any, B: Any, x: Any, cand: Any, out: Any) -> int:
+        """:func:`_rerank_apply` on one thread (inside a loop that is split across threads)."""
+        proj = np.empty(A.shape[1], np.float32)  # [r]
+        winner, top = cand[0], np.float32(-1.0)
+        if cand.shape[0] > 1:
+            for c in range(cand.shape[0]):
+                _project(A, cand[c], x, proj)
+                sq = np.sum(proj * proj)
+                if sq > top:
+                    top, winner = sq, cand[c]
+        _project(A, winner, x, proj)
+        _add_delta(B, winner, proj, out)
+        return winner
+
+    @njit(fastmath=True, cache=True, parallel=True)
+    def _lag_scored_tokens(A: Any, B: Any, X: Any, scores: Any, k: int, out: Any, winners: Any) -> None:
+        """Per token of a prompt, given its Arrow scores: top-k, SpectR among them, out += the winner's delta;
+        tokens split across threads. X [T, n] f32, scores [T, N] f32 (|a*_i . x|), out [T, m] f32,
+        winners [T]."""
+        for t in prange(X.shape[0]):
+            winners[t] = _rerank_serial(A, B, X[t], _topk(scores[t], k), out[t])
+
+    @njit(fastmath=True, cache=True, parallel=True)
+    def _mass_tokens(A: Any, X: Any, scores: Any, k: int, cand: Any, mass: Any) -> None:
+        """Per token: its Arrow top-k candidates and their SpectR norms normalised to sum 1 (the token's score
+        mass, see ``engine.sequence_scores``); tokens split across threads. X [T, n], scores [T, N],
+        cand [T, k] (out), mass [T, k] f32 (out)."""
+        for t in prange(X.shape[0]):
+            rows = _topk(scores[t], k)
+            proj = np.empty(A.shape[1], np.float32)  # [r]
+            total = np.float32(0.0)
+            for c in range(k):
+                _project(A, rows[c], X[t], proj)
+                norm = np.sqrt(np.sum(proj * proj))
+                cand[t, c], mass[t, c] = rows[c], norm
+                total += norm
+            total = max(total, np.float32(1e-12))
+            for c in range(k):
+                mass[t, c] /= total
+
+    @njit(fastmath=True, cache=True)
+    def _lag_rows(protos: Any, A: Any, B: Any, X: Any, k: int, out: Any, winners: Any) -> None:
+        """:func:`_lag_apply` for R tokens (rows of a decode batch), one after another (each scan is
+        split across the cores). X [R, n] f32, out [R, m] f32, winners [R]."""
+        for row in range(X.shape[0]):
+            winners[row] = _lag_apply(protos, A, B, X[row], k, out[row])
+
+    @njit(fastmath=True, cache=True, parallel=True)
+    def _shortlist_rows(A: Any, B: Any, X: Any, C: Any, cand: Any, prior: Any, weight: float, out: Any,
+                        winners: Any) -> None:
+        """:func:`_shortlist_apply` for R tokens, rows split across threads. X [R, n], C [R, n], cand [R, M],
+        prior [R, M], out [R, m], winners [R]."""
+        for row in prange(X.shape[0]):
+            winners[row] = _shortlist_apply(A, B, X[row], C[row], cand[row], prior[row], weight, out[row])
+
 
 def lag_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor,
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,24 +257,55 @@ def rerank_one(A: np.ndarray, B: np.ndarray, x: torch.Tensor,
     return torch.from_numpy(out), torch.from_numpy(np.array([winner]))
 
 
-def add_one(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor, k: int,
-            out: torch.Tensor) -> int:
-    """:func:`lag_one` adding the delta into ``out`` in place (the module's output): one float32 token,
-    x [..., n] and out [..., m] contiguous CPU tensors without autograd. Returns the winner."""
+def add_rows(protos: np.ndarray, A: np.ndarray, B: np.ndarray, x: torch.Tensor, k: int,
+             out: torch.Tensor) -> np.ndarray:
+    """:func:`lag_one` for R tokens (the rows of a decode batch, one token each), adding each row's delta into
+    ``out`` in place (the module's output): x [R, n], out [R, m] contiguous float32 CPU tensors without
+    autograd. Returns the winners [R]; each row's as alone."""
+    winners = np.empty(x.shape[0], np.int64)
     _match_threads()
-    return _lag_apply(protos, A, B, x.numpy().reshape(-1), min(k, protos.shape[0]), out.numpy().reshape(-1))
+    _lag_rows(protos, A, B, x.numpy(), min(k, protos.shape[0]), out.numpy(), winners)
+    return winners
 
 
-def add_shortlist_one(A: np.ndarray, B: np.ndarray, x: torch.Tensor, centre: torch.Tensor | None,
-                      cand: torch.Tensor, prior: torch.Tensor, weight: float, out: torch.Tensor) -> int:
-    """Two-level routing's token level for one float32 token, adding the winner's delta into ``out`` in place
-    (see :func:`..engine.route_shortlist`): x [..., n], out [..., m] contiguous CPU tensors without autograd,
-    centre [n] (None: score x itself), cand [M] shortlisted rows, prior [M] their log mass shares. Returns the
-    winner."""
-    xv = x.numpy().reshape(-1)
-    c = np.zeros_like(xv) if centre is None else centre.detach().float().contiguous().numpy().reshape(-1)
-    return _shortlist_apply(A, B, xv, c, cand.numpy().astype(np.int64, copy=False),
-                            prior.detach().float().numpy(), float(weight), out.numpy().reshape(-1))
+def add_shortlist_rows(A: np.ndarray, B: np.ndarray, x: torch.Tensor, centre: torch.Tensor | None,
+                       cand: torch.Tensor, prior: torch.Tensor, weight: float,
+                       out: torch.Tensor) -> np.ndarray:
+    """Two-level routing's token level for R tokens (the rows of a decode batch, one token each; see
+    :func:`..engine.route_shortlist`), each winner's delta added into ``out`` in place: x [R, n], out [R, m]
+    contiguous float32 CPU tensors without autograd, centre [R, n] (None: score x itself), cand [R, M] each
+    row's shortlisted adapters, prior [R, M] their log mass shares. Returns the winners [R]; each row's as
+    alone."""
+    xv = x.numpy()
+    c = np.zeros_like(xv) if centre is None else centre.detach().float().contiguous().numpy()
+    winners = np.empty(xv.shape[0], np.int64)
+    _match_threads()
+    _shortlist_rows(A, B, xv, c, cand.numpy().astype(np.int64, copy=False),
+                    prior.detach().float().contiguous().numpy(), float(weight), out.numpy(), winners)
+    return winners
+
+
+def lag_scored_tokens(A: np.ndarray, B: np.ndarray, x: torch.Tensor, scores: torch.Tensor,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's T tokens x [T, n] (float32), given their Arrow scores [T, N] (float32): per token top-k ->
+    SpectR -> apply. Returns (delta [T, m] float32, winners [T])."""
+    out = np.zeros((x.shape[0], B.shape[1]), np.float32)
+    winners = np.empty(x.shape[0], np.int64)
+    _match_threads()
+    _lag_scored_tokens(A, B, x.numpy(), scores.numpy(), min(k, scores.shape[1]), out, winners)
+    return torch.from_numpy(out), torch.from_numpy(winners)
+
+
+def mass_tokens(A: np.ndarray, x: torch.Tensor, scores: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's Arrow top-k candidates [T, k] and their SpectR norms normalised over them [T, k]: x [T, n]
+    and scores [T, N] float32."""
+    k = min(k, scores.shape[1])
+    cand = np.empty((x.shape[0], k), np.int64)
+    mass = np.empty((x.shape[0], k), np.float32)
+    _match_threads()
+    _mass_tokens(A, x.numpy(), scores.numpy(), k, cand, mass)
+    return torch.from_numpy(cand), torch.from_numpy(mass)
 
 
 def _vector(x: torch.Tensor) -> np.ndarray:
