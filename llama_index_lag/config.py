@@ -77,7 +77,8 @@ class LAGConfig:
         (``sequence_score='mass'``, one adapter-free forward, as ``granularity='sequence'``; clamped to N),
         then per token the one of them maximising ``log(mass share) + shortlist_weight * log ||A*_i x||``
         (a sequence prior times the token's own evidence). None: every adapter is a candidate for every
-        token (the paper).
+        token (the paper). With ``sequence_scope="module"`` each module shortlists from its own scores of
+        the prompt's tokens, in the routed forward itself (no adapter-free pre-pass: a cheaper prompt).
     shortlist_weight:
         weight of the token's evidence against the sequence prior (0: the sequence winner everywhere).
     dynamic_k:

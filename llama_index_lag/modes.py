@@ -27,7 +27,8 @@
   ``LAGConfig(granularity="sequence", sequence_score=...)``), ``-dyn0.9`` (dynamic k: keep the candidates
   whose Arrow score is at least 0.9 x the best, lag-based modes); e.g. ``lag-seq-mass``, ``spectr-seq-vote``,
   ``lag-dyn0.9``, ``lag-k5-dyn0.5``; ``-req`` (``calibration="request"``), ``-sl<M>`` (``shortlist=M``),
-  ``-w<weight>`` (``shortlist_weight``), e.g. ``lag-req-sl2``; ``-cal<name>`` (a score calibration,
+  ``-w<weight>`` (``shortlist_weight``), ``-mod`` (``sequence_scope="module"``: per-module shortlists or
+  sequence winners, no pre-pass), e.g. ``lag-req-sl2``; ``-cal<name>`` (a score calibration,
   ``calibration=name``: centre, zscore, csls, subspace, isoftmax, sinkhorn) with ``-refreq``
   (``calibration_reference="request"``), ``-m<dims>`` (``subspace_dims``), ``-b<beta>``
   (``calibration_beta``), e.g. ``lag-calzscore-refreq``, ``lag-calsubspace-m4``. ``--sweep-k 1,2,5,N`` adds
@@ -114,7 +115,8 @@ def mode_help() -> str:
     return (f"modes: {', '.join(BASE_MODES)}; variants of {', '.join(ROUTED_BASES)} with suffixes -k<int> "
             "(lag-based), -seq-mass / -seq-vote (sequence-level routing), -dyn<margin> (dynamic k, "
             "lag-based), -req (request-centred scoring), -sl<M> (two-level: a shortlist of M per sequence), "
-            "-w<weight> (the token's weight against the shortlist prior), -cal<calibration> (score "
+            "-w<weight> (the token's weight against the shortlist prior), -mod (per-module shortlists, no "
+            "pre-pass), -cal<calibration> (score "
             f"calibration: {', '.join(SCORE_CALIBRATIONS)}) with -refreq (request reference), -m<dims> "
             "(subspace), -b<beta> (isoftmax / sinkhorn), e.g. lag-seq-mass, spectr-seq-mass, lag-dyn0.9, "
             "lag-k5, lag-req, lag-req-sl2, lag-req-sl2-w0.5, lag-calzscore, lag-calsubspace-m4")
@@ -162,6 +164,9 @@ def parse_mode(name: str, k: int = 20) -> ModeSpec:
             i += 1
         elif re.fullmatch(r"b\d+(?:\.\d*)?", part):
             what, value = "b", {"calibration_beta": float(part[1:])}
+            i += 1
+        elif part == "mod":
+            what, value = "mod", {"sequence_scope": "module"}
             i += 1
         elif re.fullmatch(r"sl\d+", part):
             what, value = "sl", {"shortlist": int(part[2:])}

@@ -78,7 +78,7 @@ def _masses(model, deltas, cfg, ids):
 def _reference(model, deltas, cfg, ids):
     """Logits of the bare model with hooks applying the reference choices; and the chosen adapters."""
     shortlist = prior = None
-    if cfg.shortlist:
+    if cfg.shortlist and cfg.sequence_scope == "model":
         mass = _masses(model, deltas, cfg, ids)
         order = torch.argsort(mass, descending=True, stable=True)[: min(cfg.shortlist, len(mass))]
         shortlist = [int(i) for i in order]
@@ -87,9 +87,21 @@ def _reference(model, deltas, cfg, ids):
     for module, d in deltas.items():
         a_star, _ = _svd(d, RANK)
 
-        def hook(mod, inputs, output, d=d, a_star=a_star, module=module):
+        def hook(mod, inputs, output, d=d, a_star=a_star, module=module, shortlist=shortlist, prior=prior):
             x = inputs[0][0].double()
             xc = x - x.mean(0) if cfg.calibration == "request" else x
+            if cfg.shortlist and cfg.sequence_scope == "module":  # this module's own masses, this forward
+                N = a_star.shape[0]
+                mass = torch.zeros(N, dtype=torch.float64)
+                for xt in xc:
+                    arrow = torch.stack([(a_star[i, 0] @ xt).abs() for i in range(N)])
+                    cands = torch.argsort(arrow, descending=True)[: min(cfg.k, N)]
+                    norms = {int(i): float((a_star[int(i)] @ xt).norm()) for i in cands}
+                    for i, v in norms.items():
+                        mass[i] += v / sum(norms.values())
+                order = torch.argsort(mass, descending=True, stable=True)[: min(cfg.shortlist, N)]
+                shortlist = [int(i) for i in order]
+                prior = {i: math.log(float(mass[i] / mass.sum())) for i in shortlist}
             picks = [_choose(xt, a_star, cfg, shortlist, prior) for xt in xc]
             chosen[module] = picks
             delta = torch.stack([d[j] @ x[t] for t, j in enumerate(picks)])
@@ -111,11 +123,14 @@ CONFIGS = [
     LAGConfig(mode="lag", k=3, calibration="request", shortlist=2),
     LAGConfig(mode="lag", k=4, calibration="request", shortlist=3, shortlist_weight=0.5),
     LAGConfig(mode="spectr", shortlist=2),
+    LAGConfig(mode="lag", k=3, calibration="request", shortlist=2, shortlist_weight=0.5,
+              sequence_scope="module"),
 ]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS,
-                         ids=lambda c: f"{c.mode}-{c.calibration}-M{c.shortlist}-w{c.shortlist_weight}")
+                         ids=lambda c: f"{c.mode}-{c.calibration}-M{c.shortlist}-w{c.shortlist_weight}-"
+                                       f"{c.sequence_scope}")
 def test_matches_the_slow_reference(tiny_model, lib, deltas, cfg):
     expected, chosen = _reference(tiny_model, deltas, cfg, IDS)
     router = attach_lag(tiny_model, lib, cfg)

@@ -315,9 +315,9 @@ class LAGRouter(SequenceRouting):
             self._forward.set(fwd)
         fwd.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cfg = self.state().config
-        two_level = cfg.shortlist is not None or (cfg.granularity == "sequence"
-                                                  and cfg.sequence_scope == "model")
-        if start == 0 and two_level and cfg.mode in ("arrow", "spectr", "lag"):
+        pre_pass = ((cfg.shortlist is not None or cfg.granularity == "sequence")
+                    and cfg.sequence_scope == "model")
+        if start == 0 and pre_pass and cfg.mode in ("arrow", "spectr", "lag"):
             self._choose_for_sequences(fwd, kwargs)
 
     def _apply(self, layer: LAGLinear, x: torch.Tensor, out: torch.Tensor,
