@@ -114,6 +114,6 @@ class Pool:
                    if len(self.libraries) > 1 else
                    f"{self.libraries[0].path} was compiled before libraries stored them (recompile it to "
                    "store them)")
-            logger.info("computing the routing statistics of the %s adapters for their calibration: %s",
-                        self.kind, why)
+            logger.warning("computing the routing statistics of the %s adapters for their calibration: %s",
+                           self.kind, why)
         return reference_stats(A.cpu(), proto.cpu(), None if valid is None else valid.cpu())
