@@ -103,6 +103,18 @@ def _summary(name: str, clients: int, records: list[dict[str, Any]], wall: float
         "p99_s": _pct(lat, 0.99),
         "ttft_p50_s": statistics.median(ttft),
         "tokens": tokens,
+        # per mode: median latency and time to first token (what the mix's cost is made of)
+        "by_mode": {
+            mode: {
+                "requests": len(rs),
+                "latency_p50_s": statistics.median(r["latency"] for r in rs),
+                "ttft_p50_s": statistics.median(r["ttft"] for r in rs if r.get("ttft") is not None)
+                if any(r.get("ttft") is not None for r in rs) else None,
+                "tokens_mean": statistics.mean(r["tokens"] for r in rs),
+            }
+            for mode in MODES
+            if (rs := [r for r in ok if r["mode"] == mode])
+        },
     }
 
 
@@ -316,6 +328,12 @@ def run(
         [{"target": k, **v} for k, v in targets.items()],
         ["target", "measured", "goal", "met"],
         title="targets",
+    )
+    print_table(
+        [{"target": r["target"], "clients": r["clients"], "mode": m, **v}
+         for r in rows for m, v in r["by_mode"].items()],
+        ["target", "clients", "mode", "requests", "latency_p50_s", "ttft_p50_s", "tokens_mean"],
+        title="per mode",
     )
     print(f"peak RSS {rss_mb:.0f} MB")
     payload = {
