@@ -26,6 +26,7 @@ MAX_REFERENCE = 256
 CSLS_TOP = 10
 SHARED_DIMS = 8
 SUBSPACE_ITERS = 12
+KEEP_ELEMENTS = 1 << 25  # factors of up to this many elements are converted to float32 once (128 MB)
 STAT_KEYS = ("arrow_mean", "arrow_std", "arrow_csls", "spectr_mean", "spectr_std", "spectr_csls")
 _ALL_KEYS = (*STAT_KEYS, "shared", "shared_values")
 
@@ -90,13 +91,19 @@ def shared_subspace(A: torch.Tensor, valid: torch.Tensor | None = None,
     count = N if valid is None else int(valid.sum())
     width = min(n, dims + 8)
 
+    def rows_of(c: slice) -> torch.Tensor:  # [C r, n] float32: the valid adapters' rows of one chunk
+        rows = A[c].float()
+        if valid is not None:
+            rows = rows[valid[c].to(torch.bool)]
+        return rows.reshape(-1, n)
+
+    chunks = _chunks(N)
+    kept = [rows_of(c) for c in chunks] if N * r * n <= KEEP_ELEMENTS else None  # small: convert once
+
     def times_p(Q: torch.Tensor) -> torch.Tensor:  # P Q, Q [n, width]
         out = torch.zeros(n, width, dtype=torch.float64)
-        for c in _chunks(N):
-            rows = A[c].float()
-            if valid is not None:
-                rows = rows[valid[c].to(torch.bool)]
-            rows = rows.reshape(-1, n)  # [C r, n]
+        for i, c in enumerate(chunks):
+            rows = kept[i] if kept is not None else rows_of(c)
             out += (rows.T @ (rows @ Q.float())).double()
         return out / max(count, 1)
 
@@ -124,7 +131,8 @@ def reference_stats(A: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor |
     for c in _chunks(N):
         own = owner[None, :] == torch.arange(c.start, c.stop)[:, None]  # [C, R]
         arrow = (protos[c].float() @ ref.T).abs()  # [C, R]
-        spectr = torch.einsum("irn,Rn->iRr", A[c].float(), ref).norm(dim=-1)  # [C, R]
+        block = A[c].float()  # [C, r, n]
+        spectr = (block.reshape(-1, block.shape[-1]) @ ref.T).view(*block.shape[:2], -1).norm(dim=1)  # [C, R]
         parts.append(_stats(arrow, own, top) + _stats(spectr, own, top))
     out = [torch.cat([p[i] for p in parts]) for i in range(len(STAT_KEYS))]
     if valid is not None:
@@ -138,12 +146,18 @@ def reference_stats(A: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor |
 def write_stats(folder: Path, lib: Any, revision: str) -> dict[str, Any]:
     """Compute every module's statistics of the library ``lib`` (just written in ``folder``) into
     ``folder/STATS``; returns the manifest's ``routing_stats`` entry."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
-    for module in lib.modules:
+    def one(module: str) -> dict[str, torch.Tensor]:
         t = lib.tensors(module)
-        tensors.update(reference_stats(t.A, t.proto, lib.present(module)).to_dict(module))
+        return reference_stats(t.A, t.proto, lib.present(module)).to_dict(module)
+
+    tensors: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(2) as pool:  # torch releases the GIL: two modules at a time keep both cores busy
+        for part in pool.map(one, lib.modules):
+            tensors.update(part)
     path = folder / STATS
     save_file(tensors, str(path), metadata={"revision": revision})
     return {"file": STATS, "sha256": _sha256(path), "reference": MAX_REFERENCE, "csls_top": CSLS_TOP,
