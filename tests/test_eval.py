@@ -510,3 +510,21 @@ def test_a_label_task_the_oracle_answers_at_chance_is_left_out_of_avg():
     lag = s["modes"]["lag"]
     assert lag["normalised"]["fact"] is not None and lag["avg"] == pytest.approx(lag["normalised"]["qa"])
     assert "Left out of AVG: fact" in render_markdown(results)
+
+
+def test_calibrated_and_pre_pass_free_modes_batched_equal_unbatched(world, tmp_path):
+    """The score calibrations (per-adapter statistics of the library, or of each request's own tokens, with
+    left-padded batches) and per-module shortlists answer and route each question as they do alone."""
+    llm = LAGLLM(world["model"], libraries=[world["know"]], lag_config=LAGConfig(mode="none"))
+    modes = "lag-calzscore,lag-calisoftmax,lag-calzscore-refreq,lag-calsubspace-m2,lag-req-sl2-w0.25-mod"
+
+    def run(out, batch):
+        return run_eval(_config(world, out, modes=modes, task=[], task_map=None, batch_size=batch, limit=6,
+                                max_new_tokens=4), llm=llm, index=world["loaded_index"],
+                        embed_model=world["embed"], progress=False)
+
+    one, four = run(tmp_path / "b1", 1), run(tmp_path / "b4", 4)
+    assert _comparable(one) == _comparable(four)
+    assert any(a["batch"]["size"] == 4 for a in four["answers"])
+    accuracy = {a["mode"]: a["routing_accuracy"] for a in four["answers"]}
+    assert set(accuracy) == set(modes.split(",")) and all(v is not None for v in accuracy.values())
