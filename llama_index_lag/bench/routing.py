@@ -36,11 +36,13 @@ from .common import (
     write_random_peft_lora,
 )
 
-# table label -> evaluated mode (llama_index_lag.modes); "two-level": the pipeline's default LAG routing
+# table label -> evaluated mode (llama_index_lag.modes); "two-level": the pipeline's default LAG routing;
+# "two-level-mod": the same with per-module shortlists taken in the prompt's own forward (no pre-pass)
 MODES: dict[str, dict[str, Any]] = {
     label: dict(parse_mode(name, k=20).routing)
     for label, name in (("arrow", "arrow"), ("spectr", "spectr"), ("lag(k=5)", "lag-k5"),
-                        ("lag(k=20)", "lag"), ("two-level", "lag-req-sl2-w0.25"))
+                        ("lag(k=20)", "lag"), ("two-level", "lag-req-sl2-w0.25"),
+                        ("two-level-mod", "lag-req-sl2-w0.25-mod"))
 }
 
 
