@@ -56,7 +56,7 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="lag-parent-watch", daemon=True).start()
 
 
-def _worker_init(base: str | None, threads: int, parent: int, out: str) -> None:
+def _worker_init(base: str | None, threads: int, parent: int, out: str, progress_bars: bool = True) -> None:
     import signal
 
     import torch
@@ -67,8 +67,10 @@ def _worker_init(base: str | None, threads: int, parent: int, out: str) -> None:
     fcntl.flock(lock, fcntl.LOCK_SH)
     _WORKER["lock"] = lock
     torch.set_num_threads(threads)
-    from ..models import load_causal_lm
+    from ..models import load_causal_lm, quiet_model_loading
 
+    if not progress_bars:  # as the parent (`lag ... ` without -v): no "Loading weights" bars
+        quiet_model_loading()
     _WORKER["model"], _WORKER["tokenizer"] = load_causal_lm(base)
 
 
@@ -87,11 +89,15 @@ def build_parallel(build: Callable[..., dict[str, Any]], todo: list[DocumentReco
 
     workers = min(workers, len(todo))
     threads = max(1, total_threads // workers)
+    from transformers.utils import logging as hf_logging
+
     from ..models import resolve_model_dir
 
     base_str = str(resolve_model_dir(base))
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(base_str, threads, os.getpid(), str(out)))
+                               initializer=_worker_init,
+                               initargs=(base_str, threads, os.getpid(), str(out),
+                                         hf_logging.is_progress_bar_enabled()))
     clean = False
     try:
         pending = {pool.submit(_worker_build, build, doc, str(out / adapter_name(doc.id)), recipe, seed,
