@@ -110,10 +110,11 @@ class SequenceRouting:
     def _sequence_totals(self, module: str, kind: str, t: PoolTensors, x: torch.Tensor, flat: torch.Tensor,
                          cfg: LAGConfig) -> torch.Tensor:
         """[B, N] this module's scores per sequence, over the focus tokens (else every real token)."""
-        mask = self._focus_mask(x)
-        if mask is None or not bool(mask.any(dim=1).all()):  # no focus: every real token counts
-            mask = self._token_mask(x)
-            mask = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        real = self._token_mask(x)
+        real = real if real is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        focus = self._focus_mask(x)  # [B, S] or None
+        # a row without focus tokens: every real token counts
+        mask = real if focus is None else torch.where(focus.any(dim=1, keepdim=True), focus, real)
         centre = request_centre(x, self._token_mask(x)) if cfg.calibration == "request" else None
         return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, route_spec(cfg, t), cfg.sequence_score,
                                centre=centre)

@@ -368,15 +368,20 @@ def sequence_scores(x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, spec: R
     ||A*_i x|| of its candidates (all N for spectr, Arrow top-k for lag, Arrow scores for arrow) normalised
     to sum 1 over the candidates, summed over the sequence. ``vote``: the number of tokens whose per-token
     (top-1) winner is each adapter. ``centre`` [B, n]: score ``x - centre`` (request-centred tokens, see
-    :func:`request_centre`).
+    :func:`request_centre`). Only the tokens ``mask`` counts are scored (a float mask weighs them).
     """
     spec = _spec(spec, settings)
     mode, k, strategy = spec.mode, spec.k, spec.strategy
     Bsz, S, n = x.shape
+    N = t.n_adapters
     if centre is not None:
         x = x.float() - centre[:, None].to(x.device)
-    flat = x.reshape(-1, n)  # [T, n]
-    N = t.n_adapters
+    # only the tokens that count are scored: pads and, under a focus, the context add nothing
+    keep = mask.reshape(-1).nonzero().squeeze(1)  # [T]
+    totals = torch.zeros(Bsz, N, device=x.device)
+    if keep.numel() == 0:
+        return totals
+    flat = x.reshape(-1, n).index_select(0, keep)  # [T, n]
     if how == "vote":
         top1 = RouteSpec(mode, k=k, strategy=strategy, approximate=spec.approximate, effort=spec.effort)
         chosen = route_tokens(flat, t, top1).chosen  # [T]
@@ -398,8 +403,8 @@ def sequence_scores(x: torch.Tensor, mask: torch.Tensor, t: PoolTensors, spec: R
         score = score / score.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # (the fused masses sum to 1)
     if t.valid is not None:
         score = score * t.valid[cand]
-    score = score * mask.reshape(-1, 1).to(score.dtype)  # pads contribute nothing
-    seq = torch.arange(Bsz, device=x.device).repeat_interleave(S)[:, None].expand_as(cand)  # [T, k]
-    totals = torch.zeros(Bsz, N, device=x.device)
+    weight = mask.reshape(-1).index_select(0, keep).to(score.dtype)  # [T] (a float mask weighs tokens)
+    score = score * weight[:, None]
+    seq = (keep // S)[:, None].expand_as(cand)  # [T, k] each token's sequence
     totals.index_put_((seq.reshape(-1), cand.reshape(-1)), score.reshape(-1).float(), accumulate=True)
     return totals
