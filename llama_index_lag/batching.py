@@ -1,9 +1,10 @@
 """Continuous (iteration-level) batching: concurrent requests decoded together, one model forward per step,
 each row routed with its own settings.
 
-A request is prefilled alone (its prompt's forward also makes its sequence-level routing choices: request
-centres, shortlists, sequence winners), then joins the running batch: its KV cache is left-padded to the
-batch's length and stacked under the others. Each step runs one forward over every running row (per-row
+Waiting requests that share one routing are prefilled together, left-padded (:func:`prefill_groups`; the
+prompt's forward also makes each row's sequence-level routing choices: request centres, shortlists, sequence
+winners), then join the running batch: their KV caches are left-padded to the batch's length and stacked
+under the others. Each step runs one forward over every running row (per-row
 attention mask and position ids over the shared cache); rows that finish (eos, a stop string,
 ``max_new_tokens``, cancelled) leave between steps and fully padded cache columns are trimmed. Rows that share
 one routing are routed as one group (``LAGRouter.rows``): one routing pass per distinct setting of the batch.
@@ -17,15 +18,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import inspect
 import itertools
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,131 +35,10 @@ from .errors import ConfigError, LAGError, QueueFullError
 from .generation import Generated, eos_ids
 from .router import LAGRouter
 from .router.state import ForwardState, RowGroup
+from .tickets import SUPPORTED_GENERATE, Finished, SamplingParams, Ticket, cancel_scope, current_cancel
 from .trace import RoutingTrace, RowTrace
 
 logger = logging.getLogger(__name__)
-
-# model.generate options the engine implements (others: generate alone, e.g. beams, repetition_penalty)
-SUPPORTED_GENERATE = frozenset(
-    {
-        "max_new_tokens",
-        "do_sample",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_strings",
-        "tokenizer",
-        "pad_token_id",
-        "eos_token_id",
-    }
-)
-_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("lag_cancel", default=None)
-_END = object()
-
-
-@contextlib.contextmanager
-def cancel_scope(event: threading.Event | None = None) -> Iterator[threading.Event]:
-    """An event (``event`` or a new one) that, once set, cancels the batched generations started inside the
-    block (this thread / task and the threads it starts with a copy of its context): their rows leave the
-    batch at the next step."""
-    event = event or threading.Event()
-    token = _CANCEL.set(event)
-    try:
-        yield event
-    finally:
-        _CANCEL.reset(token)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one row picks its tokens (temperature 0: greedy)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    eos: frozenset[int] = frozenset()
-
-    @classmethod
-    def from_generate_kwargs(
-        cls, gen_kw: Mapping[str, Any], eos: set[int], seed: int | None = None
-    ) -> SamplingParams | None:
-        """The sampling of ``model.generate(**gen_kw)``; None when it uses an option the engine lacks."""
-        if set(gen_kw) - SUPPORTED_GENERATE:
-            return None
-        ids = gen_kw.get("eos_token_id")
-        if ids is not None:
-            eos = {int(i) for i in (ids if isinstance(ids, (list, tuple, set)) else [ids])}
-        sample = bool(gen_kw.get("do_sample"))
-        return cls(
-            max_new_tokens=int(gen_kw.get("max_new_tokens", 64)),
-            temperature=float(gen_kw.get("temperature") or 1.0) if sample else 0.0,
-            top_p=float(gen_kw.get("top_p") or 1.0) if sample else 1.0,
-            top_k=gen_kw.get("top_k") if sample else None,
-            seed=seed,
-            stop=tuple(gen_kw.get("stop_strings") or ()),
-            eos=frozenset(eos),
-        )
-
-
-@dataclass
-class Finished:
-    """What one request produced."""
-
-    tokens: list[int]  # generated ids (the eos that ended it included)
-    finish_reason: str  # "stop" (eos or a stop string), "length" (max_new_tokens / context), "cancelled"
-    prompt_tokens: int
-    seconds: float  # from submission to the last token
-    first_token_seconds: float | None  # from submission to the first token
-    trace: RoutingTrace | None  # the routing of the prompt and of every generated token
-    routing_seconds: float  # time in routing (a batched step's time shared equally by its rows)
-
-
-class Ticket:
-    """Handle of one submitted request: its tokens as they come, its result, cancellation."""
-
-    def __init__(self, request_id: int, cancel: threading.Event | None = None) -> None:
-        self.id = request_id
-        self._tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._cancel = cancel or threading.Event()
-        self._result: Finished | None = None
-        self._error: BaseException | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; the row leaves the batch at the next step (result: ``"cancelled"``)."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def tokens(self) -> Iterator[int]:
-        """The generated token ids, as they are generated (blocks)."""
-        while True:
-            item = self._tokens.get()
-            if item is _END:
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> Finished:
-        """Wait for the end of the request; raises what failed it."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def _end(self, result: Finished | None = None, error: BaseException | None = None) -> None:
-        self._result, self._error = result, error
-        self._tokens.put(_END)
-        self._done.set()
 
 
 @dataclass(eq=False)
@@ -185,7 +63,8 @@ class BatchEngine:
     """Decode concurrent requests together on one model (see the module docstring).
 
     ``max_batch``: rows decoded together at most; ``max_queue``: requests waiting at most (more:
-    :class:`QueueFullError`); ``on_step(batch_size, queued)`` / ``on_finish(Finished)``: metrics hooks."""
+    :class:`QueueFullError`); ``on_step(batch_size, queued)`` / ``on_prefill(prompts)`` (prompts prefilled
+    in one forward) / ``on_finish(Finished)``: metrics hooks."""
 
     def __init__(
         self,
@@ -197,12 +76,13 @@ class BatchEngine:
         max_queue: int = 256,
         on_step: Callable[[int, int], None] | None = None,
         on_finish: Callable[[Finished], None] | None = None,
+        on_prefill: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}", field="max_batch")
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.on_step, self.on_finish = on_step, on_finish
+        self.on_step, self.on_finish, self.on_prefill = on_step, on_finish, on_prefill
         self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x: cache
@@ -265,7 +145,7 @@ class BatchEngine:
             config = config or self.router.state().config
             self.router.check_config(config)
         key = json.dumps(config.to_dict(), sort_keys=True, default=str) if config is not None else ""
-        ticket = Ticket(next(self._ids), cancel if cancel is not None else _CANCEL.get())
+        ticket = Ticket(next(self._ids), cancel if cancel is not None else current_cancel())
         row = _Row(
             ticket,
             ids,
@@ -375,75 +255,126 @@ class BatchEngine:
         self._rows, self._cache, self._mask = [], None, None
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch:
-            with self._wake:
-                if not self._pending:
-                    return
-                row = self._pending.popleft()
+        """Prefill the waiting requests the batch has room for and let them join it: prompts that share one
+        routing are prefilled together (:func:`prefill_groups`), a group whose forward fails one by one (so
+        only the request at fault fails)."""
+        with self._wake:
+            take = min(self.max_batch - len(self._rows), len(self._pending))
+            rows = [self._pending.popleft() for _ in range(take)]
+        live = []
+        for row in rows:
             if row.ticket.cancelled:
                 row.ticket._end(self._finished(row, "cancelled"))
-                continue
+            else:
+                live.append(row)
+        for group in prefill_groups(live):
             try:
-                logits, cache = self._prefill(row)
-                token = self._sample([row], logits)[0]
+                self._prefill_and_join(group)
             except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
-                logger.warning("request %d failed in its prompt's forward: %s", row.ticket.id, exc)
-                row.ticket._end(error=exc)
-                continue
+                if len(group) == 1:
+                    logger.warning("request %d failed in its prompt's forward: %s", group[0].ticket.id, exc)
+                    group[0].ticket._end(error=exc)
+                    continue
+                for row in group:
+                    try:
+                        self._prefill_and_join([row])
+                    except Exception as exc:  # noqa: BLE001
+                        logger.warning("request %d failed in its prompt's forward: %s", row.ticket.id, exc)
+                        row.ticket._end(error=exc)
+
+    def _prefill_and_join(self, group: list[_Row]) -> None:
+        """Prefill ``group`` (rows of one routing) in one forward, emit each row's first token and stack the
+        rows that go on under the batch."""
+        for row in group:
+            row.forward = None
+        logits, cache, mask = self._prefill(group)
+        tokens = self._sample(group, logits)
+        if self.on_prefill is not None:
+            self.on_prefill(len(group))
+        going = []
+        for i, (row, token) in enumerate(zip(group, tokens)):
             row.position = int(row.ids.numel())
             if not self._emit(row, token):
-                self._join(row, cache)
+                going.append(i)
+        if going:
+            self._join([group[i] for i in going], cache, mask, torch.tensor(going, dtype=torch.long))
 
-    def _prefill(self, row: _Row) -> tuple[torch.Tensor, Any]:
-        """The prompt's forward alone (batch of one): its logits [1, V], KV cache and routing state."""
-        ids = row.ids[None].to(self.model.device)  # [1, S]
+    def _prefill(self, group: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """The prompts' forward (rows of one routing, left-padded): their last logits [G, V], KV cache,
+        attention mask [G, S]; each row's routing state lands in ``row.forward``."""
+        S = max(int(r.ids.numel()) for r in group)
+        device = self.model.device
+        ids = torch.stack([_pad_left(r.ids, S - r.ids.numel()) for r in group]).to(device)  # [G, S]
+        mask = torch.stack(
+            [_pad_left(torch.ones(r.ids.numel(), dtype=torch.long), S - r.ids.numel()) for r in group]
+        )  # [G, S]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0).to(device)  # [G, S] each row from 0
 
         def forward() -> Any:
             return self.model(
-                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self._last_only
+                input_ids=ids,
+                attention_mask=mask.to(device),
+                position_ids=positions,
+                use_cache=True,
+                **self._last_only,
             )
 
         if self.router is None:
             out = forward()
         else:
+            head = group[0]
+            traced = [r for r in group if r.trace is not None]
+            names = {k: p.names for k, p in self.router.pools.items()}
+            recorder = RowTrace(names, len(group)) if traced else None
             timer = [0.0]
             state = self.router.request_state(
-                row.config, (row.trace,) if row.trace else (), (timer,) if row.trace else ()
+                head.config, (recorder,) if recorder else (), (timer,) if traced else ()
             )
-            focus = None if row.focus is None else row.focus[None]  # [1, S]
-            out, row.forward = self.router.run_request(state, focus, forward)
-            row.routing += timer[0]
+            focus = None
+            if any(r.focus is not None for r in group):  # rows without one: every token counts
+                each = [torch.ones_like(r.ids, dtype=torch.bool) if r.focus is None else r.focus
+                        for r in group]
+                focus = torch.stack([_pad_left(f, S - f.numel()) for f in each])  # [G, S]
+            out, forward_state = self.router.run_request(state, focus, forward)
+            if recorder is not None:
+                recorder.flush([r.trace for r in group])
+            for i, row in enumerate(group):
+                row.forward = forward_state.row(i) if forward_state is not None else None
+                row.routing += timer[0] / len(group)
         cache = _cache_of(out)
         if not hasattr(cache, "layers"):
             raise ConfigError(
                 f"{type(cache).__name__}: the batch engine needs transformers' DynamicCache",
                 field="past_key_values",
             )
-        return out.logits[:, -1].float(), cache
+        return out.logits[:, -1].float(), cache, mask
 
-    def _join(self, row: _Row, cache: Any) -> None:
-        """Stack the row's KV cache under the batch's, both left-padded to the longer one."""
-        length = int(row.ids.numel())
-        ones = torch.ones(1, length, dtype=torch.long)
+    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, index: torch.Tensor) -> None:
+        """Stack rows ``index`` of a prefilled group (its KV cache, its mask [G, S]) under the batch's, both
+        left-padded to the longer one."""
+        mask = mask[index]
+        first = int(torch.nonzero(mask.sum(0))[0])  # columns that are padding in every joining row go
+        mask = mask[:, first:]
+        keys = [layer.keys[index.to(layer.keys.device), :, first:] for layer in cache.layers]
+        values = [layer.values[index.to(layer.values.device), :, first:] for layer in cache.layers]
+        length = mask.shape[1]
         if self._cache is None:
-            self._cache, self._mask = cache, ones
+            for layer, k, v in zip(cache.layers, keys, values):
+                layer.keys, layer.values = k, v
+            self._cache, self._mask = cache, mask
         else:
             T = self._mask.shape[1]
             width = max(T, length)
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat(
-                    [_pad_left(mine.keys, width - T), _pad_left(theirs.keys, width - length)]
-                )
-                mine.values = torch.cat(
-                    [_pad_left(mine.values, width - T), _pad_left(theirs.values, width - length)]
-                )
+            for mine, k, v in zip(self._cache.layers, keys, values):
+                mine.keys = torch.cat([_pad_left(mine.keys, width - T), _pad_left(k, width - length)])
+                mine.values = torch.cat([_pad_left(mine.values, width - T), _pad_left(v, width - length)])
             self._mask = torch.cat(
                 [
                     torch.nn.functional.pad(self._mask, (width - T, 0)),
-                    torch.nn.functional.pad(ones, (width - length, 0)),
+                    torch.nn.functional.pad(mask, (width - length, 0)),
                 ]
             )
-        self._rows.append(row)
+        self._rows.extend(rows)
         self._regroup_needed = True
 
     def _step(self) -> None:
@@ -612,8 +543,32 @@ def _cache_of(out: Any) -> Any:
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, H, T, D] -> [B, H, n + T, D] (zeros before)."""
-    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+    """n zeros before the sequence axis: [S] -> [n + S]; [B, H, T, D] -> [B, H, n + T, D]."""
+    if not n:
+        return t
+    return torch.nn.functional.pad(t, (n, 0) if t.dim() == 1 else (0, 0, n, 0))
+
+
+def prefill_groups(rows: list[Any], waste: float = 1.5) -> list[list[Any]]:
+    """Split waiting requests into prompts prefilled together: the same routing (``row.key``), and no more
+    than ``waste`` x their real tokens once left-padded to the longest (short prompts group freely:
+    their forward costs what one token's does). Order kept within a group; groups in order of arrival."""
+    groups: list[list[Any]] = []
+    for key in dict.fromkeys(r.key for r in rows):
+        group: list[Any] = []
+        for row in sorted((r for r in rows if r.key == key), key=lambda r: r.ids.numel()):
+            grown = [*group, row]
+            padded = len(grown) * max(int(r.ids.numel()) for r in grown)
+            if group and padded > max(waste * sum(int(r.ids.numel()) for r in grown), SHORT_PROMPT):
+                groups.append(group)
+                grown = [row]
+            group = grown
+        groups.append(group)
+    return groups
+
+
+#: a padded prefill of at most this many tokens is grouped whatever its padding
+SHORT_PROMPT = 256
 
 
 __all__ = ["BatchEngine", "Finished", "QueueFullError", "SamplingParams", "Ticket", "cancel_scope"]

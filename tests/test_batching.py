@@ -183,3 +183,40 @@ def test_seeded_sampling_repeats_and_queue_limit(routed):
         running.cancel()
     finally:
         engine.close()
+
+
+def test_prompts_prefilled_together_equal_their_solo_runs(routed):
+    """Requests waiting together are prefilled in one left-padded forward per routing; each row (with or
+    without a focus) gives the tokens and routing counts it gives alone."""
+    model, tok, router, know = routed
+    two_level = LAGConfig.preset("two-level", k=3)
+    configs = [two_level, LAGConfig(mode="none"), two_level, LAGConfig(mode="lag", k=3), two_level,
+               LAGConfig(mode="none"), LAGConfig(mode="lag", k=3), two_level]
+    focus = [None] * len(PROMPTS)
+    focus[4] = torch.arange(_ids(tok, PROMPTS[4]).numel()) >= 0  # the whole prompt
+    focus[7] = torch.arange(_ids(tok, PROMPTS[7]).numel()) >= 3  # all but its first three tokens
+    alone = []
+    for prompt, config, f in zip(PROMPTS, configs, focus):
+        ids = _ids(tok, prompt)[None]
+        out = routed_generate(
+            model, ids, torch.ones_like(ids), router=router, config=config,
+            focus=None if f is None else f[None], trace="summary", eos=set(), max_new_tokens=6,
+            do_sample=False, pad_token_id=0,
+        )
+        alone.append((out.new[0].tolist(), out.trace.summary(top=None) if config.mode != "none" else {}))
+    groups: list[int] = []
+    engine = BatchEngine(model, tok, router, max_batch=8, on_prefill=groups.append)
+    try:
+        with engine._wake:  # hold the loop back: every request waits, then all are admitted in one round
+            tickets = [
+                engine.submit(_ids(tok, p), config=c, focus=f, trace=True,
+                              params=SamplingParams(max_new_tokens=6))
+                for p, c, f in zip(PROMPTS, configs, focus)
+            ]
+        results = [t.result(60) for t in tickets]
+    finally:
+        engine.close()
+    assert sorted(groups) == [2, 2, 4]  # one forward per routing: none, lag, two-level
+    for (tokens, summary), done, config in zip(alone, results, configs):
+        assert done.tokens == tokens, config
+        assert (done.trace.summary(top=None) if config.mode != "none" else {}) == summary, config

@@ -271,6 +271,7 @@ def test_models_health_and_metrics(server):
         "lag_requests_total",
         "lag_generated_tokens_total",
         "lag_batch_size_bucket",
+        "lag_prefill_batch_size_bucket",
         "lag_queue_depth",
         "lag_request_latency_seconds_bucket",
         "lag_time_to_first_token_seconds_bucket",

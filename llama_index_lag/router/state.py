@@ -77,6 +77,23 @@ class ForwardState:
             calibrations={k: _cat_calibrations([s.calibrations[k] for s in states])
                           for k in common("calibrations")})
 
+    def row(self, i: int) -> ForwardState:
+        """The sequence-level choices of row ``i`` alone (the inverse of :meth:`stack`), e.g. of one prompt
+        of several prefilled together."""
+        pick = slice(i, i + 1)
+        return ForwardState(
+            winners={k: v[pick] for k, v in self.winners.items()},
+            shortlists={k: (v[0][pick], v[1][pick]) for k, v in self.shortlists.items()},
+            centres={k: v[pick] for k, v in self.centres.items()},
+            calibrations={k: _row_calibration(v, pick) for k, v in self.calibrations.items()})
+
+
+def _row_calibration(cal: Any, pick: slice) -> Any:
+    """One row of a request calibration (each stage's [B, N] affines -> [1, N])."""
+    from ..routing.calibration import Affine, Calibrated
+
+    return Calibrated(*(None if a is None else Affine(a.scale[pick], a.shift[pick]) for a in cal))
+
 
 def _cat_calibrations(parts: list[Any]) -> Any:
     """Request calibrations of single rows -> one of the rows stacked (each stage's [1, N] affines)."""

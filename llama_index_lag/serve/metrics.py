@@ -12,7 +12,7 @@ LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class Metrics:
-    """Requests, tokens, batch sizes, queue depth, latency and routing time."""
+    """Requests, tokens, batch sizes (decode steps and prefills), queue depth, latency and routing time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -28,6 +28,12 @@ class Metrics:
         self.batch_size = Histogram(
             "lag_batch_size",
             "rows decoded together per step",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=r,
+        )
+        self.prefill_size = Histogram(
+            "lag_prefill_batch_size",
+            "prompts prefilled together in one forward",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=r,
         )
@@ -49,6 +55,9 @@ class Metrics:
         self.batch_size.observe(batch_size)
         self.running.set(batch_size)
         self.queue_depth.set(queued)
+
+    def on_prefill(self, prompts: int) -> None:
+        self.prefill_size.observe(prompts)
 
     def on_finish(self, done: Finished) -> None:
         self.finished.labels(done.finish_reason).inc()

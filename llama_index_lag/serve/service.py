@@ -134,6 +134,7 @@ class Service:
             settings.max_batch,
             max_queue=settings.max_queue,
             on_step=self.metrics.on_step,
+            on_prefill=self.metrics.on_prefill,
             on_finish=self.metrics.on_finish,
         )
         if index is None and config.index:
