@@ -141,32 +141,34 @@ class RoutingTrace:
 
 
 class RowTrace:
-    """Per-row selection counts of batch rows routed together (``LAGRouter.rows``): one ``bincount`` per
-    module call for all rows; :meth:`flush` adds each row's counts to that request's :class:`RoutingTrace`."""
+    """Per-row selection counts of batch rows routed together (``LAGRouter.rows``): each module call keeps its
+    choices (cheap on a decode step's hot path); :meth:`flush` counts them (one ``bincount`` per module) and
+    adds each row's counts to that request's :class:`RoutingTrace`."""
 
     def __init__(self, names: dict[str, list[str]], rows: int) -> None:
         self.names = names
         self.rows = rows
-        self._counts: dict[tuple[str, str], torch.Tensor] = {}  # (kind, module) -> [G, N]
+        self._chosen: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)  # [G, S] each, -1: pad
 
     def record(self, kind: str, module: str, chosen: torch.Tensor, mask: torch.Tensor | None = None,
                candidates: torch.Tensor | None = None) -> None:
         """chosen [G * S] (row-major: S tokens per row), mask [G, S] bool or None; candidates unused."""
-        n = len(self.names[kind])
-        flat = torch.arange(self.rows)[:, None] * n + chosen.reshape(self.rows, -1).cpu()  # [G, S]
+        chosen = chosen.reshape(self.rows, -1).cpu()  # [G, S]
         if mask is not None:
-            flat = flat[mask.reshape(self.rows, -1).cpu()]
-        counts = torch.bincount(flat.reshape(-1), minlength=self.rows * n).view(self.rows, n)
-        key = (kind, module)
-        self._counts[key] = self._counts[key] + counts if key in self._counts else counts
+            chosen = chosen.masked_fill(~mask.reshape(self.rows, -1).cpu(), -1)
+        self._chosen[(kind, module)].append(chosen)
 
     def flush(self, traces: list[RoutingTrace | None]) -> None:
         """Add row i's counts to ``traces[i]`` (None: not recorded) and start afresh."""
-        for (kind, module), counts in self._counts.items():
+        for (kind, module), parts in self._chosen.items():
+            n = len(self.names[kind])
+            chosen = torch.cat(parts, dim=1)  # [G, S total]
+            flat = (torch.arange(self.rows)[:, None] * n + chosen)[chosen >= 0]  # row-major (row, adapter)
+            counts = torch.bincount(flat, minlength=self.rows * n).view(self.rows, n)  # [G, N]
             for row, trace in enumerate(traces):
                 if trace is not None:
                     trace.add_counts(kind, module, counts[row])
-        self._counts.clear()
+        self._chosen.clear()
 
 
 # ---- the routing summary of LLM calls: one schema ----------------------------------------------------

@@ -31,6 +31,7 @@ class SequenceRouting:
     """The sequence-level half of :class:`~llama_index_lag.router.surgery.LAGRouter`."""
 
     _forward: Any
+    _forward_signature: Any
     _focus: Any
     _state: Any
     model: Any
@@ -46,6 +47,8 @@ class SequenceRouting:
         current = self.state()
         # untraced
         token = self._state.set(RequestState(current.config, (), current.timings, current.fixed_idx))
+        if "logits_to_keep" in self._forward_signature.parameters:  # the scores are all it needs
+            inputs["logits_to_keep"] = 1
         try:
             self.model(**inputs, use_cache=False)
             scores = fwd.scoring

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,7 +301,7 @@ class Service:
                 response = engine.chat(messages[-1].content or "")
                 return str(response.response).strip(), list(response.source_nodes)
             response = engine.stream_chat(messages[-1].content or "")
-            gen = response.response_gen
+            gen = _chat_deltas(response)
         else:
             engine = build_query_engine(plan.config, llm=plan.llm, index=self.index, streaming=stream)
             response = engine.query(payload.prompt)
@@ -312,6 +313,24 @@ class Service:
             text += delta
             on_delta(delta)
         return text.strip(), list(response.source_nodes)
+
+
+def _chat_deltas(response: Any, poll: float = 0.02) -> Iterator[str]:
+    """The text deltas of a streaming chat response (``StreamingAgentChatResponse``), waited for: its own
+    ``response_gen`` polls the queue its memory-writing thread fills in a busy loop, which on a server takes
+    the GIL and a core from the batch engine for as long as the answer streams."""
+    while True:
+        try:
+            delta = response.queue.get(timeout=poll)
+        except queue.Empty:
+            if response.exception is not None:
+                raise response.exception from None
+            if response.is_done and response.queue.empty():
+                return
+            continue
+        if response.exception is not None:
+            raise response.exception
+        yield delta
 
 
 def _messages(req: ChatCompletionRequest) -> list[ChatMessage]:
