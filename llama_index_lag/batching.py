@@ -256,8 +256,8 @@ class BatchEngine:
 
     def _admit(self) -> None:
         """Prefill the waiting requests the batch has room for and let them join it: prompts that share one
-        routing are prefilled together (:func:`prefill_groups`), a group whose forward fails one by one (so
-        only the request at fault fails)."""
+        routing are prefilled together (:func:`prefill_groups`); a group whose forward fails is retried row by
+        row, so that only the request at fault fails."""
         with self._wake:
             take = min(self.max_batch - len(self._rows), len(self._pending))
             rows = [self._pending.popleft() for _ in range(take)]
@@ -268,27 +268,27 @@ class BatchEngine:
             else:
                 live.append(row)
         for group in prefill_groups(live):
-            try:
-                self._prefill_and_join(group)
-            except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
-                if len(group) == 1:
-                    logger.warning("request %d failed in its prompt's forward: %s", group[0].ticket.id, exc)
-                    group[0].ticket._end(error=exc)
-                    continue
+            if not self._try_start(group):  # the group's forward failed: its rows one by one
                 for row in group:
-                    try:
-                        self._prefill_and_join([row])
-                    except Exception as exc:  # noqa: BLE001
-                        logger.warning("request %d failed in its prompt's forward: %s", row.ticket.id, exc)
-                        row.ticket._end(error=exc)
+                    self._try_start([row])
 
-    def _prefill_and_join(self, group: list[_Row]) -> None:
-        """Prefill ``group`` (rows of one routing) in one forward, emit each row's first token and stack the
-        rows that go on under the batch."""
-        for row in group:
-            row.forward = None
-        logits, cache, mask = self._prefill(group)
-        tokens = self._sample(group, logits)
+    def _try_start(self, group: list[_Row]) -> bool:
+        """Prefill ``group`` and start its rows; False (nothing started) when a group of several failed, a
+        lone request that fails ends with its error."""
+        try:
+            logits, cache, mask = self._prefill(group)
+            tokens = self._sample(group, logits)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+            if len(group) > 1:
+                return False
+            logger.warning("request %d failed in its prompt's forward: %s", group[0].ticket.id, exc)
+            group[0].ticket._end(error=exc)
+            return True
+        self._start(group, tokens, cache, mask)
+        return True
+
+    def _start(self, group: list[_Row], tokens: list[int], cache: Any, mask: torch.Tensor) -> None:
+        """Emit the first tokens of a prefilled group and stack the rows that go on under the batch."""
         if self.on_prefill is not None:
             self.on_prefill(len(group))
         going = []

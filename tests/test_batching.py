@@ -220,3 +220,30 @@ def test_prompts_prefilled_together_equal_their_solo_runs(routed):
     for (tokens, summary), done, config in zip(alone, results, configs):
         assert done.tokens == tokens, config
         assert (done.trace.summary(top=None) if config.mode != "none" else {}) == summary, config
+
+
+def test_a_prompt_that_breaks_its_group_fails_alone(routed):
+    """A token id outside the vocabulary fails the group's forward; the group is retried row by row, so only
+    that request fails and the others give their solo tokens."""
+    model, tok, router, _ = routed
+    config = LAGConfig.preset("two-level", k=3)
+    prompts = [_ids(tok, p) for p in PROMPTS[:3]]
+    bad = prompts[1].clone()
+    bad[0] = model.config.vocab_size + 5
+    alone = []
+    for ids in (prompts[0], prompts[2]):
+        out = routed_generate(model, ids[None], torch.ones_like(ids)[None], router=router, config=config,
+                              eos=set(), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        alone.append(out.new[0].tolist())
+    groups: list[int] = []
+    engine = BatchEngine(model, tok, router, on_prefill=groups.append)
+    try:
+        with engine._wake:
+            tickets = [engine.submit(ids, config=config, params=SamplingParams(max_new_tokens=5))
+                       for ids in (prompts[0], bad, prompts[2])]
+        with pytest.raises(IndexError):
+            tickets[1].result(60)
+        assert [tickets[0].result(60).tokens, tickets[2].result(60).tokens] == alone
+    finally:
+        engine.close()
+    assert groups == [1, 1]  # the group of three failed; its good rows started one by one
