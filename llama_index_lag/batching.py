@@ -552,7 +552,8 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 def prefill_groups(rows: list[Any], waste: float = 1.5) -> list[list[Any]]:
     """Split waiting requests into prompts prefilled together: the same routing (``row.key``), and no more
     than ``waste`` x their real tokens once left-padded to the longest (short prompts group freely:
-    their forward costs what one token's does). Order kept within a group; groups in order of arrival."""
+    their forward costs what one token's does). Within a routing, shortest prompts first; routings in order
+    of arrival."""
     groups: list[list[Any]] = []
     for key in dict.fromkeys(r.key for r in rows):
         group: list[Any] = []

@@ -118,7 +118,7 @@ class SequenceRouting:
         focus = self._focus_mask(x)  # [B, S] or None
         # a row without focus tokens: every real token counts
         mask = real if focus is None else torch.where(focus.any(dim=1, keepdim=True), focus, real)
-        centre = request_centre(x, self._token_mask(x)) if cfg.calibration == "request" else None
+        centre = request_centre(x, real) if cfg.calibration == "request" else None
         return sequence_scores(flat.view(*x.shape[:2], -1), mask, t, route_spec(cfg, t), cfg.sequence_score,
                                centre=centre)
 
